@@ -1,0 +1,88 @@
+"""`recipe`: the command line. It parses, calls framework.api and prints; heavy imports happen inside commands."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from framework.errors import RecipeError
+
+SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
+
+
+def _fail(err: RecipeError) -> None:
+    click.echo(err.format(), err=True)
+    sys.exit(err.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="recipe-framework", prog_name="recipe")
+def main():
+    """Train image classifiers from declarative YAML recipes."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--print", "print_", is_flag=True, help="Print the fully resolved recipe and the classes.")
+def validate(recipe, overrides, print_):
+    """Check RECIPE and its data (sources, labels, split, leakage) without training. Exit 2 on errors."""
+    from framework import api
+
+    try:
+        loaded, plan = api.validate(recipe, overrides)
+    except RecipeError as e:
+        _fail(e)
+    for w in loaded.warnings:
+        click.echo("warning: " + w.format(), err=True)
+    if print_:
+        click.echo(api.resolved_yaml(loaded.recipe), nl=False)
+        click.echo(f"# classes (index = {plan.labels.formula}):")
+        for k, c in enumerate(plan.labels.classes):
+            click.echo(f"#   {k:3d}  {c}")
+    counts = plan.counts()
+    click.echo(f"ok: {recipe}: {len(plan.rows)} images, {len(plan.labels.classes)} classes, "
+               f"{sum(counts['train'].values())} train / {sum(counts['val'].values())} val")
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--name", help="Run folder name (default: <recipe>-<date>-<time>); never overwrites a folder.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+def run(recipe, overrides, name, resume):
+    """Train RECIPE into a new run folder (or continue one with --resume RUN_DIR)."""
+    if bool(recipe) == bool(resume):
+        raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
+    from framework import api
+
+    try:
+        run_dir = api.run(recipe, overrides, name=name, resume=resume, log=click.echo)
+    except RecipeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    import json
+    summary = json.loads((run_dir / "summary.json").read_text())
+    click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
+               f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the schema to this file instead of stdout.")
+def schema(out):
+    """Print the recipe's JSON Schema (for editor completion and checks)."""
+    import json
+
+    from framework.recipe.schema import Recipe
+
+    text = json.dumps(Recipe.model_json_schema(), indent=2)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    else:
+        click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Label definitions -> class indices: value maps, numeric bins, composite labels, missing labels."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from framework.errors import DataError, FieldError
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Class names of the target and, for a composite target, the parts it is made of."""
+
+    classes: list[str]
+    parts: dict[str, list[str]] | None = None  # composite: part name -> its classes, in index order
+
+    @property
+    def formula(self) -> str:
+        """How a composite index is computed, written out (e.g. `mask*6 + gender*3 + age`)."""
+        if not self.parts:
+            return "index of the class in `classes`"
+        sizes = [len(c) for c in self.parts.values()]
+        terms = []
+        for i, name in enumerate(self.parts):
+            stride = math.prod(sizes[i + 1:])
+            terms.append(f"{name}*{stride}" if stride > 1 else name)
+        return " + ".join(terms)
+
+
+def bin_names(bins: list[float]) -> list[str]:
+    """[30, 60] -> ['<30', '30-59', '60+'] for whole-number cuts, else half-open intervals."""
+    if all(float(b).is_integer() for b in bins):
+        b = [int(x) for x in bins]
+        return [f"<{b[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(b, b[1:])] + [f"{b[-1]}+"]
+    return [f"<{bins[0]:g}"] + [f"[{lo:g},{hi:g})" for lo, hi in zip(bins, bins[1:])] + [f">={bins[-1]:g}"]
+
+
+def _bin(value: float, bins: list[float]) -> int:
+    i = 0
+    while i < len(bins) and value >= bins[i]:
+        i += 1
+    return i
+
+
+def _classes_of(spec) -> list[str] | None:
+    if spec.bins is not None:
+        return list(spec.classes) if spec.classes else bin_names(spec.bins)
+    return list(spec.classes) if spec.classes else None
+
+
+def _raw(row: dict, spec, where: tuple) -> str | None:
+    """The row's value for one label spec as a class name, or None when missing."""
+    if spec.column not in row:
+        raise FieldError(where + ("column",), f"column {spec.column!r} is not in the data "
+                         f"(source {row.get('source')!r} has: {', '.join(k for k in row if not k.startswith('_') and k not in ('box',))}).",
+                         "name a column that every source provides.", DataError)
+    value = row[spec.column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    value = str(value).strip()
+    if spec.bins is not None:
+        try:
+            number = float(value)
+        except ValueError:
+            raise FieldError(where + ("bins",), f"{row.get('_line') or row['path']}: {spec.column}={value!r} is not "
+                             "a number, so it cannot be binned.", "fix the value or drop `bins`.", DataError) from None
+        return _classes_of(spec)[_bin(number, spec.bins)]
+    if spec.map:
+        value = spec.map.get(value, value)
+    return value
+
+
+def assign_labels(rows: list[dict], target, missing: str = "drop") -> tuple[list[dict], list[int], LabelSet, int]:
+    """Rows that keep a label, their class indices, the label set, and how many rows were dropped."""
+    where = ("data", "target")
+    parts = target.composite or {"": target}
+    part_values: dict[str, list] = {}
+    for name, spec in parts.items():
+        w = where + (("composite", name) if name else ())
+        part_values[name] = [_raw(r, spec, w) for r in rows]
+    keep = [i for i in range(len(rows)) if all(part_values[n][i] is not None for n in parts)]
+    dropped = len(rows) - len(keep)
+    if dropped and missing == "error":
+        first = next(i for i in range(len(rows)) if i not in set(keep))
+        raise FieldError(("data", "missing_label"), f"{dropped} rows have no label, e.g. "
+                         f"{rows[first].get('_line') or rows[first]['path']}.",
+                         "fill in the labels, or set data.missing_label: drop.", DataError)
+    part_classes: dict[str, list[str]] = {}
+    for name, spec in parts.items():
+        declared = _classes_of(spec)
+        found = sorted({part_values[name][i] for i in keep})
+        if declared is None:
+            part_classes[name] = found
+            continue
+        unknown = [v for v in found if v not in declared]
+        if unknown:
+            w = where + (("composite", name) if name else ()) + ("classes",)
+            raise FieldError(w, f"label value(s) {unknown[:5]} of column {spec.column!r} are not in the declared "
+                             f"classes {declared}.", "add them to `classes`, or rename them with `map`.", DataError)
+        part_classes[name] = declared
+    if not keep:
+        raise FieldError(where, "no row has a label.", "check the label column and `map`.", DataError)
+    index = {n: {c: k for k, c in enumerate(cl)} for n, cl in part_classes.items()}
+    sizes = [len(part_classes[n]) for n in parts]
+    y = []
+    for i in keep:
+        code = 0
+        for n, size in zip(parts, sizes):
+            code = code * size + index[n][part_values[n][i]]
+        y.append(code)
+    if target.composite:
+        names = [""]
+        for n in parts:
+            names = [f"{a}/{b}" if a else b for a in names for b in part_classes[n]]
+        labels = LabelSet(names, dict(part_classes))
+    else:
+        labels = LabelSet(part_classes[""])
+    return [rows[i] for i in keep], y, labels, dropped

@@ -1,0 +1,182 @@
+"""Validation policies: stratified, grouped holdout and k-fold, a source as validation, a split file.
+
+Every policy returns one `side` per row ("train" / "val"). Grouped splits assign whole groups, largest first,
+each to the side (or fold) whose per-class count is furthest below its target, so each class lands within
+one group of its share - and, with groups of one image, exactly on it.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from framework.errors import DataError, FieldError
+
+
+def _largest_remainder(total: int, shares: list[float]) -> list[int]:
+    raw = [total * s for s in shares]
+    out = [int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _targets(class_totals: dict, shares: list[float]) -> dict:
+    """Integer targets per (bin, class) whose bin sums also follow `shares` as closely as integers allow."""
+    n_bins = len(shares)
+    grand = sum(class_totals.values())
+    bin_totals = _largest_remainder(grand, shares)
+    targets = {b: {} for b in range(n_bins)}
+    filled = [0] * n_bins
+    # Classes in a fixed order; each class's remainders go to the bins that are furthest below their total.
+    for c in sorted(class_totals, key=str):
+        n = class_totals[c]
+        base = [int(n * s) for s in shares]
+        rest = n - sum(base)
+        # remainders go to the largest fractional shares, ties to the bin furthest below its own total
+        order = sorted(range(n_bins), key=lambda b: (-round(n * shares[b] - base[b], 9),
+                                                      -(bin_totals[b] - filled[b] - base[b]), b))
+        for b in order[:rest]:
+            base[b] += 1
+        for b in range(n_bins):
+            targets[b][c] = base[b]
+            filled[b] += base[b]
+    return targets
+
+
+def assign_groups(strata: list, groups: list, shares: list[float], seed: int) -> list[int]:
+    """A bin index per row: whole groups per bin, per-stratum counts close to `shares`."""
+    members: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    class_totals = Counter(strata)
+    targets = _targets(class_totals, shares)
+    counts = {b: Counter() for b in range(len(shares))}
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: big groups first, ties in seeded random order
+    out = [0] * len(groups)
+    for g in order:
+        need = Counter(strata[i] for i in members[g])
+
+        def cost(b):  # growth of the squared distance to the targets if the group joins bin b
+            return sum(k * (2 * (counts[b][c] - targets[b][c]) + k) for c, k in need.items())
+
+        best = min(range(len(shares)), key=lambda b: (cost(b), sum(counts[b].values()) / max(shares[b], 1e-9), b))
+        counts[best].update(need)
+        for i in members[g]:
+            out[i] = best
+    return out
+
+
+def _strata(rows, y, stratify) -> list:
+    if stratify is True:
+        return list(y)
+    if stratify is False:
+        return [0] * len(rows)
+    return [r.get(stratify, "") for r in rows]
+
+
+def _groups(rows, group_by) -> list:
+    if group_by is None:
+        return list(range(len(rows)))
+    return [r.get(group_by) or f"row{i}" for i, r in enumerate(rows)]
+
+
+def build_split(rows: list[dict], y: list[int], policy) -> list[str]:
+    """`train` / `val` for each row, following the recipe's validation policy."""
+    if policy.type in ("holdout", "kfold"):
+        if policy.group_by is not None and policy.group_by != "group" and any(policy.group_by not in r for r in rows):
+            raise FieldError(("validation", "group_by"), f"column {policy.group_by!r} is not in every source.",
+                             "name a column of the data, `group`, or null.", DataError)
+        if isinstance(policy.stratify, str) and any(policy.stratify not in r for r in rows):
+            raise FieldError(("validation", "stratify"), f"column {policy.stratify!r} is not in every source.",
+                             "use true (the target), false, or a column of the data.", DataError)
+        strata, groups = _strata(rows, y, policy.stratify), _groups(rows, policy.group_by)
+        if policy.type == "holdout":
+            bins = assign_groups(strata, groups, [1 - policy.ratio, policy.ratio], policy.seed)
+            return ["val" if b == 1 else "train" for b in bins]
+        bins = assign_groups(strata, groups, [1 / policy.k] * policy.k, policy.seed)
+        return ["val" if b == policy.fold else "train" for b in bins]
+    if policy.type == "source":
+        names = sorted({r["source"] for r in rows})
+        if policy.source not in names:
+            from framework.errors import did_you_mean
+            raise FieldError(("validation", "source"), f"no data source is named {policy.source!r}."
+                             f"{did_you_mean(policy.source, names)}", f"sources: {', '.join(names)}.", DataError)
+        return ["val" if r["source"] == policy.source else "train" for r in rows]
+    return _from_file(rows, Path(policy.path))
+
+
+def kfold_assignment(rows, y, policy) -> list[int]:
+    """The fold of every row (for reports and `--all-folds`)."""
+    return assign_groups(_strata(rows, y, policy.stratify), _groups(rows, policy.group_by),
+                         [1 / policy.k] * policy.k, policy.seed)
+
+
+def _from_file(rows: list[dict], path: Path) -> list[str]:
+    if not path.is_file():
+        raise FieldError(("validation", "path"), f"split file not found: {path}.",
+                         "give a CSV with columns path and split (e.g. a run's split.csv).", DataError)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"path", "split"} <= set(reader.fieldnames or []):
+            raise FieldError(("validation", "path"), f"{path.name} needs columns path and split, has "
+                             f"{reader.fieldnames}.", "write a CSV with columns path,split.", DataError)
+        side = {str(Path(r["path"])): r["split"].strip() for r in reader}
+    bad = sorted({s for s in side.values() if s not in ("train", "val")})
+    if bad:
+        raise FieldError(("validation", "path"), f"{path.name}: split values {bad} are not train/val.",
+                         "use `train` or `val` in the split column.", DataError)
+    missing = [r["path"] for r in rows if r["path"] not in side]
+    if missing:
+        raise FieldError(("validation", "path"), f"{len(missing)} images are not in {path.name}, e.g. "
+                         f"{missing[0]}.", "list every image of the data in the split file.", DataError)
+    return [side[r["path"]] for r in rows]
+
+
+def audit(rows: list[dict], sides: list[str], group_by: str | None = "group") -> tuple[list[str], list[tuple]]:
+    """Leakage audit: groups on both sides (returned as errors) and byte-identical files on both sides (warned).
+
+    Only files whose sizes match one on the other side are hashed, so the audit reads little."""
+    errors = []
+    if group_by:
+        seen: dict = defaultdict(set)
+        for r, s in zip(rows, sides):
+            if r.get(group_by):
+                seen[r[group_by]].add(s)
+        leaked = sorted(g for g, s in seen.items() if len(s) > 1)
+        if leaked:
+            errors.append(f"{len(leaked)} group(s) of column {group_by!r} sit on both sides of the split, "
+                          f"e.g. {leaked[:3]}")
+    by_size: dict = defaultdict(lambda: {"train": [], "val": []})
+    for r, s in zip(rows, sides):
+        try:
+            by_size[Path(r["path"]).stat().st_size][s].append(r["path"])
+        except OSError:
+            continue
+    dupes = []
+    for sides_ in by_size.values():
+        if sides_["train"] and sides_["val"]:
+            hashes = defaultdict(lambda: {"train": [], "val": []})
+            for s, paths in sides_.items():
+                for p in paths:
+                    hashes[_digest(p)][s].append(p)
+            dupes += [(h["train"][0], h["val"][0]) for h in hashes.values() if h["train"] and h["val"]]
+    return errors, dupes
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def write_split(path: Path, rows: list[dict], y: list[int], classes: list[str], sides: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "source", "group", "label", "label_index", "split"])
+        for r, t, s in zip(rows, y, sides):
+            w.writerow([r["path"], r["source"], r.get("group", ""), classes[t], t, s])

@@ -1,0 +1,414 @@
+"""The training loop on Accelerate: fit() trains a recipe into a run folder; evaluate() scores a loader.
+
+Read it top to bottom: setup (data -> model -> optimizer) in `_Setup`, then `fit` loops over epochs:
+train one epoch, validate every N, log, checkpoint. Randomness is seeded per epoch (and per sample for
+augmentation), so a resumed run continues exactly where the straight run would be.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from framework import transforms as T
+from framework.data.dataset import ImageDataset, ImageError, prepare
+from framework.engine import checkpoint as ckpt
+from framework.engine.metrics import confusion, scores
+from framework.errors import DataError, FieldError, RunError
+from framework.losses import build_loss
+from framework.models import backbone_defaults, build_model
+
+MONITORS = [f"{side}/{m}" for side in ("val", "train") for m in ("macro_f1", "accuracy", "loss")]
+
+
+class EpochSampler(Sampler):
+    """Random order (or class-balanced draws) that depends only on (seed, epoch): resumable by construction."""
+
+    def __init__(self, labels: list[int], seed: int, balanced: bool = False):
+        self.labels, self.seed, self.balanced, self.epoch = labels, seed, balanced, 0
+        counts = np.bincount(labels)
+        self.weights = torch.tensor([1.0 / counts[t] for t in labels], dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.balanced:
+            return iter(torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g).tolist())
+        return iter(torch.randperm(len(self.labels), generator=g).tolist())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def lr_lambda(sched, steps_per_epoch: int, total_steps: int):
+    """Multiplier of the base learning rate at optimizer step `s` (0-based)."""
+    if sched.name == "constant":
+        return lambda s: 1.0
+    if sched.name == "step":
+        return lambda s: sched.gamma ** ((s // max(1, steps_per_epoch)) // sched.every_epochs)
+    warm = int(sched.warmup_epochs * steps_per_epoch)
+
+    def cosine(s):
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        t = (s - warm) / max(1, total_steps - warm)
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return cosine
+
+
+def num_workers(setting) -> int:
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
+@dataclass
+class Setup:
+    """Everything a run is made of, built from the recipe."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: torch.nn.Module
+    train_ds: ImageDataset
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    image_size: tuple[int, int]
+    notes: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
+    from accelerate import Accelerator
+
+    tr = recipe.train
+    if recipe.checkpoint.monitor not in MONITORS:
+        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}.",
+                         f"use one of: {', '.join(MONITORS)}.")
+    cpu = not torch.cuda.is_available()
+    extra_trackers = _trackers(recipe.logging.trackers)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
+                              gradient_accumulation_steps=tr.grad_accum, log_with=extra_trackers or None,
+                              project_dir=str(run_dir))
+    defaults = backbone_defaults(recipe.model.backbone)
+    size = T.image_size_of(recipe.transforms, defaults["input_size"])
+    norm = recipe.transforms.normalize
+    mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
+    resize = T.resize_stage(size, recipe.transforms.resize)
+    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
+
+    # Decode + resize each image once (cache), or check nothing now and decode on every access.
+    rows, y, sides = plan.rows, plan.y, plan.sides
+    skipped: list[tuple[str, str]] = []
+    images = boxes = None
+    failures: list[tuple[int, str]] = []
+    if recipe.data.cache == "memory":
+        images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2,
+                                          progress=recipe.logging.progress and accelerator.is_main_process)
+        if failures and recipe.data.bad_images == "error":
+            listed = "; ".join(f"{rows[i]['path']} ({why})" for i, why in failures[:5])
+            raise FieldError(("data", "bad_images"), f"{len(failures)} image(s) cannot be used: {listed}"
+                             + (" ..." if len(failures) > 5 else "") + ".",
+                             "remove or replace them, or set data.bad_images: skip to train without them.", DataError)
+        skipped = [(rows[i]["path"], why) for i, why in failures]
+    bad = {i for i, _ in failures}  # skipped images leave both sides
+    tr_idx = [i for i, s in enumerate(sides) if s == "train" and i not in bad]
+    va_idx = [i for i, s in enumerate(sides) if s == "val" and i not in bad]
+
+    def subset(idx, aug):
+        return ImageDataset([rows[i] for i in idx], [y[i] for i in idx], resize, aug,
+                            [images[i] for i in idx] if images else None,
+                            [boxes[i] for i in idx] if images else None, seed=tr.seed)
+
+    train_ds, val_ds = subset(tr_idx, augment if augment.transforms else None), subset(va_idx, None)
+    sampler = EpochSampler(train_ds.labels, tr.seed, balanced=tr.sampler == "balanced")
+    workers = num_workers(tr.num_workers)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=not cpu)
+    train_loader = DataLoader(train_ds, batch_size=tr.batch_size, sampler=sampler, drop_last=False, **common)
+    val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
+
+    torch.manual_seed(tr.seed)
+    n_classes = len(plan.labels.classes)
+    model, notes = build_model(recipe.model, n_classes, mean, std)
+    if recipe.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(tr.loss, n_classes, train_ds.labels)
+    opt_cfg = tr.optimizer
+    params = model.parameters()
+    if opt_cfg.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                                    weight_decay=opt_cfg.weight_decay, nesterov=opt_cfg.nesterov)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
+    model, optimizer, train_loader, val_loader, loss_fn = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, loss_fn)
+    steps_per_epoch = math.ceil(len(train_loader) / tr.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tr.scheduler, steps_per_epoch, steps_per_epoch * tr.epochs))
+    return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
+                 size, notes, skipped)
+
+
+def _trackers(names: list[str]) -> list[str]:
+    import importlib.util
+
+    extra = [n for n in names if n != "tensorboard"]
+    for i, n in enumerate(names):
+        if n != "tensorboard" and importlib.util.find_spec(n) is None:
+            raise FieldError(("logging", "trackers", i), f"tracker {n!r} is not installed.",
+                             f"pip install {n}, or remove it (TensorBoard works with nothing extra).")
+    return extra
+
+
+def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dict:
+    """One pass over the training data; metrics over the whole epoch."""
+    acc, model = s.accelerator, s.model
+    model.train()
+    preds, targets, loss_sum, seen = [], [], 0.0, 0
+    start = time.perf_counter()
+    bar = _bar(s.train_loader, f"epoch {epoch}", progress and acc.is_main_process)
+    for images, labels in bar:
+        with acc.accumulate(model):
+            logits = model(images)  # (N, C)
+            loss = s.loss_fn(logits, labels)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if clip:
+                    acc.clip_grad_norm_(model.parameters(), clip)
+            s.optimizer.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        p, t = acc.gather_for_metrics((logits.detach().argmax(1), labels))
+        preds.append(p.cpu())
+        targets.append(t.cpu())
+        loss_sum += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        if progress and acc.is_main_process:
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{rate * acc.num_processes:.0f}")
+    elapsed = time.perf_counter() - start
+    y_true, y_pred = torch.cat(targets).numpy(), torch.cat(preds).numpy()
+    mean_loss = torch.tensor([loss_sum, seen], dtype=torch.float64, device=acc.device)
+    mean_loss = acc.reduce(mean_loss, reduction="sum")
+    return {"loss": float(mean_loss[0] / mean_loss[1]), "images_per_sec": len(y_true) / elapsed,
+            "seconds": elapsed, "y_true": y_true, "y_pred": y_pred}
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, progress: bool = False) -> dict:
+    """Loss, predictions and probabilities over the whole loader; each sample counted exactly once."""
+    model.eval()
+    losses, preds, targets, probs = [], [], [], []
+    for images, labels in _bar(loader, "validate", progress and accelerator.is_main_process):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
+        p = logits.float().softmax(1)
+        loss, p, labels = accelerator.gather_for_metrics((loss, p, labels))
+        losses.append(loss.cpu())
+        probs.append(p.cpu())
+        targets.append(labels.cpu())
+    prob = torch.cat(probs)
+    return {"loss": float(torch.cat(losses).mean()), "y_true": torch.cat(targets).numpy(),
+            "y_pred": prob.argmax(1).numpy(), "proba": prob.numpy()}
+
+
+def _bar(it, desc: str, show: bool):
+    if not show or not sys.stderr.isatty():  # bars only for people watching; logs get the epoch lines
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _summarize(stats: dict, classes: list[str]) -> dict:
+    s = scores(confusion(stats["y_true"], stats["y_pred"], len(classes)), classes)
+    s["loss"] = stats["loss"]
+    return s
+
+
+def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, log=print) -> dict:
+    """Train `recipe` on `plan` into `run_dir`; returns the final summary (also written as summary.json)."""
+    s = build_setup(recipe, plan, run_dir, log)
+    acc = s.accelerator
+    main = acc.is_main_process
+    classes = plan.labels.classes
+    tr, cp = recipe.train, recipe.checkpoint
+    start_epoch, best = 1, {"value": None, "epoch": None}
+    if resume is not None:
+        acc.unwrap_model(s.model).load_state_dict(resume["model"])
+        s.optimizer.load_state_dict(resume["optimizer"])
+        s.scheduler.load_state_dict(resume["scheduler"])
+        if acc.scaler is not None and resume.get("scaler"):
+            acc.scaler.load_state_dict(resume["scaler"])
+        start_epoch, best = resume["epoch"] + 1, resume["best"]
+    summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
+                   skipped_images=len(s.skipped), weights_notes=s.notes, processes=acc.num_processes,
+                   device=str(acc.device))
+    writer = None
+    if main:
+        for note in s.notes:
+            log(f"weights: {note}")
+        if s.skipped:
+            _write_skipped(run_dir / "skipped.csv", s.skipped)
+            log(f"skipped {len(s.skipped)} unreadable image(s), listed in {run_dir / 'skipped.csv'}")
+        writer = _writer(run_dir, recipe, s, classes, start_epoch)
+        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+        ckpt.write_json(run_dir / "summary.json", summary)
+    if acc.log_with:
+        acc.init_trackers(run_dir.name, config=json.loads(recipe.model_dump_json()))
+    for epoch in range(start_epoch, tr.epochs + 1):
+        random.seed(tr.seed + epoch)
+        np.random.seed((tr.seed + epoch) % 2**32)
+        torch.manual_seed(tr.seed * 1000 + epoch)
+        s.train_ds.set_epoch(epoch)
+        s.sampler.set_epoch(epoch)
+        t_stats = train_epoch(s, epoch, recipe.logging.progress, tr.clip_grad_norm)
+        record = {"epoch": epoch, "lr": s.optimizer.param_groups[0]["lr"],
+                  "train": _summarize(t_stats, classes) | {"images_per_sec": t_stats["images_per_sec"],
+                                                            "seconds": t_stats["seconds"]}}
+        if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
+            record["val"] = _summarize(evaluate(acc, s.model, s.val_loader, recipe.logging.progress), classes)
+        flat = _flat(record)
+        improved = False
+        if cp.monitor in flat:
+            v = flat[cp.monitor]
+            improved = best["value"] is None or (v > best["value"] if cp.mode == "max" else v < best["value"])
+            if improved:
+                best = {"value": v, "epoch": epoch}
+        if main:
+            log(_line(record, best, cp.monitor, tr.epochs))
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            _log_tb(writer, record, classes)
+            state = _state(acc, s, epoch, best, classes, recipe)
+            ckpt.save(run_dir / "checkpoints" / "last.pt", state)
+            if improved:
+                ckpt.save(run_dir / "checkpoints" / "best.pt", state)
+            if cp.every and epoch % cp.every == 0:
+                ckpt.save(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
+                _prune(run_dir / "checkpoints", cp.keep_last)
+            summary.update(best_metric=cp.monitor, best_value=best["value"], best_epoch=best["epoch"],
+                           epochs_done=epoch, last=_compact(record))
+            ckpt.write_json(run_dir / "summary.json", summary)
+        if acc.log_with:
+            acc.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=epoch)
+        acc.wait_for_everyone()
+    if writer is not None:
+        writer.close()
+    if acc.log_with:
+        acc.end_training()
+    return summary
+
+
+def _state(acc, s: Setup, epoch: int, best: dict, classes, recipe) -> dict:
+    return {"format": 1, "epoch": epoch, "best": best, "classes": classes, "image_size": list(s.image_size),
+            "backbone": recipe.model.backbone,
+            "model": acc.unwrap_model(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else None,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "numpy": np.random.get_state()[1].tolist()}}
+
+
+def _flat(record: dict) -> dict:
+    out = {"lr": record["lr"]}
+    for side in ("train", "val"):
+        if side in record:
+            for k in ("loss", "accuracy", "macro_f1", "images_per_sec"):
+                if k in record[side]:
+                    out[f"{side}/{k}"] = record[side][k]
+    return out
+
+
+def _compact(record: dict) -> dict:
+    return {k: v for k, v in _flat(record).items()} | {"epoch": record["epoch"]}
+
+
+def _line(record: dict, best: dict, monitor: str, epochs: int) -> str:
+    t = record["train"]
+    text = (f"epoch {record['epoch']}/{epochs}  train loss {t['loss']:.4f} acc {t['accuracy']:.3f} "
+            f"f1 {t['macro_f1']:.3f}")
+    if "val" in record:
+        v = record["val"]
+        text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
+    if best["value"] is not None:
+        text += f" | best {monitor} {best['value']:.4f} @{best['epoch']}"
+    return text + f" | {t['images_per_sec']:.0f} img/s, {t['seconds']:.1f}s"
+
+
+def _writer(run_dir: Path, recipe, s: Setup, classes, start_epoch: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from framework.engine.tb import sample_grid
+
+    if "tensorboard" not in recipe.logging.trackers:
+        return None
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch if start_epoch > 1 else None)
+    if start_epoch == 1:
+        import yaml
+        text = yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)
+        writer.add_text("recipe", "    " + text.replace("\n", "\n    "), 0)
+        n = min(recipe.logging.sample_grid, len(s.train_ds))
+        if n:
+            s.train_ds.set_epoch(1)
+            picks = np.linspace(0, len(s.train_ds) - 1, n).astype(int)
+            items = [s.train_ds[int(i)] for i in picks]
+            grid = sample_grid([im for im, _ in items], [lab for _, lab in items], classes)
+            writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
+    return writer
+
+
+def _log_tb(writer, record: dict, classes) -> None:
+    if writer is None:
+        return
+    from framework.engine.tb import confusion_image
+
+    epoch = record["epoch"]
+    for k, v in _flat(record).items():
+        writer.add_scalar(k, v, epoch)
+    if "val" in record:
+        writer.add_image("val/confusion_matrix", confusion_image(record["val"]["confusion"], classes), epoch,
+                         dataformats="HWC")
+    writer.flush()
+
+
+def _trim_metrics(path: Path, start_epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (a crashed run may have written them)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln)["epoch"] < start_epoch]
+    ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _prune(folder: Path, keep: int) -> None:
+    numbered = sorted(folder.glob("epoch_*.pt"))
+    for old in numbered[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _write_skipped(path: Path, skipped) -> None:
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows(skipped)
+    ckpt.atomic_write_text(path, buf.getvalue())
+
+
+__all__ = ["fit", "evaluate", "build_setup", "EpochSampler", "ImageError", "RunError"]

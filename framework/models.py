@@ -1,0 +1,114 @@
+"""Backbone + head, with the input normalization inside the model and local weight files.
+
+The model takes uint8 images (N, 3, H, W) and normalizes them itself with the backbone's mean/std (or the
+recipe's), so training, evaluation and `predict` can never disagree about preprocessing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail in a second instead of retrying for a minute
+
+import torch
+from torch import nn
+
+from framework.errors import FieldError, did_you_mean
+
+
+class Classifier(nn.Module):
+    """Normalization + a timm backbone with its classification head."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # (N, 3, H, W), uint8 0..255 in
+        return self.net(x)  # (N, num_classes) logits
+
+
+def backbone_defaults(name: str) -> dict:
+    """The backbone's own input size (h, w) and mean/std, from timm's pretrained config."""
+    import timm
+
+    if not timm.is_model(name):
+        raise FieldError(("model", "backbone"), f"unknown backbone {name!r}.{did_you_mean(name, timm.list_models())}",
+                         "use a timm model name (see timm.list_models()), e.g. resnet18.")
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return {"input_size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+
+
+def build_model(model_cfg, num_classes: int, mean, std) -> tuple[Classifier, list[str]]:
+    """The model, and notes about the weights (what was loaded, re-initialised or ignored)."""
+    import timm
+
+    backbone_defaults(model_cfg.backbone)  # checks the name, with a did-you-mean
+    kwargs = dict(num_classes=num_classes, drop_rate=model_cfg.drop_rate)
+    if model_cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+    notes: list[str] = []
+    try:
+        net = timm.create_model(model_cfg.backbone, pretrained=model_cfg.pretrained, **kwargs)
+    except TypeError as e:
+        raise FieldError(("model",), f"{model_cfg.backbone} does not accept these options: {e}.",
+                         "remove drop_path_rate (not every backbone has it).") from None
+    except Exception as e:  # hub download failed (offline), or the backbone has no hub weights
+        if not model_cfg.pretrained:
+            raise
+        raise FieldError(("model", "pretrained"), f"hub weights for {model_cfg.backbone!r} cannot be loaded "
+                         f"here ({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
+                         "download the weights elsewhere and set model.weights: path/to/file.safetensors "
+                         "with pretrained: false.") from None
+    if model_cfg.pretrained:
+        notes.append(f"hub weights of {model_cfg.backbone} loaded")
+    if model_cfg.weights:
+        notes += load_weights(net, model_cfg.weights)
+    return Classifier(net, mean, std), notes
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a torch file loaded with weights_only=True (no code runs)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FieldError(("model", "weights"), f"weights file not found: {p}.", "give a local .safetensors/.pth file.")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FieldError(("model", "weights"), f"cannot read weights from {p}: {str(e).splitlines()[0][:200]}.",
+                         "use a .safetensors file or a state_dict saved with torch.save "
+                         "(pickled objects are refused for safety).") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise FieldError(("model", "weights"), f"{p} holds no state_dict.", "save model.state_dict().")
+    if all(k.startswith("net.") for k in state if k not in ("mean", "std")):  # a checkpoint of this framework
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(net: nn.Module, path: str) -> list[str]:
+    """Load what fits; report tensors re-initialised (missing or shape mismatch) and ignored (unexpected)."""
+    state = read_state_dict(path)
+    own = net.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if not fitting:
+        raise FieldError(("model", "weights"), f"no tensor of {path} fits {type(net).__name__} "
+                         f"(e.g. {next(iter(state), '-')!r}).", "check that the file belongs to this backbone.")
+    result = net.load_state_dict(fitting, strict=False)
+    notes = [f"loaded {len(fitting)}/{len(own)} tensors from {path}"]
+    if mismatched or result.missing_keys:
+        notes.append("re-initialised (head or shape mismatch): " + ", ".join(sorted(set(mismatched) | set(result.missing_keys))[:12]))
+    if result.unexpected_keys or [k for k in state if k not in own]:
+        notes.append("ignored (not in this model): " + ", ".join(sorted(k for k in state if k not in own)[:12]))
+    return notes

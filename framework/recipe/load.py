@@ -1,0 +1,240 @@
+"""Read recipe YAML with line numbers, apply `extends:` and `--set` overrides, validate, and map errors to lines.
+
+A recipe travels as a plain dict plus a location map: every key path (a tuple such as ``("train", "lr")`` or
+``("transforms", "train", 2, "p")``) points to the file, line and column it came from, so any later error -
+pydantic's, a transform's, a missing folder - can name the exact place to fix.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from framework.errors import Issue, RecipeError, did_you_mean
+
+Loc = tuple  # (file, line, column); line/column 1-based, None when unknown
+Locs = dict  # key path tuple -> Loc
+
+SET_SOURCE = "--set"
+# Fields holding file paths; relative values are resolved against the folder of the file that set them
+# ("*" = every list item). Data source paths are relative to data.root instead (see framework.data.readers).
+_FILE_RELATIVE = [("data", "root"), ("model", "weights"), ("transforms", "train_file"), ("validation", "path")]
+
+
+def read_yaml(path: Path) -> tuple[Any, Locs]:
+    """Parse one YAML file safely into plain data plus a location for every key and item."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(Issue(f"file not found (looked for {path.resolve()}).", file=str(path),
+                                fix="check the path; relative paths start at the recipe's folder."))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(Issue(f"cannot read the file: {e}.", file=str(path), fix="save it as UTF-8 text."))
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        locs: Locs = {}
+        data = _construct(loader, node, (), str(path), locs)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise RecipeError(Issue(f"invalid YAML: {e.problem or e.context}.", file=str(path),
+                                line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+                                fix="check indentation, colons and quotes on that line."))
+    except yaml.YAMLError as e:
+        raise RecipeError(Issue(f"invalid YAML: {e}.", file=str(path), fix="check the YAML syntax."))
+    finally:
+        loader.dispose()
+    return ({} if data is None else data), locs
+
+
+def _construct(loader, node, key_path: tuple, file: str, locs: Locs):
+    locs[key_path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for k_node, v_node in node.value:
+            key = loader.construct_object(k_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise RecipeError(Issue("a mapping key must be a plain word.", file=file,
+                                        line=k_node.start_mark.line + 1, column=k_node.start_mark.column + 1))
+            if key in out:
+                raise RecipeError(Issue(f"key {key!r} appears twice in the same mapping.", file=file,
+                                        line=k_node.start_mark.line + 1, column=k_node.start_mark.column + 1,
+                                        fix="keep one of them."))
+            sub = key_path + (key,)
+            out[key] = _construct(loader, v_node, sub, file, locs)
+            locs[sub] = (file, k_node.start_mark.line + 1, k_node.start_mark.column + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, n, key_path + (i,), file, locs) for i, n in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; everything else (lists included) is replaced by `over`."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def _merge_locs(base: Locs, over: Locs, over_data: Any) -> Locs:
+    """Locations after deep_merge: a replaced non-mapping value drops the base's locations below it."""
+    out = dict(base)
+    for path, loc in over.items():
+        if path and not isinstance(_get(over_data, path), dict):
+            for p in [p for p in out if p[: len(path)] == path and len(p) > len(path)]:
+                del out[p]
+        out[path] = loc
+    return out
+
+
+def _get(data: Any, path: tuple, default=None):
+    for k in path:
+        if isinstance(data, dict) and k in data:
+            data = data[k]
+        elif isinstance(data, list) and isinstance(k, int) and -len(data) <= k < len(data):
+            data = data[k]
+        else:
+            return default
+    return data
+
+
+def _with_extends(path: Path, chain: tuple) -> tuple[dict, Locs]:
+    path = Path(path).resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in chain + (path,))
+        raise RecipeError(Issue(f"`extends` forms a cycle: {cycle}.", field="extends", file=str(chain[-1]),
+                                fix="remove one of the `extends` lines so the chain ends."))
+    data, locs = read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError(Issue(f"a recipe must be a mapping of sections, got {type(data).__name__}.",
+                                file=str(path), line=1, fix="start the file with sections such as `data:`."))
+    _resolve_file_paths(data, locs, path.parent)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data, locs
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        file, line, col = locs[("extends",)]
+        raise RecipeError(Issue("`extends` must be a file name or a list of file names.", field="extends",
+                                file=file, line=line, column=col, fix="write `extends: base.yaml`."))
+    merged: dict = {}
+    merged_locs: Locs = {}
+    for i, parent in enumerate(parents):
+        ppath = (path.parent / parent)
+        if not ppath.exists():
+            file, line, col = locs.get(("extends", i), locs[("extends",)])
+            raise RecipeError(Issue(f"the base recipe {parent!r} does not exist (looked for {ppath.resolve()}).",
+                                    field="extends", file=file, line=line, column=col,
+                                    fix="give the base's path relative to this recipe's folder."))
+        pdata, plocs = _with_extends(ppath, chain + (path,))
+        merged_locs = _merge_locs(merged_locs, plocs, pdata)
+        merged = deep_merge(merged, pdata)
+    locs = {k: v for k, v in locs.items() if not (k and k[0] == "extends")}
+    return deep_merge(merged, data), _merge_locs(merged_locs, locs, data)
+
+
+def _resolve_file_paths(data: dict, locs: Locs, base: Path) -> None:
+    """Turn relative file paths into absolute ones, relative to the folder of the file that wrote them."""
+    for spec in _FILE_RELATIVE:
+        parent = _get(data, spec[:-1])
+        if spec[-1] == "*":
+            if isinstance(parent, list):
+                for i, v in enumerate(parent):
+                    if isinstance(v, str) and _looks_like_path(v):
+                        parent[i] = str((base / v).resolve())
+        elif isinstance(parent, dict) and isinstance(parent.get(spec[-1]), str):
+            value = parent[spec[-1]]
+            if not (spec == ("data", "root") and value.startswith("~")):
+                parent[spec[-1]] = str((base / Path(value).expanduser()).resolve())
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith(".py")
+
+
+def parse_override(text: str) -> tuple[tuple, Any]:
+    """`train.lr=3e-4` -> (("train", "lr"), 0.0003). Values are YAML scalars or flow lists/maps."""
+    if "=" not in text:
+        raise RecipeError(Issue(f"override {text!r} has no '='.", field=text, file=SET_SOURCE,
+                                fix="write --set section.key=value, e.g. --set train.lr=3e-4."))
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise RecipeError(Issue(f"override {text!r} has an empty key.", file=SET_SOURCE,
+                                fix="write --set section.key=value."))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(Issue(f"cannot parse the value {raw!r}: {e}.", field=key, file=SET_SOURCE,
+                                fix="quote strings with special characters."))
+    path = tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts)
+    return path, value
+
+
+def apply_overrides(data: dict, locs: Locs, overrides: list[str]) -> None:
+    """Apply `--set` overrides in place; their location is the command line."""
+    for text in overrides:
+        path, value = parse_override(text)
+        target = data
+        for i, k in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(target, list):
+                if not isinstance(k, int) or not -len(target) <= k < len(target):
+                    raise RecipeError(Issue(f"index {k} is out of range in --set {text}.", field=_dotted(path),
+                                            file=SET_SOURCE, fix=f"use an index below {len(target)}."))
+                target = target[k]
+            else:
+                if not isinstance(target.get(k), (dict, list)):
+                    target[k] = [] if isinstance(nxt, int) else {}
+                target = target[k]
+        last = path[-1]
+        if isinstance(target, list):
+            if not isinstance(last, int) or not -len(target) <= last < len(target):
+                raise RecipeError(Issue(f"index {last} is out of range in --set {text}.", field=_dotted(path),
+                                        file=SET_SOURCE, fix=f"use an index below {len(target)}."))
+        target[last] = value
+        for p in [p for p in locs if p[: len(path)] == path]:
+            del locs[p]
+        locs[path] = (SET_SOURCE, None, None)
+        if path in [s for s in _FILE_RELATIVE] or (path[:-1] + ("*",)) in _FILE_RELATIVE:
+            if isinstance(value, str):
+                target[last] = str(Path(value).expanduser().resolve())
+
+
+def load_dict(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, Locs]:
+    """The merged recipe as plain data with locations, before validation."""
+    data, locs = _with_extends(Path(path), ())
+    apply_overrides(data, locs, list(overrides or []))
+    return data, locs
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for k in path:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def locate(locs: Locs, path: tuple, default_file: str | None = None) -> tuple[str | None, int | None, int | None]:
+    """The closest known location of `path` (itself, or the nearest parent that has one)."""
+    for n in range(len(path), -1, -1):
+        if path[:n] in locs:
+            return locs[path[:n]]
+    return default_file, None, None
+
+
+def issue_at(locs: Locs, path: tuple, message: str, fix: str = "", file: str | None = None) -> Issue:
+    """An Issue placed at the recipe location of `path`."""
+    f, line, col = locate(locs, path, file)
+    return Issue(message, field=_dotted(path), file=f, line=line, column=col, fix=fix)
+
+
+def field_path(path: tuple) -> str:
+    return _dotted(path)

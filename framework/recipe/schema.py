@@ -1,0 +1,353 @@
+"""The recipe: one pydantic model per section. Unknown keys are errors; every field says what it does.
+
+Closed choices (data source kind, validation policy, optimizer, scheduler, loss) are discriminated unions on
+`type`/`name`; open ones (augmentations, backbones) are names checked against albumentations / timm at build time.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+class FolderSource(_Section):
+    """Images in one sub-folder per class: `<path>/<class>/<image>`."""
+
+    type: Literal["folder"]
+    name: str = Field(description="Name of the source, used by `validation: {type: source}` and in reports.")
+    path: str = Field(description="Folder holding one sub-folder per class (relative to data.root).")
+    column: str = Field("label", description="Column that receives the sub-folder name.")
+
+
+class CsvSource(_Section):
+    """A manifest CSV: one row per image, a path column and label columns."""
+
+    type: Literal["csv"]
+    name: str = Field(description="Name of the source.")
+    manifest: str = Field(description="CSV file (relative to data.root).")
+    root: str | None = Field(None, description="Folder the image paths are relative to (default: the CSV's folder).")
+    path_column: str = Field("path", description="Column with the image path.")
+    group_column: str | None = Field(None, description="Column with a group id (person, duplicate group); "
+                                                       "a group never sits on both sides of a split.")
+    box_columns: list[str] | None = Field(None, min_length=4, max_length=4,
+                                          description="Face box columns xmin, ymin, xmax, ymax in image pixels.")
+    filter: dict[str, list[Any]] | None = Field(None, description="Keep only rows whose column value is listed, "
+                                                                  "e.g. {subtype: [Mask, Mask_Chin]}.")
+
+
+class MaskContestSource(_Section):
+    """The contest layout: `<path>/<ID>_<gender>_<race>_<age>/{mask1..mask5,incorrect_mask,normal}.<ext>`.
+
+    Yields columns mask_state (wear / incorrect / not_wear), gender, race, age and person (also the group)."""
+
+    type: Literal["mask_contest"]
+    name: str = Field(description="Name of the source.")
+    path: str = Field(description="Folder holding one folder per person (relative to data.root).")
+
+
+class BundledSource(_Section):
+    """Real images that ship inside an installed package, written out as files on first use."""
+
+    type: Literal["bundled"]
+    name: str = Field(description="Name of the source.")
+    dataset: Literal["lfw_subset", "digits"] = Field(
+        description="lfw_subset: scikit-image's 100 faces + 100 non-faces (25 px); digits: scikit-learn's 8x8 digits.")
+    cache_dir: str | None = Field(None, description="Where the image files are written "
+                                                    "(default: ~/.cache/recipe/<dataset>).")
+
+
+Source = Annotated[Union[FolderSource, CsvSource, MaskContestSource, BundledSource], Field(discriminator="type")]
+
+
+class LabelSpec(_Section):
+    """How one column becomes class indices."""
+
+    column: str = Field(description="Column holding the label (a manifest column, or `label` for folder sources).")
+    map: dict[str, str] | None = Field(None, description="Rename values before anything else, "
+                                                         "e.g. {con_mascarilla: wear}.")
+    classes: list[str] | None = Field(None, description="Class names in index order. Default: the sorted values "
+                                                        "found in the data (or the bin names).")
+    bins: list[float] | None = Field(None, description="Cut points for a numeric column: [30, 60] gives classes "
+                                                       "<30, 30-59, 60+ (a value equal to a cut goes up).")
+
+    @field_validator("bins")
+    @classmethod
+    def _increasing(cls, v):
+        if v is not None and (not v or any(b >= a for a, b in zip(v[1:], v[:-1]))):
+            raise ValueError("bins must be a non-empty list of strictly increasing cut points, e.g. [30, 60]")
+        return v
+
+    @model_validator(mode="after")
+    def _bins_or_map(self):
+        if self.bins is not None and self.map is not None:
+            raise ValueError("use either `bins` (numeric column) or `map` (text column), not both")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be unique")
+        return self
+
+
+class TargetSpec(LabelSpec):
+    """The label the model learns: one column, or `composite` of several (mask x gender x age = 18 classes)."""
+
+    column: str | None = Field(None, description="Column holding the label.")
+    composite: dict[str, LabelSpec] | None = Field(
+        None, description="Several labels combined into one class: index = sum(index_i * prod(n_j for j > i)), "
+                          "e.g. mask*6 + gender*3 + age for 3 x 2 x 3 classes.")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.column is None) == (self.composite is None):
+            raise ValueError("give either `column` or `composite`")
+        if self.composite is not None and any(x is not None for x in (self.map, self.classes, self.bins)):
+            raise ValueError("`map`, `classes` and `bins` go inside each part of `composite`")
+        return self
+
+
+class DataSection(_Section):
+    """Where the images and labels come from."""
+
+    root: str = Field(".", description="Folder that data source paths are relative to; "
+                                       "override per machine with --set data.root=/path.")
+    sources: list[Source] = Field(min_length=1, description="One or more sources, concatenated.")
+    target: TargetSpec = Field(description="The label to learn.")
+    missing_label: Literal["drop", "error"] = Field(
+        "drop", description="Rows without a label: drop them (the count is reported) or stop with an error.")
+    bad_images: Literal["error", "skip"] = Field(
+        "error", description="Unreadable images: stop naming the file, or skip them (listed in the run folder).")
+    cache: Literal["memory", "none"] = Field(
+        "memory", description="Decode and resize each image once and keep it in memory (augmentations still run "
+                              "every epoch), or decode every time.")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- validation
+class _SplitOptions(_Section):
+    seed: int = Field(0, description="Seed of the split; the same seed gives the same split.")
+    stratify: bool | str = Field(True, description="Keep class proportions: true = by the target, a column name "
+                                                   "= by that column, false = no stratification.")
+    group_by: str | None = Field("group", description="Column whose values never sit on both sides (`group` = "
+                                                      "each source's group column); null = every image alone.")
+
+
+class HoldoutSplit(_SplitOptions):
+    """A single train / validation split, e.g. 8:2 or 7:3."""
+
+    type: Literal["holdout"]
+    ratio: float = Field(0.2, gt=0, lt=1, description="Share of the data in validation.")
+
+
+class KFoldSplit(_SplitOptions):
+    """k folds (stratified, grouped); `fold` is the validation fold of this run."""
+
+    type: Literal["kfold"]
+    k: int = Field(5, ge=2, description="Number of folds.")
+    fold: int = Field(0, ge=0, description="Which fold is validation (0 .. k-1).")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self):
+        if self.fold >= self.k:
+            raise ValueError(f"fold must be below k={self.k}")
+        return self
+
+
+class SourceSplit(_Section):
+    """A named data source is the validation set (e.g. external data of another ethnicity); the rest trains."""
+
+    type: Literal["source"]
+    source: str = Field(description="Name of the source used for validation.")
+
+
+class FileSplit(_Section):
+    """A split CSV with columns `path` and `split` (train / val), e.g. a previous run's split.csv."""
+
+    type: Literal["file"]
+    path: str = Field(description="The split CSV (relative to the recipe).")
+
+
+Validation = Annotated[Union[HoldoutSplit, KFoldSplit, SourceSplit, FileSplit], Field(discriminator="type")]
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+class ResizeSpec(_Section):
+    """The deterministic first stage; it runs once per image (then cached) and never randomly."""
+
+    mode: Literal["stretch", "pad", "crop"] = Field(
+        "pad", description="stretch: resize to the size exactly; pad: keep the aspect ratio and pad; "
+                           "crop: keep the aspect ratio and center-crop.")
+    interpolation: Literal["linear", "area", "cubic", "nearest"] = Field("area", description="Resampling filter.")
+
+
+class NormalizeSpec(_Section):
+    mean: tuple[float, float, float] = Field(description="Per-channel mean of 0..1 pixel values.")
+    std: tuple[float, float, float] = Field(description="Per-channel standard deviation.")
+
+
+class TransformsSection(_Section):
+    """Resize first, then the ordered training augmentations; evaluation is resize + normalize only."""
+
+    image_size: int | tuple[int, int] | Literal["auto"] = Field(
+        "auto", description="Input size: an int, [height, width], or `auto` = the backbone's own default size.")
+    resize: ResizeSpec = Field(default_factory=ResizeSpec, description="How the resize stage fits images.")
+    train: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Training augmentations in order: `{name: <albumentations transform>, <its arguments>}`; "
+                    "`p` defaults as in the transform's constructor.")
+    train_file: str | None = Field(None, description="A pipeline saved by albumentations' A.save (YAML/JSON), "
+                                                     "used as the training augmentations instead of `train`.")
+    normalize: NormalizeSpec | None = Field(None, description="Mean/std; default: the backbone's own.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        sizes = (v,) if isinstance(v, int) else (v if isinstance(v, tuple) else ())
+        if any(s < 8 for s in sizes):
+            raise ValueError("image sizes must be at least 8 pixels")
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _named(cls, v):
+        for i, spec in enumerate(v):
+            if not isinstance(spec.get("name"), str):
+                raise ValueError(f"item {i} needs `name: <transform>`, e.g. {{name: HorizontalFlip, p: 0.5}}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_list(self):
+        if self.train and self.train_file:
+            raise ValueError("give the augmentations either as `train` or as `train_file`, not both")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class ModelSection(_Section):
+    """The network: a timm backbone with a fresh classification head."""
+
+    backbone: str = Field(description="Any timm model name, e.g. resnet18, efficientnet_b0, test_resnet.")
+    pretrained: bool = Field(False, description="Download hub weights (fails fast here: no internet). Prefer "
+                                                "`weights` with a local file.")
+    weights: str | None = Field(None, description="Local weights: .safetensors, or .pth/.bin/.pt loaded with "
+                                                  "weights_only=True; a training checkpoint of this framework works "
+                                                  "too. A head that does not match is re-initialised.")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
+    channels_last: bool = Field(False, description="Use the channels-last memory format (faster on some GPUs).")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+class AdamW(_Section):
+    name: Literal["adamw"]
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SGD(_Section):
+    name: Literal["sgd"]
+    lr: float = Field(0.05, gt=0, description="Learning rate.")
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+
+Optimizer = Annotated[Union[AdamW, SGD], Field(discriminator="name")]
+
+
+class Cosine(_Section):
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr`, stepped every optimizer step."""
+
+    name: Literal["cosine"]
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+
+
+class StepLR(_Section):
+    name: Literal["step"]
+    every_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class Constant(_Section):
+    name: Literal["constant"]
+
+
+Scheduler = Annotated[Union[Cosine, StepLR, Constant], Field(discriminator="name")]
+
+
+class LossSpec(_Section):
+    """Loss and class weighting; the rare 60+ age group is why weights and focal loss exist."""
+
+    name: Literal["cross_entropy", "focal", "f1"] = Field(
+        "cross_entropy", description="cross_entropy, focal (down-weights easy samples), or f1 (a differentiable "
+                                     "macro-F1, added to cross-entropy).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    gamma: float = Field(2.0, ge=0, description="Focal loss focusing parameter.")
+    class_weights: Literal["none", "auto"] | list[float] = Field(
+        "none", description="none, auto (inverse class frequency of the training split), or one weight per class.")
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="Per process.")
+    optimizer: Optimizer = Field(default_factory=lambda: AdamW(name="adamw"))
+    scheduler: Scheduler = Field(default_factory=lambda: Cosine(name="cosine"))
+    loss: LossSpec = Field(default_factory=LossSpec)
+    sampler: Literal["random", "balanced"] = Field(
+        "random", description="balanced: draw classes equally often (with replacement) each epoch.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
+    grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
+    num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
+
+
+class EvalSection(_Section):
+    every: int = Field(1, ge=1, description="Validate every N epochs (and always after the last).")
+    batch_size: int | None = Field(None, ge=1, description="Default: 2x the training batch size.")
+
+
+class CheckpointSection(_Section):
+    every: int = Field(0, ge=0, description="Keep a numbered checkpoint every N epochs (0 = none); `last` and "
+                                            "`best` are always kept.")
+    keep_last: int = Field(3, ge=1, description="How many numbered checkpoints to keep.")
+    monitor: str = Field("val/macro_f1", description="Metric that picks `best` (the contest metric by default).")
+    mode: Literal["max", "min"] = Field("max")
+
+
+class LoggingSection(_Section):
+    trackers: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                                description="tensorboard, plus any Accelerate tracker (wandb, mlflow, ...).")
+    sample_grid: int = Field(16, ge=0, description="Augmented training images shown in TensorBoard at the start.")
+    progress: bool = Field(True, description="Show a progress bar per epoch.")
+
+
+class OutputSection(_Section):
+    root: str = Field("runs", description="Folder that holds run folders (relative to the working directory).")
+
+
+class Recipe(_Section):
+    """A complete experiment description."""
+
+    data: DataSection
+    validation: Validation = Field(default_factory=lambda: HoldoutSplit(type="holdout"),
+                                   description="The validation policy (default: grouped, stratified 8:2).")
+    transforms: TransformsSection = Field(default_factory=TransformsSection)
+    model: ModelSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    notes: str = Field("", description="Free text, shown in run comparisons.")

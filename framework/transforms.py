@@ -1,0 +1,163 @@
+"""Recipe transform specs -> albumentations pipelines.
+
+The pipeline has two parts. The *resize stage* is deterministic, runs first and once per image (its output is
+cached, see framework.data.dataset). The *augmentations* run after it, every epoch, on training images only.
+Evaluation images get the resize stage alone; normalization happens inside the model (framework.models), so
+predictions can never use different statistics than training did.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from framework.errors import FieldError, did_you_mean
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations 2.0.8 asks its index on every import
+
+# Transforms that resize: after the resize stage they repeat work (and change the size the model expects).
+_RESIZERS = {"Resize", "LongestMaxSize", "SmallestMaxSize", "RandomScale", "Downscale"}
+_VERTICAL = {"VerticalFlip", "Transpose"}
+_INTERP = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3}
+
+
+def albumentations():
+    """Import albumentations without pulling in torch (its optional `albumentations.pytorch` part) unless torch
+    is already loaded, so `recipe validate` stays fast."""
+    if "albumentations" in sys.modules:
+        return sys.modules["albumentations"]
+    blocked = "torch" not in sys.modules and "albumentations.pytorch" not in sys.modules
+    if blocked:
+        sys.modules["albumentations.pytorch"] = None  # type: ignore[assignment]
+    try:
+        import albumentations as A
+    finally:
+        if blocked:
+            del sys.modules["albumentations.pytorch"]
+    return A
+
+
+def transform_names() -> list[str]:
+    A = albumentations()
+    return sorted(n for n, c in vars(A).items()
+                  if isinstance(c, type) and issubclass(c, A.BasicTransform) and not n.startswith("_")
+                  and not inspect.isabstract(c) and n not in {"BasicTransform", "DualTransform", "ImageOnlyTransform"})
+
+
+def build_transform(spec: dict, where: tuple):
+    """One albumentations transform from `{name: X, **args}`, with its own argument schema checked strictly."""
+    A = albumentations()
+    args = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise FieldError(where + ("name",), f"unknown transform {name!r}.{did_you_mean(name, transform_names())}",
+                         "use an albumentations transform name (case matters), e.g. HorizontalFlip.")
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        raise FieldError.many([(where + (k,), f"{name} has no argument {k!r}.{did_you_mean(k, params)}",
+                                f"arguments of {name}: {', '.join(params)}.") for k in unknown])
+    try:
+        return cls(**args, strict=True) if "strict" in params else cls(**args)
+    except Exception as e:  # albumentations wraps its pydantic InitSchema errors in ValueError
+        cause = e.__cause__ if hasattr(e.__cause__, "errors") else (e if hasattr(e, "errors") else None)
+        if cause is not None:
+            items = []
+            for err in cause.errors(include_url=False):
+                arg = err["loc"][0] if err["loc"] else None
+                path = where + ((arg,) if arg in args else ())
+                items.append((path, f"{name}: {err['msg']} (got {err.get('input')!r}).",
+                              f"see the {name} arguments in the albumentations documentation."))
+            raise FieldError.many(items) from None
+        raise FieldError(where, f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: {e}.",
+                         f"check the arguments of {name}.") from None
+
+
+def load_saved_pipeline(path: str):
+    """A pipeline written by albumentations' `A.save` (YAML or JSON), as a list of transforms."""
+    A = albumentations()
+    p = Path(path)
+    if not p.exists():
+        raise FieldError(("transforms", "train_file"), f"file not found: {p}.", "give the path of an A.save file.")
+    fmt = "yaml" if p.suffix.lower() in (".yaml", ".yml") else "json"
+    try:
+        loaded = A.load(str(p), data_format=fmt)
+    except Exception as e:
+        raise FieldError(("transforms", "train_file"), f"albumentations could not load {p}: {e}.",
+                         "write it with A.save(pipeline, path) from albumentations 2.0.") from None
+    return list(loaded.transforms) if isinstance(loaded, A.Compose) else [loaded]
+
+
+def build_augmentations(tcfg) -> list:
+    """The training augmentations of a transforms section; every problem of every item is reported."""
+    if tcfg.train_file:
+        return load_saved_pipeline(tcfg.train_file)
+    out, problems = [], []
+    for i, spec in enumerate(tcfg.train):
+        try:
+            out.append(build_transform(spec, ("transforms", "train", i)))
+        except FieldError as e:
+            problems += e.items
+    if problems:
+        raise FieldError.many(problems)
+    return out
+
+
+def lint(transforms: list, image_size=None) -> list[tuple[tuple, str, str]]:
+    """Warnings (not errors): augmentations that are wrong for faces or repeat the resize stage's work."""
+    warnings = []
+    for i, top in enumerate(transforms):
+        for t in _flatten(top):
+            name, where = type(t).__name__, ("transforms", "train", i)
+            if name in _VERTICAL:
+                warnings.append((where, f"{name} turns faces upside down; real faces are never seen that way.",
+                                 "use HorizontalFlip instead."))
+            if name in _RESIZERS:
+                warnings.append((where, f"{name} resizes again after the resize stage (work done twice, and the size "
+                                        f"the model sees changes).", "drop it; set transforms.image_size instead."))
+            if name in {"RandomResizedCrop", "RandomSizedCrop", "CenterCrop", "RandomCrop"} and image_size:
+                size = getattr(t, "size", None) or (getattr(t, "height", None), getattr(t, "width", None))
+                if size and tuple(size) != tuple(image_size) and None not in size:
+                    warnings.append((where, f"{name} outputs {tuple(size)} but image_size is {tuple(image_size)}.",
+                                     f"set its size to {list(image_size)}."))
+    return warnings
+
+
+def _flatten(t) -> list:
+    """A transform and, for OneOf / SomeOf / Sequential, everything inside it."""
+    children = getattr(t, "transforms", None)
+    return [t] + [c for child in (children or []) for c in _flatten(child)]
+
+
+def resize_stage(size: tuple[int, int], resize, with_boxes: bool = False):
+    """The deterministic front: fit every image to `size` (h, w); boxes, when present, follow the image."""
+    A = albumentations()
+    h, w = size
+    interp = _INTERP[resize.interpolation]
+    if resize.mode == "stretch":
+        steps = [A.Resize(h, w, interpolation=interp, p=1.0)]
+    elif resize.mode == "pad":
+        steps = [A.LongestMaxSize(max_size_hw=(h, w), interpolation=interp, p=1.0),
+                 A.PadIfNeeded(h, w, border_mode=0, fill=0, p=1.0)]
+    else:
+        steps = [A.SmallestMaxSize(max_size_hw=(h, w), interpolation=interp, p=1.0), A.CenterCrop(h, w, p=1.0)]
+    bbox = A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0, min_visibility=0) \
+        if with_boxes else None
+    return A.Compose(steps, bbox_params=bbox, strict=True)
+
+
+def augmentation_stage(transforms: list, with_boxes: bool = False):
+    A = albumentations()
+    bbox = A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0, min_visibility=0) \
+        if with_boxes else None
+    return A.Compose(transforms, bbox_params=bbox, strict=True)
+
+
+def image_size_of(tcfg, default_hw: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(h, w) from `transforms.image_size`; `auto` needs the backbone's default (given by the caller)."""
+    s = tcfg.image_size
+    if s == "auto":
+        return default_hw
+    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
