@@ -16,12 +16,12 @@ class Issue:
     fix: str = ""
 
     def format(self) -> str:
-        where = self.file or "<recipe>"
+        where = self.file or ""
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        head = f"{where}: {self.field}: " if self.field else f"{where}: "
+        head = "".join(f"{part}: " for part in (where, self.field) if part)
         text = head + self.message
         if self.fix:
             text += f" Fix: {self.fix}"

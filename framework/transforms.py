@@ -19,6 +19,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations 2.0.8 a
 # Transforms that resize: after the resize stage they repeat work (and change the size the model expects).
 _RESIZERS = {"Resize", "LongestMaxSize", "SmallestMaxSize", "RandomScale", "Downscale"}
 _VERTICAL = {"VerticalFlip", "Transpose"}
+_COMPOSITIONS = {"OneOf", "SomeOf", "Sequential"}
 _INTERP = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3}
 
 
@@ -50,6 +51,8 @@ def build_transform(spec: dict, where: tuple):
     A = albumentations()
     args = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
+    if name in _COMPOSITIONS:
+        return _build_composition(A, name, args, where)
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
         raise FieldError(where + ("name",), f"unknown transform {name!r}.{did_you_mean(name, transform_names())}",
@@ -73,6 +76,35 @@ def build_transform(spec: dict, where: tuple):
             raise FieldError.many(items) from None
         raise FieldError(where, f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: {e}.",
                          f"check the arguments of {name}.") from None
+
+
+def _build_composition(A, name: str, args: dict, where: tuple):
+    """OneOf / SomeOf / Sequential with `transforms: [specs]`, built recursively."""
+    children = args.pop("transforms", None)
+    if not isinstance(children, list) or not children:
+        raise FieldError(where + ("transforms",), f"{name} needs a non-empty list `transforms: [...]`.",
+                         f"write {{name: {name}, transforms: [{{name: GaussianBlur}}, {{name: GaussNoise}}]}}.")
+    built, problems = [], []
+    for j, child in enumerate(children):
+        if not isinstance(child, dict) or not isinstance(child.get("name"), str):
+            problems.append((where + ("transforms", j), "each item needs `name: <transform>`.",
+                             "write {name: GaussianBlur}."))
+            continue
+        try:
+            built.append(build_transform(child, where + ("transforms", j)))
+        except FieldError as e:
+            problems += e.items
+    if problems:
+        raise FieldError.many(problems)
+    params = [p for p in inspect.signature(getattr(A, name).__init__).parameters if p not in ("self", "transforms")]
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        raise FieldError(where + (unknown[0],), f"{name} has no argument {unknown[0]!r}."
+                         f"{did_you_mean(unknown[0], params)}", f"arguments of {name}: transforms, {', '.join(params)}.")
+    try:
+        return getattr(A, name)(built, **args)
+    except Exception as e:
+        raise FieldError(where, f"{name} failed: {e}.", f"check the arguments of {name}.") from None
 
 
 def load_saved_pipeline(path: str):

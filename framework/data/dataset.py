@@ -118,25 +118,24 @@ class ImageDataset:
         self.rows, self.labels = rows, list(labels)
         self.resize, self.augment = resize, augment
         self.images, self.boxes = images, boxes
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def load(self, i: int) -> tuple[np.ndarray, tuple | None]:
         if self.images is not None:
             return self.images[i], self.boxes[i]
         return resize_one(self.rows[i]["path"], self.rows[i].get("box"), self.resize)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """`index`, or `(epoch, index)` from the training sampler: augmentation is seeded per epoch and sample."""
         import torch
 
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         image, box = self.load(i)
         if self.augment is not None:
-            self.augment.set_random_seed(sample_seed(self.seed, self.epoch, i))
+            self.augment.set_random_seed(sample_seed(self.seed, epoch, i))
             extra = {"bboxes": np.array([box] if box else np.zeros((0, 4)), dtype=np.float32),
                      "box_ids": [0] if box else []} if getattr(self.augment, "processors", None) else {}
             image = self.augment(image=image, **extra)["image"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framework.errors import DataError, FieldError
+from framework.errors import DataError, FieldError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,10 @@ def _classes_of(spec) -> list[str] | None:
 def _raw(row: dict, spec, where: tuple) -> str | None:
     """The row's value for one label spec as a class name, or None when missing."""
     if spec.column not in row:
-        raise FieldError(where + ("column",), f"column {spec.column!r} is not in the data "
-                         f"(source {row.get('source')!r} has: {', '.join(k for k in row if not k.startswith('_') and k not in ('box',))}).",
-                         "name a column that every source provides.", DataError)
+        columns = [k for k in row if not k.startswith("_") and k != "box"]
+        raise FieldError(where + ("column",), f"column {spec.column!r} is not in source {row.get('source')!r}."
+                         f"{did_you_mean(spec.column, columns)}",
+                         f"name a column that every source provides; this one has: {', '.join(columns)}.", DataError)
     value = row[spec.column]
     if value is None or (isinstance(value, str) and not value.strip()):
         return None

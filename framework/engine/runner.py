@@ -43,10 +43,14 @@ class EpochSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
+        """Yields (epoch, index): the epoch travels with each index, so (persistent) loader workers seed the
+        augmentation of the right epoch without sharing state with the main process."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.balanced:
-            return iter(torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g).tolist())
-        return iter(torch.randperm(len(self.labels), generator=g).tolist())
+            order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g).tolist()
+        else:
+            order = torch.randperm(len(self.labels), generator=g).tolist()
+        return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,7 +113,8 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     size = T.image_size_of(recipe.transforms, defaults["input_size"])
     norm = recipe.transforms.normalize
     mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
-    resize = T.resize_stage(size, recipe.transforms.resize)
+    # Face boxes (when the data has them) follow the resize, so box-aware augmentations see them in place.
+    resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in plan.rows))
     augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
 
     # Decode + resize each image once (cache), or check nothing now and decode on every access.
@@ -199,7 +204,7 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dic
         targets.append(t.cpu())
         loss_sum += float(loss.detach()) * len(labels)
         seen += len(labels)
-        if progress and acc.is_main_process:
+        if hasattr(bar, "set_postfix"):
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{rate * acc.num_processes:.0f}")
     elapsed = time.perf_counter() - start
@@ -275,8 +280,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         random.seed(tr.seed + epoch)
         np.random.seed((tr.seed + epoch) % 2**32)
         torch.manual_seed(tr.seed * 1000 + epoch)
-        s.train_ds.set_epoch(epoch)
-        s.sampler.set_epoch(epoch)
+        s.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
         t_stats = train_epoch(s, epoch, recipe.logging.progress, tr.clip_grad_norm)
         record = {"epoch": epoch, "lr": s.optimizer.param_groups[0]["lr"],
                   "train": _summarize(t_stats, classes) | {"images_per_sec": t_stats["images_per_sec"],
@@ -364,9 +368,8 @@ def _writer(run_dir: Path, recipe, s: Setup, classes, start_epoch: int):
         writer.add_text("recipe", "    " + text.replace("\n", "\n    "), 0)
         n = min(recipe.logging.sample_grid, len(s.train_ds))
         if n:
-            s.train_ds.set_epoch(1)
             picks = np.linspace(0, len(s.train_ds) - 1, n).astype(int)
-            items = [s.train_ds[int(i)] for i in picks]
+            items = [s.train_ds[(1, int(i))] for i in picks]  # what the model sees in epoch 1
             grid = sample_grid([im for im, _ in items], [lab for _, lab in items], classes)
             writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
     return writer

@@ -7,6 +7,7 @@ pydantic's, a transform's, a missing folder - can name the exact place to fix.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ SET_SOURCE = "--set"
 _FILE_RELATIVE = [("data", "root"), ("model", "weights"), ("transforms", "train_file"), ("validation", "path")]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`; people write learning rates so)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|" 
+               r"^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|"
+               r"^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml_value(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: Path) -> tuple[Any, Locs]:
     """Parse one YAML file safely into plain data plus a location for every key and item."""
     path = Path(path)
@@ -33,7 +50,7 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
                                 fix="check the path; relative paths start at the recipe's folder."))
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(Issue(f"cannot read the file: {e}.", file=str(path), fix="save it as UTF-8 text."))
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         locs: Locs = {}
@@ -170,7 +187,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
         raise RecipeError(Issue(f"override {text!r} has an empty key.", file=SET_SOURCE,
                                 fix="write --set section.key=value."))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(Issue(f"cannot parse the value {raw!r}: {e}.", field=key, file=SET_SOURCE,
                                 fix="quote strings with special characters."))

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real data in ../shared/data, tiny recipes that train in seconds on a CPU."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RECIPE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def pytest_sessionstart(session):
+    if not (DATA / "utkface_subset" / "manifest.csv").is_file():
+        raise pytest.UsageError(f"the real test data is missing: expected {DATA} (../shared/data beside the repo); "
+                                "set RECIPE_TEST_DATA=/path/to/shared/data.")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return DATA
+
+
+def read_manifest(name: str) -> list[dict]:
+    with open(DATA / name / "manifest.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def tiny_manifest(path: Path, per_class: int = 12, dataset: str = "maskedfacenet_maskon",
+                  column: str = "mask_state") -> Path:
+    """A small manifest of real images (absolute paths), `per_class` of each class, whole groups kept."""
+    rows = read_manifest(dataset)
+    taken, out = {}, []
+    for r in rows:
+        if taken.get(r[column], 0) < per_class:
+            taken[r[column]] = taken.get(r[column], 0) + 1
+            out.append({"path": str(DATA / dataset / r["path"]), column: r[column], "group": r["group"]})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["path", column, "group"])
+        w.writeheader()
+        w.writerows(out)
+    return path
+
+
+def tiny_recipe(tmp_path: Path, **sections) -> Path:
+    """A recipe on a tiny real manifest with timm's test_resnet at 32 px: trains in seconds."""
+    tiny_manifest(tmp_path / "tiny.csv")
+    recipe = {
+        "data": {"root": str(tmp_path), "sources": [{"type": "csv", "name": "maskon", "manifest": "tiny.csv",
+                                                     "group_column": "group"}],
+                 "target": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]}},
+        "validation": {"type": "holdout", "ratio": 0.25},
+        "transforms": {"image_size": 32, "train": [{"name": "HorizontalFlip"}]},
+        "model": {"backbone": "test_resnet"},
+        "train": {"epochs": 2, "batch_size": 8, "num_workers": 0},
+        "logging": {"sample_grid": 4, "progress": False},
+        "output": {"root": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

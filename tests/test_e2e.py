@@ -1,0 +1,207 @@
+"""End to end on the CPU: a tiny recipe on real images trains in seconds; the run folder is complete."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from framework import api
+from framework.cli import main
+from framework.errors import RecipeError
+from tests.conftest import tiny_recipe
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    path = tiny_recipe(tmp, checkpoint={"every": 1, "keep_last": 5})
+    return api.run(path, name="tiny", log=lambda *_: None)
+
+
+def test_run_folder_has_everything(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"recipe.resolved.yaml", "split.csv", "metrics.jsonl", "summary.json", "labels.json", "checkpoints",
+            "tb"} <= names
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert summary["best_metric"] == "val/macro_f1" and summary["best_epoch"] in (1, 2)
+    assert set(summary["versions"]) >= {"torch", "timm", "albumentations"} and summary["wall_seconds"] > 0
+    records = _metrics(trained)
+    assert [r["epoch"] for r in records] == [1, 2]
+    val = records[-1]["val"]
+    assert set(val["per_class"]) == {"wear", "incorrect", "not_wear"}
+    assert sum(m["support"] for m in val["per_class"].values()) == summary["num_val"]
+    assert sum(map(sum, val["confusion"])) == summary["num_val"]  # every validation image counted once
+    assert max(r["val"]["macro_f1"] for r in records) == pytest.approx(summary["best_value"])
+
+
+def test_resolved_recipe_reruns_as_is(trained):
+    loaded = api.load_recipe(trained / "recipe.resolved.yaml")
+    assert loaded.recipe.transforms.image_size == 32
+    assert loaded.recipe.model.backbone == "test_resnet"
+
+
+def test_checkpoints_load_into_a_fresh_model(trained):
+    from framework.models import build_model
+
+    loaded = api.load_recipe(trained / "recipe.resolved.yaml")
+    ckpts = {p.name for p in (trained / "checkpoints").iterdir()}
+    assert {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"} <= ckpts
+    state = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    model, _ = build_model(loaded.recipe.model, 3, (0.5,) * 3, (0.5,) * 3)
+    model.load_state_dict(state["model"])
+    assert state["classes"] == ["wear", "incorrect", "not_wear"]
+    out = model.eval()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert out.shape == (2, 3)
+
+
+def test_tensorboard_events_hold_scalars_images_and_recipe(trained):
+    acc = _events(trained / "tb")
+    tags = acc.Tags()
+    for scalar in ("train/loss", "train/accuracy", "train/macro_f1", "val/loss", "val/accuracy", "val/macro_f1",
+                   "lr", "train/images_per_sec"):
+        assert scalar in tags["scalars"], scalar
+        assert [e.step for e in acc.Scalars(scalar)] == [1, 2]
+    assert {"val/confusion_matrix", "train/augmented_samples"} <= set(tags["images"])
+    image = acc.Images("val/confusion_matrix")[-1]
+    assert image.width > 50 and image.height > 50
+    assert any("recipe" in t for t in tags["tensors"])  # add_text is stored as a tensor summary
+    f1 = [e.value for e in acc.Scalars("val/macro_f1")]
+    assert f1 == pytest.approx([r["val"]["macro_f1"] for r in _metrics(trained)])
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    """1 epoch + resume to 2 gives the same metrics as 2 epochs in one go."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    shutil.copy(resumed / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")
+    api.run(resume=resumed, log=lambda *_: None)
+    straight, again = _metrics(trained), _metrics(resumed)
+    assert [r["epoch"] for r in again] == [1, 2]  # the old epoch-2 line was replaced, not duplicated
+    for key in ("train", "val"):
+        for metric in ("loss", "accuracy", "macro_f1"):
+            assert again[-1][key][metric] == pytest.approx(straight[-1][key][metric], abs=1e-6), (key, metric)
+    a = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert len(_events(resumed / "tb").Scalars("val/macro_f1")) == 2
+
+
+def test_resume_refuses_a_changed_experiment(trained):
+    with pytest.raises(RecipeError) as e:
+        api.run(resume=trained, overrides=["train.optimizer.lr=0.1"], log=lambda *_: None)
+    assert "only train.epochs" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        api.run(resume=trained, log=lambda *_: None)
+    assert "already finished" in str(e.value)
+
+
+def test_existing_run_folder_is_never_overwritten(trained):
+    before = (trained / "summary.json").read_text()
+    result = CliRunner().invoke(main, ["run", str(trained.parent.parent / "tiny.yaml"), "--name", "tiny"])
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--resume" in result.output
+    assert (trained / "summary.json").read_text() == before
+
+
+def test_crash_mid_run_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from framework.engine import runner
+
+    real = runner.train_epoch
+
+    def crash_in_epoch_2(s, epoch, *a):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return real(s, epoch, *a)
+
+    monkeypatch.setattr(runner, "train_epoch", crash_in_epoch_2)
+    path = tiny_recipe(tmp_path)
+    with pytest.raises(RuntimeError):
+        api.run(path, name="crash", log=lambda *_: None)
+    run_dir = tmp_path / "runs" / "crash"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "simulated crash" in summary["error"]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    monkeypatch.setattr(runner, "train_epoch", real)
+    api.run(resume=run_dir, log=lambda *_: None)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_unreadable_image_is_named_or_skipped(tmp_path):
+    path = tiny_recipe(tmp_path)
+    bad = tmp_path / "broken image.jpg"
+    bad.write_bytes(b"")
+    with open(tmp_path / "tiny.csv", "a") as f:
+        f.write(f"{bad},wear,gbroken\n")
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "x"])
+    assert result.exit_code == 2
+    assert "broken image.jpg (empty file)" in result.output and "data.bad_images: skip" in result.output
+    assert "Traceback" not in result.output
+    run_dir = api.run(path, ["data.bad_images=skip", "train.epochs=1"], name="y", log=lambda *_: None)
+    assert "broken image.jpg" in (run_dir / "skipped.csv").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_images"] == 1
+
+
+def test_empty_class_folder_and_label_only_in_validation(tmp_path, data_root):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "empty").mkdir()
+    recipe = {"data": {"root": str(tmp_path), "sources": [{"type": "folder", "name": "f", "path": "imgs"}],
+                       "target": {"column": "label"}}, "model": {"backbone": "test_resnet"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "empty" in result.output and "data.sources[0].path" in result.output
+    (tmp_path / "imgs" / "empty").rmdir()
+    (tmp_path / "ext" / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ext" / "c" / "0.png")
+    recipe["data"]["sources"].append({"type": "folder", "name": "external", "path": "ext"})
+    recipe["validation"] = {"type": "source", "source": "external"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "['c'] appear only in validation" in result.output
+
+
+def test_hub_weights_fail_fast_with_a_fix(tmp_path):
+    path = tiny_recipe(tmp_path, model={"backbone": "resnet18", "pretrained": True})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "hub"])
+    assert result.exit_code == 2, result.output
+    assert "model.pretrained" in result.output and "model.weights" in result.output
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_load_and_a_mismatched_head_is_reinitialised(tmp_path, suffix):
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=7)
+    weights = tmp_path / f"face_task{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(net.state_dict(), str(weights))
+    else:
+        torch.save(net.state_dict(), weights)
+    path = tiny_recipe(tmp_path, model={"backbone": "test_resnet", "weights": str(weights)},
+                       train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    lines = []
+    run_dir = api.run(path, name="w", log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "loaded" in text and "re-initialised" in text and "fc.weight" in text
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

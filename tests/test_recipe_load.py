@@ -1,0 +1,86 @@
+"""Loading recipes: extends, overrides, locations, and every bundled recipe validates."""
+from pathlib import Path
+
+import pytest
+
+from framework import api
+from framework.errors import RecipeError
+from framework.recipe.load import deep_merge, load_dict, parse_override
+from tests.conftest import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_bundled_recipe_validates(path):
+    loaded, plan = api.validate(path)
+    assert plan.indices("train") and plan.indices("val")
+    assert len(plan.labels.classes) >= 2
+
+
+def test_deep_merge_merges_mappings_and_replaces_lists():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    over = {"a": {"y": [3]}, "c": 2}
+    assert deep_merge(base, over) == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}  # inputs untouched
+
+
+def test_hard_aug_extends_soft_aug_and_replaces_the_augmentation_list():
+    soft, _ = load_dict(REPO / "recipes" / "soft_aug.yaml")
+    hard, locs = load_dict(REPO / "recipes" / "hard_aug.yaml")
+    assert hard["data"] == soft["data"] and hard["model"] == soft["model"]
+    assert hard["transforms"]["image_size"] == soft["transforms"]["image_size"]  # merged from the base
+    assert [t["name"] for t in hard["transforms"]["train"]] != [t["name"] for t in soft["transforms"]["train"]]
+    assert locs[("transforms", "train", 0)][0].endswith("hard_aug.yaml")
+    assert locs[("model", "backbone")][0].endswith("soft_aug.yaml")  # inherited values keep their own file
+
+
+def test_overrides_are_yaml_scalars_and_validated():
+    path, value = parse_override("train.lr=3e-4")
+    assert path == ("train", "lr") and value == pytest.approx(3e-4)
+    assert parse_override("transforms.image_size=[128, 96]")[1] == [128, 96]
+    assert parse_override("a.b=1e3")[1] == 1000.0 and parse_override("a.b=name")[1] == "name"
+    loaded = api.load_recipe(REPO / "recipes" / "soft_aug.yaml",
+                             ["model.backbone=efficientnet_b0", "train.optimizer.lr=0.01", "transforms.train.0.p=1"])
+    assert loaded.recipe.model.backbone == "efficientnet_b0"
+    assert loaded.recipe.train.optimizer.lr == 0.01
+    assert loaded.recipe.transforms.train[0]["p"] == 1
+    with pytest.raises(RecipeError) as e:
+        api.load_recipe(REPO / "recipes" / "soft_aug.yaml", ["train.epochs=many"])
+    assert "--set" in str(e.value) and "train.epochs" in str(e.value)
+
+
+def test_data_root_is_relative_to_the_recipe_and_overridable(tmp_path, data_root):
+    loaded = api.load_recipe(REPO / "recipes" / "soft_aug.yaml")
+    assert Path(loaded.recipe.data.root) == data_root
+    moved = api.load_recipe(REPO / "recipes" / "soft_aug.yaml", [f"data.root={tmp_path}"])
+    assert Path(moved.recipe.data.root) == tmp_path
+
+
+def test_extends_cycle_lists_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError) as e:
+        load_dict(tmp_path / "a.yaml")
+    assert "a.yaml -> b.yaml -> a.yaml" in str(e.value)
+
+
+def test_composite_label_writes_out_the_formula(tmp_path, data_root):
+    (tmp_path / "r.yaml").write_text(f"""
+data:
+  root: {data_root}
+  sources: [{{type: csv, name: utk, manifest: utkface_subset/manifest.csv, group_column: group}}]
+  target:
+    composite:
+      gender: {{column: gender, classes: [male, female]}}
+      age: {{column: age, bins: [30, 60]}}
+model: {{backbone: resnet18}}
+""")
+    loaded, plan = api.validate(tmp_path / "r.yaml")
+    assert plan.labels.formula == "gender*3 + age"
+    assert plan.labels.classes == ["male/<30", "male/30-59", "male/60+", "female/<30", "female/30-59", "female/60+"]
+    for row, y in zip(plan.rows, plan.y):
+        assert plan.labels.classes[y] == f"{row['gender']}/{row['age_band']}"
+    no_gender = [r for r in read_manifest("utkface_subset") if not r["gender"]]
+    assert no_gender and plan.dropped == len(no_gender)  # malformed file names carry no gender
