@@ -46,12 +46,40 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> LoadedRe
 
     path = Path(path)
     data, locs = load_dict(path, list(overrides))
+    load_plugins(data, locs, path)
     loaded = LoadedRecipe(validate_data(data, locs, str(path)), path, locs)
     with loaded.errors_located():
         augs = T.build_augmentations(loaded.recipe.transforms)
     size = T.image_size_of(loaded.recipe.transforms)
     loaded.warnings += [issue_at(locs, p, m, f, str(path)) for p, m, f in T.lint(augs, size)]
     return loaded
+
+
+def load_plugins(data: dict, locs: dict, path: Path) -> None:
+    """Installed packages' plugins, then those the recipe names (before validation: they add valid names)."""
+    from framework.plugins import load_entry_points, load_plugin
+
+    load_entry_points()
+    specs = data.get("plugins") or []
+    if not isinstance(specs, list):
+        return  # the schema reports the wrong type
+    for i, spec in enumerate(specs):
+        if isinstance(spec, str):
+            load_plugin(spec, issue_at(locs, ("plugins", i), "", "", str(path)))
+
+
+def registered(recipe: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Every registered name per kind with where it came from (after loading entry points and the recipe's
+    plugins)."""
+    from framework.plugins import load_entry_points
+    from framework.registry import REGISTRIES
+
+    if recipe is not None:
+        data, locs = load_dict(Path(recipe))
+        load_plugins(data, locs, Path(recipe))
+    else:
+        load_entry_points()
+    return {kind: [(e.name, e.origin) for e in reg.entries()] for kind, reg in REGISTRIES.items()}
 
 
 def validate(path: str | Path, overrides: list[str] | tuple = ()):

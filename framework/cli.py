@@ -69,6 +69,28 @@ def run(recipe, overrides, name, resume):
 
 
 @main.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+def plugins(recipe):
+    """List registered transforms, backbones, losses and readers, with where each came from.
+
+    Installed packages' plugins are always listed; give a RECIPE to include the plugins it names."""
+    from framework import api
+
+    try:
+        table = api.registered(recipe)
+    except RecipeError as e:
+        _fail(e)
+    extra = {"transforms": "and every albumentations transform", "backbones": "and every timm model"}
+    for kind, entries in table.items():
+        click.echo(f"{kind}:")
+        width = max([len(n) for n, _ in entries] + [8])
+        for name, origin in entries:
+            click.echo(f"  {name:<{width}}  {origin}")
+        if kind in extra:
+            click.echo(f"  ({extra[kind]})")
+
+
+@main.command()
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the schema to this file instead of stdout.")
 def schema(out):
     """Print the recipe's JSON Schema (for editor completion and checks)."""

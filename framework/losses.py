@@ -59,10 +59,22 @@ class SoftF1Loss(nn.Module):
         return self.ce(logits, target) + (1 - f1[present].mean())
 
 
-def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
-    weight = class_weights(spec.class_weights, train_labels, num_classes)
-    if spec.name == "focal":
-        return FocalLoss(spec.gamma, weight, spec.label_smoothing)
-    if spec.name == "f1":
-        return SoftF1Loss(num_classes, weight, spec.label_smoothing)
+# Loss factories share one signature, the one plugins register too: (spec, num_classes, weight) -> nn.Module.
+def cross_entropy(spec, num_classes: int, weight) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
+
+
+def focal(spec, num_classes: int, weight) -> nn.Module:
+    return FocalLoss(spec.gamma, weight, spec.label_smoothing)
+
+
+def f1(spec, num_classes: int, weight) -> nn.Module:
+    return SoftF1Loss(num_classes, weight, spec.label_smoothing)
+
+
+def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
+    """The loss named in the recipe (built-in or registered by a plugin), with its class weights."""
+    from framework.registry import LOSSES
+
+    weight = class_weights(spec.class_weights, train_labels, num_classes)
+    return LOSSES.get(spec.name).load()(spec, num_classes, weight)

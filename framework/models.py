@@ -30,16 +30,55 @@ class Classifier(nn.Module):
         return self.net(x)  # (N, num_classes) logits
 
 
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+class PluginNet(nn.Module):
+    """A plugin backbone (images -> features (N, feature_size)) with a fresh linear head."""
+
+    def __init__(self, features: nn.Module, feature_size: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.features = features
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(feature_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))  # (N, feature_size) -> (N, num_classes)
+
+
+def _plugin_backbone(name: str):
+    from framework.registry import BACKBONES
+
+    if name not in BACKBONES:
+        return None
+    entry = BACKBONES.get(name)
+    missing = [k for k in ("feature_size", "input_size") if k not in entry.meta]
+    if missing:
+        raise FieldError(("model", "backbone"), f"plugin backbone {name!r} ({entry.origin}) does not say its "
+                         f"{' and '.join(missing)}.", f"register it with @BACKBONES.register({name!r}, "
+                         "feature_size=..., input_size=(h, w)).")
+    return entry
+
+
 def backbone_defaults(name: str) -> dict:
-    """The backbone's own input size (h, w) and mean/std, from timm's pretrained config."""
+    """The backbone's own input size (h, w) and mean/std: a plugin's registration, or timm's pretrained config."""
+    entry = _plugin_backbone(name)
+    if entry is not None:
+        size = entry.meta["input_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return {"input_size": size, "mean": tuple(entry.meta.get("mean", IMAGENET["mean"])),
+                "std": tuple(entry.meta.get("std", IMAGENET["std"]))}
     import timm
 
     if not timm.is_model(name):
-        raise FieldError(("model", "backbone"), f"unknown backbone {name!r}.{did_you_mean(name, timm.list_models())}",
-                         "use a timm model name (see timm.list_models()), e.g. resnet18.")
+        from framework.registry import BACKBONES
+        choices = timm.list_models() + BACKBONES.names()
+        raise FieldError(("model", "backbone"), f"unknown backbone {name!r}.{did_you_mean(name, choices)}",
+                         "use a timm model name (see timm.list_models()), e.g. resnet18, or one registered by "
+                         "a plugin (`recipe plugins`).")
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None:
-        return {"input_size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        return {"input_size": (224, 224), **IMAGENET}
     return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
 
@@ -48,6 +87,13 @@ def build_model(model_cfg, num_classes: int, mean, std) -> tuple[Classifier, lis
     import timm
 
     backbone_defaults(model_cfg.backbone)  # checks the name, with a did-you-mean
+    entry = _plugin_backbone(model_cfg.backbone)
+    if entry is not None:
+        net = PluginNet(entry.load()(), entry.meta["feature_size"], num_classes, model_cfg.drop_rate)
+        notes = [f"backbone {model_cfg.backbone} from {entry.origin}"]
+        if model_cfg.weights:
+            notes += load_weights(net, model_cfg.weights)
+        return Classifier(net, mean, std), notes
     kwargs = dict(num_classes=num_classes, drop_rate=model_cfg.drop_rate)
     if model_cfg.drop_path_rate:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate

@@ -53,10 +53,14 @@ def build_transform(spec: dict, where: tuple):
     name = spec["name"]
     if name in _COMPOSITIONS:
         return _build_composition(A, name, args, where)
-    cls = getattr(A, name, None)
+    from framework.registry import TRANSFORMS
+
+    cls = TRANSFORMS.get(name).load() if name in TRANSFORMS else getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        raise FieldError(where + ("name",), f"unknown transform {name!r}.{did_you_mean(name, transform_names())}",
-                         "use an albumentations transform name (case matters), e.g. HorizontalFlip.")
+        choices = transform_names() + TRANSFORMS.names()
+        raise FieldError(where + ("name",), f"unknown transform {name!r}.{did_you_mean(name, choices)}",
+                         "use an albumentations transform name (case matters), e.g. HorizontalFlip, or one "
+                         "registered by a plugin (`recipe plugins`).")
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
     unknown = [k for k in args if k not in params]
     if unknown:
@@ -178,6 +182,11 @@ def resize_stage(size: tuple[int, int], resize, with_boxes: bool = False):
     bbox = A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0, min_visibility=0) \
         if with_boxes else None
     return A.Compose(steps, bbox_params=bbox, strict=True)
+
+
+def needs_face_box(transforms: list) -> bool:
+    """Whether any augmentation (e.g. a face-keeping crop) asks for the face box."""
+    return any(getattr(t, "needs_face_box", False) for top in transforms for t in _flatten(top))
 
 
 def augmentation_stage(transforms: list, with_boxes: bool = False):

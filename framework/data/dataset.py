@@ -85,8 +85,10 @@ def resize_one(path: str, box, resize) -> tuple[np.ndarray, tuple | None]:
     return out["image"], (tuple(float(v) for v in boxes[0]) if len(boxes) else None)
 
 
-def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, desc: str = "decode+resize"):
-    """Decode and resize every row once. Returns (images, boxes, failures) where failures is [(index, reason)]."""
+def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, desc: str = "decode+resize",
+            detect: bool = False):
+    """Decode and resize every row once (and, with `detect`, find a face box where the data has none).
+    Returns (images, boxes, failures) where failures is [(index, reason)]."""
     images: list = [None] * len(rows)
     boxes: list = [None] * len(rows)
     failures: list[tuple[int, str]] = []
@@ -94,6 +96,9 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, 
     def work(i):
         try:
             images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize)
+            if detect and boxes[i] is None:
+                from framework.data.faces import detect_face
+                boxes[i] = detect_face(images[i])
         except ImageError as e:
             failures.append((i, e.reason))
 

@@ -22,10 +22,19 @@ def read_sources(data_cfg) -> list[dict]:
     if not root.is_dir():
         raise FieldError(("data", "root"), f"data root {str(root)!r} is not a folder.",
                          "point data.root at your data, e.g. --set data.root=/path/to/data.", DataError)
+    from framework.registry import READERS, RegistryError
+
     rows: list[dict] = []
     for i, src in enumerate(data_cfg.sources):
-        reader = _READERS[src.type]
-        got = reader(src, root, ("data", "sources", i))
+        where = ("data", "sources", i)
+        try:
+            entry = READERS.get(src.type)
+        except RegistryError as e:
+            raise FieldError(where + ("type",), str(e), "use folder, csv, mask_contest, bundled, or load the "
+                             "plugin that provides this reader (`plugins:`).", DataError) from None
+        if entry.meta.get("schema") is not None:
+            src = _plugin_args(entry, src, where)
+        got = entry.load()(src, root, where)
         if not got:
             raise FieldError(("data", "sources", i), f"source {src.name!r} has no images.",
                              "check its path and that the files have image extensions "
@@ -34,6 +43,18 @@ def read_sources(data_cfg) -> list[dict]:
             r["source"] = src.name
         rows += got
     return rows
+
+
+def _plugin_args(entry, src, where: tuple):
+    """Check a plugin source's keys with the schema its reader registered (a pydantic model)."""
+    from pydantic import ValidationError
+
+    try:
+        return entry.meta["schema"].model_validate(src.model_dump())
+    except ValidationError as e:
+        items = [(where + tuple(x for x in err["loc"] if isinstance(x, (str, int))), err["msg"],
+                  f"see the {entry.name} reader ({entry.origin}).") for err in e.errors(include_url=False)]
+        raise FieldError.many(items, DataError) from None
 
 
 def _resolve(root: Path, value: str) -> Path:
@@ -169,5 +190,3 @@ def _write_bundled(dataset: str, out: Path) -> None:
         (out / lab).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(out / lab / f"{i:04d}.png")
 
-
-_READERS = {"folder": read_folder, "csv": read_csv, "mask_contest": read_mask_contest, "bundled": read_bundled}

@@ -95,6 +95,7 @@ class Setup:
     image_size: tuple[int, int]
     notes: list[str]
     skipped: list[tuple[str, str]]
+    no_face: int = 0  # training images without a face box (when an augmentation needs one)
 
 
 def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
@@ -113,17 +114,24 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     size = T.image_size_of(recipe.transforms, defaults["input_size"])
     norm = recipe.transforms.normalize
     mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
-    # Face boxes (when the data has them) follow the resize, so box-aware augmentations see them in place.
-    resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in plan.rows))
-    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
+    # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
+    augs = T.build_augmentations(recipe.transforms)
+    use_boxes = T.needs_face_box(augs)
+    rows, y, sides = plan.rows, plan.y, plan.sides
+    if not use_boxes:  # nothing looks at face boxes: do not carry them
+        rows = [{**r, "box": None} if r.get("box") else r for r in rows]
+    elif recipe.data.cache == "none" and not all(r.get("box") for r in rows):
+        raise FieldError(("data", "cache"), "some images have no face box, and face detection runs once per image "
+                         "in the cached resize stage.", "set data.cache: memory (the default).")
+    resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in rows) or use_boxes)
+    augment = T.augmentation_stage(augs, with_boxes=use_boxes)
 
     # Decode + resize each image once (cache), or check nothing now and decode on every access.
-    rows, y, sides = plan.rows, plan.y, plan.sides
     skipped: list[tuple[str, str]] = []
     images = boxes = None
     failures: list[tuple[int, str]] = []
     if recipe.data.cache == "memory":
-        images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2,
+        images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2, detect=use_boxes,
                                           progress=recipe.logging.progress and accelerator.is_main_process)
         if failures and recipe.data.bad_images == "error":
             listed = "; ".join(f"{rows[i]['path']} ({why})" for i, why in failures[:5])
@@ -165,8 +173,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     steps_per_epoch = math.ceil(len(train_loader) / tr.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tr.scheduler, steps_per_epoch, steps_per_epoch * tr.epochs))
+    no_face = sum(b is None for b in train_ds.boxes) if use_boxes and train_ds.boxes is not None else 0
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped)
+                 size, notes, skipped, no_face)
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -262,7 +271,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
             acc.scaler.load_state_dict(resume["scaler"])
         start_epoch, best = resume["epoch"] + 1, resume["best"]
     summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
-                   skipped_images=len(s.skipped), weights_notes=s.notes, processes=acc.num_processes,
+                   skipped_images=len(s.skipped), no_face_images=s.no_face, weights_notes=s.notes, processes=acc.num_processes,
                    device=str(acc.device))
     writer = None
     if main:

@@ -21,7 +21,8 @@ Locs = dict  # key path tuple -> Loc
 SET_SOURCE = "--set"
 # Fields holding file paths; relative values are resolved against the folder of the file that set them
 # ("*" = every list item). Data source paths are relative to data.root instead (see framework.data.readers).
-_FILE_RELATIVE = [("data", "root"), ("model", "weights"), ("transforms", "train_file"), ("validation", "path")]
+_FILE_RELATIVE = [("data", "root"), ("model", "weights"), ("transforms", "train_file"), ("validation", "path"),
+                  ("plugins", "*")]
 
 
 class _Loader(yaml.SafeLoader):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -61,7 +61,28 @@ class BundledSource(_Section):
                                                     "(default: ~/.cache/recipe/<dataset>).")
 
 
-Source = Annotated[Union[FolderSource, CsvSource, MaskContestSource, BundledSource], Field(discriminator="type")]
+class PluginSource(BaseModel):
+    """A source read by a plugin's reader (`type` = its registered name); the reader checks the other keys."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Name of a reader registered by a plugin.")
+    name: str = Field(description="Name of the source.")
+
+
+_BUILTIN_SOURCES = {"folder", "csv", "mask_contest", "bundled"}
+
+
+def _source_kind(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if kind is None:
+        return None
+    return kind if kind in _BUILTIN_SOURCES else "plugin"
+
+
+Source = Annotated[Union[Annotated[FolderSource, Tag("folder")], Annotated[CsvSource, Tag("csv")],
+                         Annotated[MaskContestSource, Tag("mask_contest")], Annotated[BundledSource, Tag("bundled")],
+                         Annotated[PluginSource, Tag("plugin")]],
+                   Discriminator(_source_kind)]
 
 
 class LabelSpec(_Section):
@@ -289,13 +310,25 @@ Scheduler = Annotated[Union[Cosine, StepLR, Constant], Field(discriminator="name
 class LossSpec(_Section):
     """Loss and class weighting; the rare 60+ age group is why weights and focal loss exist."""
 
-    name: Literal["cross_entropy", "focal", "f1"] = Field(
-        "cross_entropy", description="cross_entropy, focal (down-weights easy samples), or f1 (a differentiable "
-                                     "macro-F1, added to cross-entropy).")
+    name: str = Field(
+        "cross_entropy", description="cross_entropy, focal (down-weights easy samples), f1 (a differentiable "
+                                     "macro-F1, added to cross-entropy), or a loss registered by a plugin.")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     gamma: float = Field(2.0, ge=0, description="Focal loss focusing parameter.")
     class_weights: Literal["none", "auto"] | list[float] = Field(
         "none", description="none, auto (inverse class frequency of the training split), or one weight per class.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra options for a plugin loss.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v):
+        from framework.registry import LOSSES, RegistryError
+
+        try:
+            LOSSES.get(v)
+        except RegistryError as e:
+            raise ValueError(f"{e} Losses: {', '.join(LOSSES.names())}") from None
+        return v
 
 
 class TrainSection(_Section):
@@ -350,4 +383,6 @@ class Recipe(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    plugins: list[str] = Field(default_factory=list, description="Plugin files (relative to the recipe) or "
+                               "modules to import; they register transforms, backbones, losses and readers.")
     notes: str = Field("", description="Free text, shown in run comparisons.")

@@ -40,7 +40,7 @@ def _data_path(loc: tuple, data: Any) -> tuple:
             if el in cur:
                 out.append(el)
                 cur = cur[el]
-            elif el in (cur.get("type"), cur.get("name")):
+            elif el in (cur.get("type"), cur.get("name"), "plugin"):
                 continue  # discriminated-union tag
             else:
                 out.append(el)  # a missing key
@@ -77,6 +77,7 @@ def _explain(path: tuple, errs: list[dict], model) -> tuple[str, str]:
                 f"use one of: {', '.join(tags)}.")
     if kind == "union_tag_not_found":
         disc = e.get("ctx", {}).get("discriminator", "type").strip("'")
+        disc = "type" if disc.endswith("()") else disc
         return f"this entry needs a `{disc}` key.", f"add `{disc}: ...` (see `recipe schema` for the choices)."
     if kind == "literal_error" and len(errs) == 1:
         expected = [x.strip(" '\"") for x in e.get("ctx", {}).get("expected", "").replace(" or ", ",").split(",")]
