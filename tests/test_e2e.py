@@ -205,3 +205,15 @@ def test_local_weights_load_and_a_mismatched_head_is_reinitialised(tmp_path, suf
     text = "\n".join(map(str, lines))
     assert "loaded" in text and "re-initialised" in text and "fc.weight" in text
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    path = tiny_recipe(tmp_path, logging={"trackers": ["tensorboard", "wandbb"], "progress": False})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "t1"])
+    assert result.exit_code == 2 and "logging.trackers[1]" in result.output and "Did you mean 'wandb'" in result.output
+    missing = next(n for n in ("aim", "swanlab", "dvclive", "clearml") if importlib.util.find_spec(n) is None)
+    path = tiny_recipe(tmp_path, logging={"trackers": [missing], "progress": False})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "t2"])
+    assert result.exit_code == 2 and f"pip install {missing}" in result.output

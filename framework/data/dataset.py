@@ -70,11 +70,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def resize_one(path: str, box, resize) -> tuple[np.ndarray, tuple | None]:
-    """Decode one image and run the resize stage; the face box (if any) follows the image."""
+def resize_one(path: str, box, resize, detect: bool = False) -> tuple[np.ndarray, tuple | None]:
+    """Decode one image and run the resize stage; the face box (if any) follows the image. With `detect`, an
+    image without a box gets one from the face detector, run on the full decoded image (before the resize)."""
     image = decode(path)
-    if box is None:
-        return resize(image=image)["image"], None
+    if detect and box is None:
+        from framework.data.faces import detect_face
+        box = detect_face(image)
+    carries_boxes = bool(getattr(resize, "processors", None))
+    if box is None or not carries_boxes:
+        extra = {"bboxes": np.zeros((0, 4), dtype=np.float32), "box_ids": []} if carries_boxes else {}
+        return resize(image=image, **extra)["image"], None
     h, w = image.shape[:2]
     x0, y0, x1, y1 = box
     clipped = (max(0.0, min(x0, w)), max(0.0, min(y0, h)), max(0.0, min(x1, w)), max(0.0, min(y1, h)))
@@ -95,10 +101,7 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, 
 
     def work(i):
         try:
-            images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize)
-            if detect and boxes[i] is None:
-                from framework.data.faces import detect_face
-                boxes[i] = detect_face(images[i])
+            images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
         except ImageError as e:
             failures.append((i, e.reason))
 

@@ -24,7 +24,7 @@ from framework import transforms as T
 from framework.data.dataset import ImageDataset, ImageError, prepare
 from framework.engine import checkpoint as ckpt
 from framework.engine.metrics import confusion, scores
-from framework.errors import DataError, FieldError, RunError
+from framework.errors import DataError, FieldError, RunError, did_you_mean
 from framework.losses import build_loss
 from framework.models import backbone_defaults, build_model
 
@@ -179,14 +179,19 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
 
 
 def _trackers(names: list[str]) -> list[str]:
+    """Accelerate trackers besides TensorBoard (which the runner writes itself); each must be installed."""
     import importlib.util
 
-    extra = [n for n in names if n != "tensorboard"]
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
     for i, n in enumerate(names):
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise FieldError(("logging", "trackers", i), f"unknown tracker {n!r}.{did_you_mean(n, LOGGER_TYPE_TO_CLASS)}",
+                             f"use tensorboard or one of Accelerate's trackers: {', '.join(LOGGER_TYPE_TO_CLASS)}.")
         if n != "tensorboard" and importlib.util.find_spec(n) is None:
             raise FieldError(("logging", "trackers", i), f"tracker {n!r} is not installed.",
                              f"pip install {n}, or remove it (TensorBoard works with nothing extra).")
-    return extra
+    return [n for n in names if n != "tensorboard"]
 
 
 def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dict:

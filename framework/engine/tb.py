@@ -11,7 +11,8 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
     n = len(classes)
     label_w = 8 + 7 * max(len(c) for c in classes)
     top = 24
-    img = Image.new("RGB", (label_w + n * cell + 4, top + n * cell + 20), "white")
+    header = "predicted ->   (rows: true class)"
+    img = Image.new("RGB", (max(label_w + n * cell + 4, label_w + 7 * len(header)), top + n * cell + 20), "white")
     draw = ImageDraw.Draw(img)
     rows = cm.sum(1, keepdims=True).clip(min=1)
     frac = cm / rows
@@ -22,7 +23,7 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
             x0, y0 = label_w + p * cell, top + t * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline="gray")
             draw.text((x0 + 4, y0 + cell // 2 - 5), str(int(cm[t, p])), fill="black" if shade > 120 else "white")
-    draw.text((label_w, 6), "predicted ->   (rows: true class)", fill="black")
+    draw.text((label_w, 6), header, fill="black")
     for p in range(n):
         draw.text((label_w + p * cell + 4, top + n * cell + 4), str(p), fill="black")
     return np.asarray(img)
