@@ -1,0 +1,79 @@
+"""Losses, class weights, samplers, metrics, checkpoints pruning and the LR schedule, on small arrays."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from framework.engine.metrics import confusion, scores
+from framework.engine.runner import EpochSampler, _prune, lr_lambda
+from framework.losses import FocalLoss, SoftF1Loss, class_weights
+from framework.recipe.schema import Cosine, LossSpec, StepLR
+
+
+def test_metrics_from_the_confusion_matrix_by_hand():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 1, 0]
+    cm = confusion(y_true, y_pred, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    s = scores(cm, ["a", "b", "c"])
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    # a: P=2/3 R=2/3 F1=2/3; b: P=2/3 R=1 F1=0.8; c: P=0 R=0 F1=0 (never predicted but present: counts)
+    assert s["per_class"]["b"]["f1"] == pytest.approx(0.8)
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+    assert s["per_class"]["c"]["support"] == 1
+
+
+def test_auto_class_weights_are_inverse_frequency():
+    w = class_weights("auto", [0] * 8 + [1] * 2, 3)
+    assert w.tolist() == pytest.approx([10 / (3 * 8), 10 / (3 * 2), 0.0])
+    assert class_weights("none", [0, 1], 2) is None
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    logits, target = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    assert FocalLoss(0.0)(logits, target) == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
+    assert FocalLoss(2.0)(logits, target) < F.cross_entropy(logits, target)
+
+
+def test_soft_f1_loss_is_lower_for_better_predictions():
+    target = torch.tensor([0, 0, 1, 2])
+    good = F.one_hot(target, 3).float() * 8
+    bad = torch.roll(good, 1, dims=1)
+    loss = SoftF1Loss(3)
+    assert loss(good, target) < loss(bad, target)
+
+
+def test_balanced_sampler_draws_rare_classes_as_often_and_resumes_by_epoch():
+    labels = [0] * 90 + [1] * 10
+    s = EpochSampler(labels, seed=3, balanced=True)
+    s.set_epoch(1)
+    drawn = [labels[i] for _, i in s]
+    assert 0.35 < np.mean(drawn) < 0.65
+    again = EpochSampler(labels, seed=3, balanced=True)
+    again.set_epoch(1)
+    assert list(again) == list(s)  # depends only on (seed, epoch)
+    plain = EpochSampler(labels, seed=3)
+    plain.set_epoch(2)
+    assert sorted(i for _, i in plain) == list(range(100)) and {e for e, _ in plain} == {2}
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    f = lr_lambda(Cosine(name="cosine", warmup_epochs=1, min_lr_ratio=0.1), steps_per_epoch=10, total_steps=100)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0, abs=0.01) and f(99) == pytest.approx(0.1, abs=0.01)
+    step = lr_lambda(StepLR(name="step", every_epochs=2, gamma=0.5), steps_per_epoch=10, total_steps=100)
+    assert [step(s) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_keep_last_prunes_old_numbered_checkpoints(tmp_path):
+    for e in range(1, 6):
+        (tmp_path / f"epoch_{e:04d}.pt").write_bytes(b"x")
+    (tmp_path / "best.pt").write_bytes(b"x")
+    _prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt"]
+
+
+def test_loss_spec_names_come_from_the_registry():
+    assert LossSpec(name="focal").name == "focal"
+    with pytest.raises(ValueError, match="Did you mean 'focal'"):
+        LossSpec(name="focall")
