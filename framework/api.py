@@ -147,11 +147,11 @@ def _git_commit(folder: Path) -> str | None:
         return None
 
 
-def _write_labels(run_dir: Path, labels) -> None:
+def _write_labels(run_dir: Path, labels: dict) -> None:
     from framework.engine.checkpoint import write_json
 
-    write_json(run_dir / "labels.json", {"classes": labels.classes, "parts": labels.parts,
-                                         "formula": labels.formula})
+    write_json(run_dir / "labels.json", {task: {"classes": lab.classes, "parts": lab.parts, "formula": lab.formula}
+                                         for task, lab in labels.items()})
 
 
 def _read_split(path: Path) -> list[tuple[str, str]]:
@@ -186,17 +186,16 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         (run_dir / "checkpoints").mkdir()
         ckpt.atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe))
         from framework.data.splits import write_split
-        write_split(run_dir / "split.csv", plan.rows, plan.y, plan.labels.classes, plan.sides)
+        write_split(run_dir / "split.csv", plan)
         _write_labels(run_dir, plan.labels)
         summary = {"name": run_dir.name, "recipe": str(Path(path).resolve()), "status": "running",
                    "started": _dt.datetime.now().isoformat(timespec="seconds"), "notes": recipe.notes,
-                   "backbone": recipe.model.backbone, "classes": plan.labels.classes,
+                   "backbone": recipe.model.backbone,
+                   "classes": {t: lab.classes for t, lab in plan.labels.items()},
                    "counts": plan.counts(), "dropped_rows": plan.dropped, "versions": _versions(),
                    "git_commit": _git_commit(Path(path).resolve().parent), "wall_seconds": 0.0}
     log(f"run folder: {run_dir}")
-    counts = plan.counts()
-    log("images per class (train / val): " + ", ".join(
-        f"{c} {counts['train'][c]}/{counts['val'][c]}" for c in plan.labels.classes))
+    log("images per class (train / val): " + plan.describe())
     started = time.perf_counter()
     before = summary.get("wall_seconds", 0.0)
     try:

@@ -37,12 +37,13 @@ def validate(recipe, overrides, print_):
         click.echo("warning: " + w.format(), err=True)
     if print_:
         click.echo(api.resolved_yaml(loaded.recipe), nl=False)
-        click.echo(f"# classes (index = {plan.labels.formula}):")
-        for k, c in enumerate(plan.labels.classes):
-            click.echo(f"#   {k:3d}  {c}")
-    counts = plan.counts()
-    click.echo(f"ok: {recipe}: {len(plan.rows)} images, {len(plan.labels.classes)} classes, "
-               f"{sum(counts['train'].values())} train / {sum(counts['val'].values())} val")
+        for task, labels in plan.labels.items():
+            click.echo(f"# {task} classes (index = {labels.formula}):")
+            for k, c in enumerate(labels.classes):
+                click.echo(f"#   {k:3d}  {c}")
+    tasks = ", ".join(f"{t}: {len(lab.classes)} classes" for t, lab in plan.labels.items())
+    click.echo(f"ok: {recipe}: {len(plan.rows)} images ({tasks}), "
+               f"{len(plan.indices('train'))} train / {len(plan.indices('val'))} val")
 
 
 @main.command()

@@ -78,3 +78,22 @@ def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
 
     weight = class_weights(spec.class_weights, train_labels, num_classes)
     return LOSSES.get(spec.name).load()(spec, num_classes, weight)
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of each task's loss over the samples that have that task's label (-1 = missing)."""
+
+    def __init__(self, losses: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.losses = nn.ModuleDict(losses)
+        self.weights = dict(weights)
+
+    def forward(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for j, (task, fn) in enumerate(self.losses.items()):
+            has = labels[:, j] >= 0  # (N,)
+            if has.any():
+                total = total + self.weights[task] * fn(logits[task][has], labels[has, j])
+            else:  # keep every head in the graph (data-parallel training expects all parameters used)
+                total = total + logits[task].sum() * 0.0
+        return total

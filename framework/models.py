@@ -16,34 +16,35 @@ from torch import nn
 from framework.errors import FieldError, did_you_mean
 
 
-class Classifier(nn.Module):
-    """Normalization + a timm backbone with its classification head."""
+class Net(nn.Module):
+    """A backbone that yields features (N, feature_size) and one linear head per task."""
 
-    def __init__(self, net: nn.Module, mean, std):
+    def __init__(self, features: nn.Module, feature_size: int, heads: dict[str, int], drop_rate: float = 0.0):
+        super().__init__()
+        self.features = features
+        self.drop = nn.Dropout(drop_rate)
+        self.heads = nn.ModuleDict({task: nn.Linear(feature_size, n) for task, n in heads.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.drop(self.features(x))  # (N, feature_size)
+        return {task: head(f) for task, head in self.heads.items()}  # task -> (N, classes of that task)
+
+
+class Classifier(nn.Module):
+    """Normalization + backbone + heads: takes uint8 images, returns each task's logits."""
+
+    def __init__(self, net: Net, mean, std):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images.float() - self.mean) / self.std  # (N, 3, H, W), uint8 0..255 in
-        return self.net(x)  # (N, num_classes) logits
+        return self.net(x)
 
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-
-
-class PluginNet(nn.Module):
-    """A plugin backbone (images -> features (N, feature_size)) with a fresh linear head."""
-
-    def __init__(self, features: nn.Module, feature_size: int, num_classes: int, drop_rate: float = 0.0):
-        super().__init__()
-        self.features = features
-        self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(feature_size, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.features(x)))  # (N, feature_size) -> (N, num_classes)
 
 
 def _plugin_backbone(name: str):
@@ -82,36 +83,36 @@ def backbone_defaults(name: str) -> dict:
     return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
 
-def build_model(model_cfg, num_classes: int, mean, std) -> tuple[Classifier, list[str]]:
-    """The model, and notes about the weights (what was loaded, re-initialised or ignored)."""
+def build_model(model_cfg, heads: dict[str, int], mean, std) -> tuple[Classifier, list[str]]:
+    """The model with one head per task (`heads`: task -> number of classes), and notes about the weights."""
     import timm
 
     backbone_defaults(model_cfg.backbone)  # checks the name, with a did-you-mean
     entry = _plugin_backbone(model_cfg.backbone)
-    if entry is not None:
-        net = PluginNet(entry.load()(), entry.meta["feature_size"], num_classes, model_cfg.drop_rate)
-        notes = [f"backbone {model_cfg.backbone} from {entry.origin}"]
-        if model_cfg.weights:
-            notes += load_weights(net, model_cfg.weights)
-        return Classifier(net, mean, std), notes
-    kwargs = dict(num_classes=num_classes, drop_rate=model_cfg.drop_rate)
-    if model_cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
     notes: list[str] = []
-    try:
-        net = timm.create_model(model_cfg.backbone, pretrained=model_cfg.pretrained, **kwargs)
-    except TypeError as e:
-        raise FieldError(("model",), f"{model_cfg.backbone} does not accept these options: {e}.",
-                         "remove drop_path_rate (not every backbone has it).") from None
-    except Exception as e:  # hub download failed (offline), or the backbone has no hub weights
-        if not model_cfg.pretrained:
-            raise
-        raise FieldError(("model", "pretrained"), f"hub weights for {model_cfg.backbone!r} cannot be loaded "
-                         f"here ({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
-                         "download the weights elsewhere and set model.weights: path/to/file.safetensors "
-                         "with pretrained: false.") from None
-    if model_cfg.pretrained:
-        notes.append(f"hub weights of {model_cfg.backbone} loaded")
+    if entry is not None:
+        features, size = entry.load()(), entry.meta["feature_size"]
+        notes.append(f"backbone {model_cfg.backbone} from {entry.origin}")
+    else:
+        kwargs = dict(num_classes=0, drop_rate=model_cfg.drop_rate)  # num_classes=0: features, no classifier
+        if model_cfg.drop_path_rate:
+            kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+        try:
+            features = timm.create_model(model_cfg.backbone, pretrained=model_cfg.pretrained, **kwargs)
+        except TypeError as e:
+            raise FieldError(("model",), f"{model_cfg.backbone} does not accept these options: {e}.",
+                             "remove drop_path_rate (not every backbone has it).") from None
+        except Exception as e:  # hub download failed (offline), or the backbone has no hub weights
+            if not model_cfg.pretrained:
+                raise
+            raise FieldError(("model", "pretrained"), f"hub weights for {model_cfg.backbone!r} cannot be loaded "
+                             f"here ({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
+                             "download the weights elsewhere and set model.weights: path/to/file.safetensors "
+                             "with pretrained: false.") from None
+        size = features.num_features
+        if model_cfg.pretrained:
+            notes.append(f"hub weights of {model_cfg.backbone} loaded")
+    net = Net(features, size, heads, model_cfg.drop_rate if entry is not None else 0.0)
     if model_cfg.weights:
         notes += load_weights(net, model_cfg.weights)
     return Classifier(net, mean, std), notes
@@ -142,9 +143,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(net: nn.Module, path: str) -> list[str]:
-    """Load what fits; report tensors re-initialised (missing or shape mismatch) and ignored (unexpected)."""
+def load_weights(net: Net, path: str) -> list[str]:
+    """Load what fits; report tensors re-initialised (missing or shape mismatch) and ignored (unexpected).
+
+    A checkpoint of this framework fills backbone and heads; a plain backbone state_dict (timm's layout, e.g.
+    face-task weights) fills the backbone, and its classifier is ignored."""
     state = read_state_dict(path)
+    if not any(k.startswith(("features.", "heads.")) for k in state):
+        state = {f"features.{k}": v for k, v in state.items()}
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)

@@ -62,11 +62,11 @@ def test_checkpoints_load_into_a_fresh_model(trained):
     ckpts = {p.name for p in (trained / "checkpoints").iterdir()}
     assert {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"} <= ckpts
     state = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
-    model, _ = build_model(loaded.recipe.model, 3, (0.5,) * 3, (0.5,) * 3)
+    model, _ = build_model(loaded.recipe.model, {"label": 3}, (0.5,) * 3, (0.5,) * 3)
     model.load_state_dict(state["model"])
-    assert state["classes"] == ["wear", "incorrect", "not_wear"]
+    assert state["classes"] == {"label": ["wear", "incorrect", "not_wear"]}
     out = model.eval()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-    assert out.shape == (2, 3)
+    assert out["label"].shape == (2, 3)
 
 
 def test_tensorboard_events_hold_scalars_images_and_recipe(trained):

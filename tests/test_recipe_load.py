@@ -16,7 +16,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def test_every_bundled_recipe_validates(path):
     loaded, plan = api.validate(path)
     assert plan.indices("train") and plan.indices("val")
-    assert len(plan.labels.classes) >= 2
+    assert all(len(labels.classes) >= 2 for labels in plan.labels.values())
 
 
 def test_deep_merge_merges_mappings_and_replaces_lists():
@@ -78,9 +78,10 @@ data:
 model: {{backbone: resnet18}}
 """)
     loaded, plan = api.validate(tmp_path / "r.yaml")
-    assert plan.labels.formula == "gender*3 + age"
-    assert plan.labels.classes == ["male/<30", "male/30-59", "male/60+", "female/<30", "female/30-59", "female/60+"]
-    for row, y in zip(plan.rows, plan.y):
-        assert plan.labels.classes[y] == f"{row['gender']}/{row['age_band']}"
+    labels = plan.labels["label"]
+    assert labels.formula == "gender*3 + age"
+    assert labels.classes == ["male/<30", "male/30-59", "male/60+", "female/<30", "female/30-59", "female/60+"]
+    for row, y in zip(plan.rows, plan.ys["label"]):
+        assert labels.classes[y] == f"{row['gender']}/{row['age_band']}"
     no_gender = [r for r in read_manifest("utkface_subset") if not r["gender"]]
     assert no_gender and plan.dropped == len(no_gender)  # malformed file names carry no gender

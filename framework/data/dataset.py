@@ -148,4 +148,5 @@ class ImageDataset:
                      "box_ids": [0] if box else []} if getattr(self.augment, "processors", None) else {}
             image = self.augment(image=image, **extra)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
-        return tensor, self.labels[i]
+        label = self.labels[i]
+        return tensor, torch.tensor(label if isinstance(label, tuple) else (label,), dtype=torch.long)  # (T,)

@@ -48,8 +48,11 @@ def _classes_of(spec) -> list[str] | None:
     return list(spec.classes) if spec.classes else None
 
 
-def _raw(row: dict, spec, where: tuple) -> str | None:
-    """The row's value for one label spec as a class name, or None when missing."""
+def _raw(row: dict, spec, where: tuple, lenient: bool = False) -> str | None:
+    """The row's value for one label spec as a class name, or None when missing. `lenient`: a source without
+    the column has no label for it (several tasks from different sources); else that is an error."""
+    if spec.column not in row and lenient:
+        return None
     if spec.column not in row:
         columns = [k for k in row if not k.startswith("_") and k != "box"]
         raise FieldError(where + ("column",), f"column {spec.column!r} is not in source {row.get('source')!r}."
@@ -71,25 +74,21 @@ def _raw(row: dict, spec, where: tuple) -> str | None:
     return value
 
 
-def assign_labels(rows: list[dict], target, missing: str = "drop") -> tuple[list[dict], list[int], LabelSet, int]:
-    """Rows that keep a label, their class indices, the label set, and how many rows were dropped."""
-    where = ("data", "target")
+def encode(rows: list[dict], target, where: tuple, lenient: bool = False) -> tuple[list[int | None], LabelSet]:
+    """Each row's class index for one target (None where the row has no label), and the label set.
+    `lenient`: rows of sources that lack the column have no label (the column must exist somewhere)."""
     parts = target.composite or {"": target}
     part_values: dict[str, list] = {}
     for name, spec in parts.items():
         w = where + (("composite", name) if name else ())
-        part_values[name] = [_raw(r, spec, w) for r in rows]
-    keep = [i for i in range(len(rows)) if all(part_values[n][i] is not None for n in parts)]
-    dropped = len(rows) - len(keep)
-    if dropped and missing == "error":
-        first = next(i for i in range(len(rows)) if i not in set(keep))
-        raise FieldError(("data", "missing_label"), f"{dropped} rows have no label, e.g. "
-                         f"{rows[first].get('_line') or rows[first]['path']}.",
-                         "fill in the labels, or set data.missing_label: drop.", DataError)
+        if lenient and not any(spec.column in r for r in rows):
+            _raw(rows[0], spec, w)  # raises the missing-column error, with a did-you-mean
+        part_values[name] = [_raw(r, spec, w, lenient) for r in rows]
+    present = [all(part_values[n][i] is not None for n in parts) for i in range(len(rows))]
     part_classes: dict[str, list[str]] = {}
     for name, spec in parts.items():
         declared = _classes_of(spec)
-        found = sorted({part_values[name][i] for i in keep})
+        found = sorted({v for v, ok in zip(part_values[name], present) if ok})
         if declared is None:
             part_classes[name] = found
             continue
@@ -99,21 +98,51 @@ def assign_labels(rows: list[dict], target, missing: str = "drop") -> tuple[list
             raise FieldError(w, f"label value(s) {unknown[:5]} of column {spec.column!r} are not in the declared "
                              f"classes {declared}.", "add them to `classes`, or rename them with `map`.", DataError)
         part_classes[name] = declared
-    if not keep:
-        raise FieldError(where, "no row has a label.", "check the label column and `map`.", DataError)
     index = {n: {c: k for k, c in enumerate(cl)} for n, cl in part_classes.items()}
     sizes = [len(part_classes[n]) for n in parts]
-    y = []
-    for i in keep:
+    codes: list[int | None] = []
+    for i in range(len(rows)):
+        if not present[i]:
+            codes.append(None)
+            continue
         code = 0
         for n, size in zip(parts, sizes):
             code = code * size + index[n][part_values[n][i]]
-        y.append(code)
+        codes.append(code)
     if target.composite:
         names = [""]
         for n in parts:
             names = [f"{a}/{b}" if a else b for a in names for b in part_classes[n]]
-        labels = LabelSet(names, dict(part_classes))
-    else:
-        labels = LabelSet(part_classes[""])
-    return [rows[i] for i in keep], y, labels, dropped
+        return codes, LabelSet(names, dict(part_classes))
+    return codes, LabelSet(part_classes[""])
+
+
+def task_path(recipe_has_tasks: bool, name: str) -> tuple:
+    """Where a task's label definition sits in the recipe."""
+    return ("tasks", name) if recipe_has_tasks else ("data", "target")
+
+
+def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bool = True):
+    """Rows that keep at least one label; per task, each row's class index (-1 = no label) and the label set;
+    and how many rows were dropped. A row missing some tasks' labels still trains the others."""
+    codes, labels = {}, {}
+    for name, spec in tasks.items():
+        codes[name], labels[name] = encode(rows, spec, task_path(named, name), lenient=len(tasks) > 1)
+    keep = [i for i in range(len(rows)) if any(codes[t][i] is not None for t in tasks)]
+    dropped = len(rows) - len(keep)
+    if dropped and missing == "error":
+        first = next(i for i in range(len(rows)) if all(codes[t][i] is None for t in tasks))
+        raise FieldError(("data", "missing_label"), f"{dropped} rows have no label, e.g. "
+                         f"{rows[first].get('_line') or rows[first]['path']}.",
+                         "fill in the labels, or set data.missing_label: drop.", DataError)
+    if not keep:
+        raise FieldError(task_path(named, next(iter(tasks))), "no row has a label.",
+                         "check the label column and `map`.", DataError)
+    ys = {t: [-1 if codes[t][i] is None else codes[t][i] for i in keep] for t in tasks}
+    return [rows[i] for i in keep], ys, labels, dropped
+
+
+def assign_labels(rows: list[dict], target, missing: str = "drop") -> tuple[list[dict], list[int], LabelSet, int]:
+    """One target: rows that have its label, their class indices, the label set, and how many were dropped."""
+    kept, ys, labels, dropped = assign_tasks(rows, {"label": target}, missing, named=False)
+    return kept, ys["label"], labels["label"], dropped

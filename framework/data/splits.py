@@ -174,9 +174,12 @@ def _digest(path: str) -> str:
         return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
-def write_split(path: Path, rows: list[dict], y: list[int], classes: list[str], sides: list[str]) -> None:
+def write_split(path: Path, plan) -> None:
+    """split.csv: every image with its source, group, side and each task's label (empty where it has none)."""
+    tasks = list(plan.labels)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "source", "group", "label", "label_index", "split"])
-        for r, t, s in zip(rows, y, sides):
-            w.writerow([r["path"], r["source"], r.get("group", ""), classes[t], t, s])
+        w.writerow(["path", "source", "group", "split"] + tasks)
+        for i, (r, s) in enumerate(zip(plan.rows, plan.sides)):
+            w.writerow([r["path"], r["source"], r.get("group", ""), s]
+                       + [plan.labels[t].classes[plan.ys[t][i]] if plan.ys[t][i] >= 0 else "" for t in tasks])

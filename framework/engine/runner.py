@@ -25,10 +25,17 @@ from framework.data.dataset import ImageDataset, ImageError, prepare
 from framework.engine import checkpoint as ckpt
 from framework.engine.metrics import confusion, scores
 from framework.errors import DataError, FieldError, RunError, did_you_mean
-from framework.losses import build_loss
+from framework.losses import MultiTaskLoss, build_loss
 from framework.models import backbone_defaults, build_model
 
-MONITORS = [f"{side}/{m}" for side in ("val", "train") for m in ("macro_f1", "accuracy", "loss")]
+def monitor_names(labels: dict) -> list[str]:
+    """Metrics `checkpoint.monitor` can name: overall, per task, and the composite of all tasks."""
+    names = []
+    for side in ("val", "train"):
+        names += [f"{side}/{m}" for m in ("macro_f1", "accuracy", "loss")]
+        if len(labels) > 1:
+            names += [f"{side}/{t}/{m}" for t in list(labels) + ["composite"] for m in ("macro_f1", "accuracy")]
+    return names
 
 
 class EpochSampler(Sampler):
@@ -102,9 +109,10 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     from accelerate import Accelerator
 
     tr = recipe.train
-    if recipe.checkpoint.monitor not in MONITORS:
-        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}.",
-                         f"use one of: {', '.join(MONITORS)}.")
+    monitors = monitor_names(plan.labels)
+    if recipe.checkpoint.monitor not in monitors:
+        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}."
+                         f"{did_you_mean(recipe.checkpoint.monitor, monitors)}", f"use one of: {', '.join(monitors)}.")
     cpu = not torch.cuda.is_available()
     extra_trackers = _trackers(recipe.logging.trackers)
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
@@ -117,7 +125,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
     augs = T.build_augmentations(recipe.transforms)
     use_boxes = T.needs_face_box(augs)
-    rows, y, sides = plan.rows, plan.y, plan.sides
+    rows, sides = plan.rows, plan.sides
+    y = [tuple(v) for v in zip(*plan.ys.values())]  # per row: each task's class index, -1 = no label
+    strata = plan.strata
     if not use_boxes:  # nothing looks at face boxes: do not carry them
         rows = [{**r, "box": None} if r.get("box") else r for r in rows]
     elif recipe.data.cache == "none" and not all(r.get("box") for r in rows):
@@ -149,18 +159,22 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
                             [boxes[i] for i in idx] if images else None, seed=tr.seed)
 
     train_ds, val_ds = subset(tr_idx, augment if augment.transforms else None), subset(va_idx, None)
-    sampler = EpochSampler(train_ds.labels, tr.seed, balanced=tr.sampler == "balanced")
+    sampler = EpochSampler([strata[i] for i in tr_idx], tr.seed, balanced=tr.sampler == "balanced")
     workers = num_workers(tr.num_workers)
     common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=not cpu)
     train_loader = DataLoader(train_ds, batch_size=tr.batch_size, sampler=sampler, drop_last=False, **common)
     val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
 
     torch.manual_seed(tr.seed)
-    n_classes = len(plan.labels.classes)
-    model, notes = build_model(recipe.model, n_classes, mean, std)
+    heads = {task: len(labels.classes) for task, labels in plan.labels.items()}
+    model, notes = build_model(recipe.model, heads, mean, std)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(tr.loss, n_classes, train_ds.labels)
+    specs = recipe.task_specs()
+    loss_fn = MultiTaskLoss({task: build_loss(specs[task].loss or tr.loss, n,
+                                              [lab[j] for lab in train_ds.labels if lab[j] >= 0])
+                             for j, (task, n) in enumerate(heads.items())},
+                            {task: specs[task].weight for task in heads})
     opt_cfg = tr.optimizer
     params = model.parameters()
     if opt_cfg.name == "sgd":
@@ -194,6 +208,10 @@ def _trackers(names: list[str]) -> list[str]:
     return [n for n in names if n != "tensorboard"]
 
 
+def _predictions(logits: dict) -> torch.Tensor:
+    return torch.stack([v.argmax(1) for v in logits.values()], dim=1)  # (N, T)
+
+
 def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dict:
     """One pass over the training data; metrics over the whole epoch."""
     acc, model = s.accelerator, s.model
@@ -201,19 +219,18 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dic
     preds, targets, loss_sum, seen = [], [], 0.0, 0
     start = time.perf_counter()
     bar = _bar(s.train_loader, f"epoch {epoch}", progress and acc.is_main_process)
-    for images, labels in bar:
+    for images, labels in bar:  # labels: (N, T), -1 where a task has no label
         with acc.accumulate(model):
-            logits = model(images)  # (N, C)
+            logits = model(images)  # task -> (N, C_task)
             loss = s.loss_fn(logits, labels)
             acc.backward(loss)
-            if acc.sync_gradients:
-                if clip:
-                    acc.clip_grad_norm_(model.parameters(), clip)
+            if acc.sync_gradients and clip:
+                acc.clip_grad_norm_(model.parameters(), clip)
             s.optimizer.step()
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
-        p, t = acc.gather_for_metrics((logits.detach().argmax(1), labels))
+        p, t = acc.gather_for_metrics((_predictions(logits).detach(), labels))
         preds.append(p.cpu())
         targets.append(t.cpu())
         loss_sum += float(loss.detach()) * len(labels)
@@ -231,20 +248,28 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dic
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, progress: bool = False) -> dict:
-    """Loss, predictions and probabilities over the whole loader; each sample counted exactly once."""
+    """Loss, predictions and probabilities over the whole loader; each sample counted exactly once.
+
+    The loss is the sum over tasks of the mean cross-entropy on the samples that have that task's label."""
     model.eval()
-    losses, preds, targets, probs = [], [], [], []
+    targets, probs = [], {}
+    loss_sums: dict[str, float] = {}
     for images, labels in _bar(loader, "validate", progress and accelerator.is_main_process):
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)
-        p = logits.float().softmax(1)
-        loss, p, labels = accelerator.gather_for_metrics((loss, p, labels))
-        losses.append(loss.cpu())
-        probs.append(p.cpu())
+        gathered = accelerator.gather_for_metrics(({t: v.float() for t, v in logits.items()}, labels))
+        out, labels = gathered
         targets.append(labels.cpu())
-    prob = torch.cat(probs)
-    return {"loss": float(torch.cat(losses).mean()), "y_true": torch.cat(targets).numpy(),
-            "y_pred": prob.argmax(1).numpy(), "proba": prob.numpy()}
+        for j, (task, v) in enumerate(out.items()):
+            has = labels[:, j] >= 0
+            ce = F.cross_entropy(v[has], labels[has, j], reduction="sum") if has.any() else v.new_zeros(())
+            loss_sums[task] = loss_sums.get(task, 0.0) + float(ce)
+            probs.setdefault(task, []).append(v.softmax(1).cpu())
+    y_true = torch.cat(targets).numpy()
+    prob = {t: torch.cat(p).numpy() for t, p in probs.items()}
+    counts = (y_true >= 0).sum(0)
+    loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(prob))
+    y_pred = np.stack([p.argmax(1) for p in prob.values()], axis=1)
+    return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob}
 
 
 def _bar(it, desc: str, show: bool):
@@ -254,10 +279,32 @@ def _bar(it, desc: str, show: bool):
     return tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _summarize(stats: dict, classes: list[str]) -> dict:
-    s = scores(confusion(stats["y_true"], stats["y_pred"], len(classes)), classes)
-    s["loss"] = stats["loss"]
-    return s
+def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float | None = None) -> dict:
+    """Scores of every task on the samples labelled for it; with several tasks, their mean and the composite
+    label over the samples that have every task (index = mixed radix in task order, e.g. mask*6 + gender*3 + age).
+
+    y_true, y_pred: (N, T) class indices, -1 in y_true where a sample has no label for that task."""
+    per = {}
+    for j, (task, lab) in enumerate(labels.items()):
+        has = y_true[:, j] >= 0
+        per[task] = scores(confusion(y_true[has, j], y_pred[has, j], len(lab.classes)), lab.classes)
+    if len(per) == 1:
+        out = dict(next(iter(per.values())))
+    else:
+        out = {"accuracy": float(np.mean([p["accuracy"] for p in per.values()])),
+               "macro_f1": float(np.mean([p["macro_f1"] for p in per.values()])), "tasks": per}
+        full = (y_true >= 0).all(1)
+        if full.any():
+            names, codes_true, codes_pred = [""], np.zeros(full.sum(), int), np.zeros(full.sum(), int)
+            for j, lab in enumerate(labels.values()):
+                n = len(lab.classes)
+                names = [f"{a}/{b}" if a else b for a in names for b in lab.classes]
+                codes_true = codes_true * n + y_true[full, j]
+                codes_pred = codes_pred * n + y_pred[full, j]
+            out["composite"] = scores(confusion(codes_true, codes_pred, len(names)), names)
+    if loss is not None:
+        out["loss"] = loss
+    return out
 
 
 def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, log=print) -> dict:
@@ -265,7 +312,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
     s = build_setup(recipe, plan, run_dir, log)
     acc = s.accelerator
     main = acc.is_main_process
-    classes = plan.labels.classes
+    labels = plan.labels
     tr, cp = recipe.train, recipe.checkpoint
     start_epoch, best = 1, {"value": None, "epoch": None}
     if resume is not None:
@@ -285,7 +332,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         if s.skipped:
             _write_skipped(run_dir / "skipped.csv", s.skipped)
             log(f"skipped {len(s.skipped)} unreadable image(s), listed in {run_dir / 'skipped.csv'}")
-        writer = _writer(run_dir, recipe, s, classes, start_epoch)
+        writer = _writer(run_dir, recipe, s, labels, start_epoch)
         _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
         ckpt.write_json(run_dir / "summary.json", summary)
     if acc.log_with:
@@ -297,10 +344,11 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         s.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
         t_stats = train_epoch(s, epoch, recipe.logging.progress, tr.clip_grad_norm)
         record = {"epoch": epoch, "lr": s.optimizer.param_groups[0]["lr"],
-                  "train": _summarize(t_stats, classes) | {"images_per_sec": t_stats["images_per_sec"],
-                                                            "seconds": t_stats["seconds"]}}
+                  "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
+                  | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
         if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
-            record["val"] = _summarize(evaluate(acc, s.model, s.val_loader, recipe.logging.progress), classes)
+            v_stats = evaluate(acc, s.model, s.val_loader, recipe.logging.progress)
+            record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"])
         flat = _flat(record)
         improved = False
         if cp.monitor in flat:
@@ -312,8 +360,8 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
             log(_line(record, best, cp.monitor, tr.epochs))
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            _log_tb(writer, record, classes)
-            state = _state(acc, s, epoch, best, classes, recipe)
+            _log_tb(writer, record, labels)
+            state = _state(acc, s, epoch, best, labels, recipe)
             ckpt.save(run_dir / "checkpoints" / "last.pt", state)
             if improved:
                 ckpt.save(run_dir / "checkpoints" / "best.pt", state)
@@ -333,8 +381,9 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
     return summary
 
 
-def _state(acc, s: Setup, epoch: int, best: dict, classes, recipe) -> dict:
-    return {"format": 1, "epoch": epoch, "best": best, "classes": classes, "image_size": list(s.image_size),
+def _state(acc, s: Setup, epoch: int, best: dict, labels: dict, recipe) -> dict:
+    return {"format": 1, "epoch": epoch, "best": best, "classes": {t: lab.classes for t, lab in labels.items()},
+            "image_size": list(s.image_size),
             "backbone": recipe.model.backbone,
             "model": acc.unwrap_model(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
             "scheduler": s.scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else None,
@@ -343,12 +392,21 @@ def _state(acc, s: Setup, epoch: int, best: dict, classes, recipe) -> dict:
 
 
 def _flat(record: dict) -> dict:
+    """Scalar metrics by name: `val/macro_f1`, and per task `val/mask/macro_f1`, `val/composite/accuracy`."""
     out = {"lr": record["lr"]}
     for side in ("train", "val"):
-        if side in record:
-            for k in ("loss", "accuracy", "macro_f1", "images_per_sec"):
-                if k in record[side]:
-                    out[f"{side}/{k}"] = record[side][k]
+        if side not in record:
+            continue
+        r = record[side]
+        for k in ("loss", "accuracy", "macro_f1", "images_per_sec"):
+            if k in r:
+                out[f"{side}/{k}"] = r[k]
+        parts = dict(r.get("tasks", {}))
+        if "composite" in r:
+            parts["composite"] = r["composite"]
+        for task, sc in parts.items():
+            for k in ("accuracy", "macro_f1"):
+                out[f"{side}/{task}/{k}"] = sc[k]
     return out
 
 
@@ -363,12 +421,14 @@ def _line(record: dict, best: dict, monitor: str, epochs: int) -> str:
     if "val" in record:
         v = record["val"]
         text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
+        if "tasks" in v:
+            text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in v["tasks"].items()) + ")"
     if best["value"] is not None:
         text += f" | best {monitor} {best['value']:.4f} @{best['epoch']}"
     return text + f" | {t['images_per_sec']:.0f} img/s, {t['seconds']:.1f}s"
 
 
-def _writer(run_dir: Path, recipe, s: Setup, classes, start_epoch: int):
+def _writer(run_dir: Path, recipe, s: Setup, labels: dict, start_epoch: int):
     from torch.utils.tensorboard import SummaryWriter
 
     from framework.engine.tb import sample_grid
@@ -384,12 +444,14 @@ def _writer(run_dir: Path, recipe, s: Setup, classes, start_epoch: int):
         if n:
             picks = np.linspace(0, len(s.train_ds) - 1, n).astype(int)
             items = [s.train_ds[(1, int(i))] for i in picks]  # what the model sees in epoch 1
-            grid = sample_grid([im for im, _ in items], [lab for _, lab in items], classes)
+            names = ["/".join(lab.classes[k] for lab, k in zip(labels.values(), y.tolist()) if k >= 0)
+                     for _, y in items]
+            grid = sample_grid([im for im, _ in items], names)
             writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
     return writer
 
 
-def _log_tb(writer, record: dict, classes) -> None:
+def _log_tb(writer, record: dict, labels: dict) -> None:
     if writer is None:
         return
     from framework.engine.tb import confusion_image
@@ -398,8 +460,13 @@ def _log_tb(writer, record: dict, classes) -> None:
     for k, v in _flat(record).items():
         writer.add_scalar(k, v, epoch)
     if "val" in record:
-        writer.add_image("val/confusion_matrix", confusion_image(record["val"]["confusion"], classes), epoch,
-                         dataformats="HWC")
+        val = record["val"]
+        if "tasks" not in val:
+            writer.add_image("val/confusion_matrix", confusion_image(val["confusion"], next(iter(labels.values())).classes),
+                             epoch, dataformats="HWC")
+        for task, sc in list(val.get("tasks", {}).items()) + ([("composite", val["composite"])] if "composite" in val else []):
+            writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
+                             epoch, dataformats="HWC")
     writer.flush()
 
 

@@ -29,7 +29,7 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
     return np.asarray(img)
 
 
-def sample_grid(images, labels, classes: list[str], cols: int = 8) -> np.ndarray:
+def sample_grid(images, names: list[str], cols: int = 8) -> np.ndarray:
     """uint8 tensors (3, H, W) with their class names underneath, as one RGB image."""
     arrs = [np.asarray(im.permute(1, 2, 0)) for im in images]
     h, w = arrs[0].shape[:2]
@@ -39,9 +39,9 @@ def sample_grid(images, labels, classes: list[str], cols: int = 8) -> np.ndarray
     rows = (len(arrs) + cols - 1) // cols
     grid = Image.new("RGB", (cols * (w + 4), rows * (h + 16)), "white")
     draw = ImageDraw.Draw(grid)
-    for k, (a, lab) in enumerate(zip(arrs, labels)):
+    for k, (a, name) in enumerate(zip(arrs, names)):
         r, c = divmod(k, cols)
         tile = Image.fromarray(a).resize((w, h), Image.NEAREST)
         grid.paste(tile, (c * (w + 4), r * (h + 16)))
-        draw.text((c * (w + 4) + 2, r * (h + 16) + h + 2), classes[lab][: max(3, w // 7)], fill="black")
+        draw.text((c * (w + 4) + 2, r * (h + 16) + h + 2), name[: max(3, w // 7)], fill="black")
     return np.asarray(grid)

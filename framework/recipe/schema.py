@@ -135,7 +135,8 @@ class DataSection(_Section):
     root: str = Field(".", description="Folder that data source paths are relative to; "
                                        "override per machine with --set data.root=/path.")
     sources: list[Source] = Field(min_length=1, description="One or more sources, concatenated.")
-    target: TargetSpec = Field(description="The label to learn.")
+    target: TargetSpec | None = Field(None, description="The label to learn (one head). For several heads, use the "
+                                                       "top-level `tasks` instead.")
     missing_label: Literal["drop", "error"] = Field(
         "drop", description="Rows without a label: drop them (the count is reported) or stop with an error.")
     bad_images: Literal["error", "skip"] = Field(
@@ -346,6 +347,13 @@ class TrainSection(_Section):
     num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
 
 
+class TaskSpec(TargetSpec):
+    """One head of a multi-task model: its label, its loss and its weight in the total loss."""
+
+    loss: LossSpec | None = Field(None, description="This task's loss (default: train.loss).")
+    weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Validate every N epochs (and always after the last).")
     batch_size: int | None = Field(None, ge=1, description="Default: 2x the training batch size.")
@@ -374,6 +382,9 @@ class Recipe(_Section):
     """A complete experiment description."""
 
     data: DataSection
+    tasks: dict[str, TaskSpec] | None = Field(
+        None, description="Several heads on one backbone, e.g. {mask: {column: mask_state}, age: {column: age, "
+                          "bins: [30, 60]}}. Rows missing a task's label still train the other heads.")
     validation: Validation = Field(default_factory=lambda: HoldoutSplit(type="holdout"),
                                    description="The validation policy (default: grouped, stratified 8:2).")
     transforms: TransformsSection = Field(default_factory=TransformsSection)
@@ -386,3 +397,19 @@ class Recipe(_Section):
     plugins: list[str] = Field(default_factory=list, description="Plugin files (relative to the recipe) or "
                                "modules to import; they register transforms, backbones, losses and readers.")
     notes: str = Field("", description="Free text, shown in run comparisons.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.data.target is None) == (self.tasks is None):
+            raise ValueError("give either data.target (one head) or tasks (several heads)")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks needs at least one task")
+        if self.tasks and "composite" in self.tasks:
+            raise ValueError("`composite` is reserved for the combined label; rename that task")
+        return self
+
+    def task_specs(self) -> dict[str, "TaskSpec"]:
+        """The heads to train: `tasks`, or the single `data.target` as a task named `label`."""
+        if self.tasks is not None:
+            return dict(self.tasks)
+        return {"label": TaskSpec.model_validate(self.data.target.model_dump(exclude_none=True))}
