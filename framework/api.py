@@ -219,6 +219,18 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     return run_dir
 
 
+def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str | None = None, log=print) -> list[Path]:
+    """Train every fold of a k-fold recipe, as runs named `<name>-fold<i>` (ready for `recipe ensemble`)."""
+    loaded = load_recipe(path, overrides)
+    policy = loaded.recipe.validation
+    if policy.type != "kfold":
+        raise RunError(issue_at(loaded.locs, ("validation",), f"--all-folds needs validation type kfold, not "
+                                f"{policy.type!r}.", "set validation: {type: kfold, k: 5}.", str(path)))
+    base = name or f"{Path(path).stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return [run(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
+            for k in range(policy.k)]
+
+
 def _prepare_resume(run_dir: Path, overrides):
     from framework.build import build_data
     from framework.engine import checkpoint as ckpt
@@ -253,3 +265,154 @@ def _prepare_resume(run_dir: Path, overrides):
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     summary.update(status="running", resumed_at_epoch=state["epoch"])
     return loaded, plan, state, summary
+
+
+# ------------------------------------------------------------------------------------- inference on trained runs
+def predict(run: str | Path, images: str | Path | None = None, csv_file: str | Path | None = None,
+            out: str | Path = "predictions.csv", tta: str | None = None, proba: bool = False,
+            progress: bool = True) -> dict:
+    """Predict every image with a run's own evaluation transform; unreadable images are listed, not fatal."""
+    from framework import predict as P
+
+    loaded = P.load_run(run)
+    paths = P.list_images(images, csv_file)
+    probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress)
+    out = Path(out)
+    P.write_predictions(out, paths, ok, probs, loaded.questions(), loaded.composite_order(), proba)
+    failed_file = out.with_name(out.stem + ".failed.csv")
+    if failures:
+        P.write_failures(failed_file, failures)
+    return {"out": out, "predicted": len(ok), "failed": failures, "failed_file": failed_file if failures else None}
+
+
+def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | None):
+    """Rows of a labelled set, labelled with the run's own task definitions and classes."""
+    from framework.data.labels import assign_tasks
+    from framework.data.readers import read_sources
+    from framework.recipe.schema import DataSection
+
+    if recipe_data is not None:
+        other = load_recipe(recipe_data)
+        data_cfg, where = other.recipe.data, other
+    else:
+        csv_path = Path(csv_file).resolve()
+        data_cfg = DataSection(root=str(csv_path.parent), sources=[{"type": "csv", "name": "eval",
+                                                                    "manifest": csv_path.name}])
+        where = None
+    specs = {}
+    for task, spec in run.recipe.task_specs().items():
+        info = run.tasks[task]
+        if spec.composite:
+            parts = {p: s.model_copy(update={"classes": info["parts"][p]}) for p, s in spec.composite.items()}
+            specs[task] = spec.model_copy(update={"composite": parts})
+        else:
+            specs[task] = spec.model_copy(update={"classes": info["classes"]})
+    try:
+        rows = read_sources(data_cfg)
+        return assign_tasks(rows, specs, "drop", named=run.recipe.tasks is not None)
+    except FieldError as e:
+        if where is not None:
+            raise where.located(e) from None
+        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file), fix=f) for p, m, f in e.items]) from None
+
+
+def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: str | Path | None = None,
+             out: str | Path | None = None, tta: str | None = None, progress: bool = True) -> dict:
+    """Metrics of a trained run on a labelled set (data it may never have seen): per-task report, confusion
+    matrix PNGs and the predicted vs true class distribution, written to `out`."""
+    import numpy as np
+    from PIL import Image
+
+    from framework import predict as P
+    from framework.engine.checkpoint import write_json
+    from framework.engine.metrics import format_report
+    from framework.engine.runner import summarize
+    from framework.engine.tb import confusion_image
+
+    loaded = P.load_run(run)
+    rows, ys, labels, dropped = _labelled_rows(loaded, recipe_data, csv_file)
+    paths = [r["path"] for r in rows]
+    task_probs, ok, failures = P.predict_tasks(loaded, paths, tta, progress=progress)
+    y_true = np.array([[ys[t][i] for t in loaded.tasks] for i in ok]).reshape(len(ok), len(loaded.tasks))
+    y_pred = np.stack([task_probs[t].argmax(1) for t in loaded.tasks], axis=1)
+    result = summarize(y_true, y_pred, labels)
+    name = Path(recipe_data or csv_file).stem
+    out = Path(out) if out else loaded.run_dir / "evaluations" / name
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {t: result["tasks"][t] for t in loaded.tasks} if "tasks" in result else {next(iter(loaded.tasks)): result}
+    if "composite" in result:
+        parts["composite"] = result["composite"]
+    report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
+    distribution = {}
+    for task, sc in parts.items():
+        Image.fromarray(confusion_image(sc["confusion"], list(sc["per_class"]))).save(out / f"confusion_{task}.png")
+        cm = np.asarray(sc["confusion"])
+        distribution[task] = {c: {"true": int(cm[k].sum()), "predicted": int(cm[:, k].sum())}
+                              for k, c in enumerate(sc["per_class"])}
+        report += ["", f"[{task}] accuracy {sc['accuracy']:.4f}  macro-F1 {sc['macro_f1']:.4f}", format_report(sc),
+                   "class distribution (true -> predicted): " + ", ".join(
+                       f"{c} {d['true']}->{d['predicted']}" for c, d in distribution[task].items())]
+    (out / "report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
+    write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
+                                      "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
+                                      "metrics": result, "distribution": distribution})
+    probs = P.questions_of(loaded, task_probs)
+    P.write_predictions(out / "predictions.csv", paths, ok, probs, loaded.questions(), loaded.composite_order())
+    return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal", images=None, csv_file=None,
+             out: str | Path = "ensemble.csv", composite: str | None = None, proba: bool = False,
+             tta: str | None = None, progress: bool = True) -> dict:
+    """Hard or soft voting over runs (backbones, seeds, folds, or one model per task) -> one prediction CSV.
+    When the members share a validation split, each member's and the ensemble's validation macro-F1 are reported."""
+    from framework import predict as P
+
+    members = [P.load_run(r) for r in runs]
+    w = P.ensemble_weights(members, weights)
+    paths = P.list_images(images, csv_file)
+    outputs = [P.predict_proba(m, paths, tta, progress=progress) for m in members]
+    ok = sorted(set.intersection(*(set(o[1]) for o in outputs)))
+    member_probs = [{q: p[[o[1].index(i) for i in ok]] for q, p in o[0].items()} for o in outputs]
+    probs, picks, classes = P.combine(members, member_probs, method, w)
+    order = P.composite_order_of(members, list(classes), composite)
+    out = Path(out)
+    P.write_predictions(out, paths, ok, probs, classes, order, proba, picks)
+    failures = sorted({f for o in outputs for f in o[2]})
+    if failures:
+        P.write_failures(out.with_name(out.stem + ".failed.csv"), failures)
+    result = {"out": out, "predicted": len(ok), "failed": failures, "weights": w, "composite": order}
+    result["validation"] = _ensemble_validation(members, method, w, classes, order, tta, progress)
+    return result
+
+
+def _ensemble_validation(members, method, weights, classes, order, tta, progress):
+    """Members' and the ensemble's validation macro-F1 per question, when they share a validation split."""
+    import numpy as np
+
+    from framework import predict as P
+
+    shared = P.truth_from_splits(members, classes)
+    if shared is None:
+        return None
+    paths, truth = shared
+    outputs = [P.predict_proba(m, paths, tta, progress=progress) for m in members]
+    ok = sorted(set.intersection(*(set(o[1]) for o in outputs)))
+    member_probs = [{q: p[[o[1].index(i) for i in ok]] for q, p in o[0].items()} for o in outputs]
+    _, picks, _ = P.combine(members, member_probs, method, weights)
+    table = {}
+    for name, probs in [(m.name, mp) for m, mp in zip(members, member_probs)] + [("ensemble", None)]:
+        row = {}
+        for q, t in truth.items():
+            pred = picks[q] if probs is None else (probs[q].argmax(1) if q in probs else None)
+            if pred is not None:
+                row[q] = P.macro_f1(t[ok], pred, len(classes[q]))
+        if order and all(q in truth for q in order) and (probs is None or all(q in probs for q in order)):
+            have = np.all([truth[q][ok] >= 0 for q in order], axis=0)
+            if have.any():
+                chosen = picks if probs is None else {q: probs[q].argmax(1) for q in order}
+                n = int(np.prod([len(classes[q]) for q in order]))
+                row["composite"] = P.macro_f1(P.composite_index({q: truth[q][ok] for q in order}, order, classes)[have],
+                                              P.composite_index(chosen, order, classes)[have], n)
+        table[name] = row
+    return table

@@ -51,22 +51,105 @@ def validate(recipe, overrides, print_):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--name", help="Run folder name (default: <recipe>-<date>-<time>); never overwrites a folder.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
-def run(recipe, overrides, name, resume):
+@click.option("--all-folds", is_flag=True, help="Train every fold of a k-fold recipe (runs NAME-fold0 ...).")
+def run(recipe, overrides, name, resume, all_folds):
     """Train RECIPE into a new run folder (or continue one with --resume RUN_DIR)."""
     if bool(recipe) == bool(resume):
         raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
+    import json
+
     from framework import api
 
     try:
-        run_dir = api.run(recipe, overrides, name=name, resume=resume, log=click.echo)
+        if all_folds:
+            run_dirs = api.run_all_folds(recipe, overrides, name=name, log=click.echo)
+        else:
+            run_dirs = [api.run(recipe, overrides, name=name, resume=resume, log=click.echo)]
     except RecipeError as e:
         _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
-    import json
-    summary = json.loads((run_dir / "summary.json").read_text())
-    click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
-               f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+    for run_dir in run_dirs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
+                   f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+
+
+def _source(images, csv_file):
+    if bool(images) == bool(csv_file):
+        raise click.UsageError("give either --images DIR or --csv FILE.")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--images", type=click.Path(file_okay=False), help="Folder of images (searched recursively).")
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="CSV with a `path` column.")
+@click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--tta", type=click.Choice(["hflip"]), help="Average with the horizontally flipped image.")
+@click.option("--proba", is_flag=True, help="Add each class's probability.")
+def predict(run, images, csv_file, out, tta, proba):
+    """Predict images with RUN (a run folder: its best checkpoint; or a checkpoint file)."""
+    _source(images, csv_file)
+    from framework import api
+
+    try:
+        result = api.predict(run, images, csv_file, out, tta, proba)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(f"wrote {result['out']}: {result['predicted']} images")
+    if result["failed"]:
+        click.echo(f"{len(result['failed'])} unreadable image(s), listed in {result['failed_file']}", err=True)
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--recipe-data", type=click.Path(dir_okay=False), help="A recipe whose data (all of it) is the set.")
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False),
+              help="A manifest: `path` plus the run's label columns.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>).")
+@click.option("--tta", type=click.Choice(["hflip"]))
+def evaluate(run, recipe_data, csv_file, out, tta):
+    """Score RUN on a labelled set: per-class report, confusion matrix PNGs, class distribution."""
+    if bool(recipe_data) == bool(csv_file):
+        raise click.UsageError("give either --recipe-data FILE or --csv FILE.")
+    from framework import api
+
+    try:
+        result = api.evaluate(run, recipe_data, csv_file, out, tta)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(result["report"])
+    click.echo(f"written to {result['out']}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(["hard", "soft"]), default="soft", show_default=True)
+@click.option("--weights", default="equal", show_default=True,
+              help="equal, val:<metric> (each run's best validation value), or w1,w2,...")
+@click.option("--images", type=click.Path(file_okay=False))
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False))
+@click.option("--out", default="ensemble.csv", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--composite", help="Questions that form the composite answer, e.g. mask,gender,age.")
+@click.option("--tta", type=click.Choice(["hflip"]))
+@click.option("--proba", is_flag=True)
+def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba):
+    """Combine RUNS by hard or soft voting; per-task runs combine into the composite answer."""
+    _source(images, csv_file)
+    from framework import api
+
+    try:
+        result = api.ensemble(list(runs), method, weights, images, csv_file, out, composite, proba, tta)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(f"wrote {result['out']}: {result['predicted']} images, weights {result['weights']}"
+               + (f", composite = {' x '.join(result['composite'])}" if result["composite"] else ""))
+    if result["validation"]:
+        questions = sorted({q for row in result["validation"].values() for q in row})
+        click.echo("validation macro-F1 (shared split):")
+        click.echo(f"  {'member':<32}" + "".join(f"{q:>12}" for q in questions))
+        for name, row in result["validation"].items():
+            click.echo(f"  {name:<32}" + "".join(f"{row[q]:12.4f}" if q in row else f"{'-':>12}" for q in questions))
 
 
 @main.command()

@@ -62,10 +62,12 @@ def tiny_recipe(tmp_path: Path, **sections) -> Path:
         "output": {"root": str(tmp_path / "runs")},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict) and key != "validation":
             recipe[key] = {**recipe[key], **value}
         else:
             recipe[key] = value
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if v is not None}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -105,6 +105,15 @@ class Setup:
     no_face: int = 0  # training images without a face box (when an augmentation needs one)
 
 
+def model_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
+    """Input size (h, w) and normalization mean/std: the recipe's, else the backbone's own."""
+    defaults = backbone_defaults(recipe.model.backbone)
+    size = T.image_size_of(recipe.transforms, defaults["input_size"])
+    norm = recipe.transforms.normalize
+    mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
+    return size, mean, std
+
+
 def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     from accelerate import Accelerator
 
@@ -118,10 +127,7 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
                               gradient_accumulation_steps=tr.grad_accum, log_with=extra_trackers or None,
                               project_dir=str(run_dir))
-    defaults = backbone_defaults(recipe.model.backbone)
-    size = T.image_size_of(recipe.transforms, defaults["input_size"])
-    norm = recipe.transforms.normalize
-    mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
+    size, mean, std = model_inputs(recipe)
     # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
     augs = T.build_augmentations(recipe.transforms)
     use_boxes = T.needs_face_box(augs)

@@ -1,0 +1,206 @@
+"""Several tasks, predict, evaluate and ensembles, on tiny runs trained on the real data."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from framework import api
+from framework.cli import main
+from framework.predict import composite_index, hard_vote, soft_vote
+from tests.conftest import DATA, read_manifest, tiny_recipe
+
+QUESTION_COLUMNS = ["path", "mask", "gender", "age", "composite", "composite_index"]
+
+
+def test_soft_vote_by_hand():
+    p1 = np.array([[0.6, 0.4], [0.2, 0.8]])
+    p2 = np.array([[0.3, 0.7], [0.4, 0.6]])
+    assert soft_vote([p1, p2], [1, 1]) == pytest.approx(np.array([[0.45, 0.55], [0.3, 0.7]]))
+    assert soft_vote([p1, p2], [3, 1]) == pytest.approx(np.array([[0.525, 0.475], [0.25, 0.75]]))
+
+
+def test_hard_vote_by_hand_with_ties_broken_by_mean_probability():
+    a = np.array([[0.9, 0.1, 0.0], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7]])
+    b = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    c = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]])
+    assert hard_vote([a, b, c], [1, 1, 1]).tolist() == [1, 0, 2]  # majorities: 1 (b, c), 0 (a, c), 2 (all)
+    # two members disagree: a 1-1 tie goes to the class with the higher mean probability
+    assert hard_vote([a[:1], b[:1]], [1, 1]).tolist() == [0]  # mean: class0 0.5 > class1 0.45
+    assert hard_vote([np.array([[0.4, 0.6]]), np.array([[0.9, 0.1]])], [1, 1]).tolist() == [0]  # 0.65 > 0.35
+    assert hard_vote([a[:1], b[:1]], [1, 2]).tolist() == [1]  # weights decide before probabilities
+
+
+def test_composite_formula():
+    classes = {"mask": ["wear", "incorrect", "not_wear"], "gender": ["male", "female"], "age": ["<30", "30-59", "60+"]}
+    picks = {"mask": np.array([0, 1, 2, 2]), "gender": np.array([0, 0, 1, 1]), "age": np.array([0, 2, 1, 2])}
+    assert composite_index(picks, ["mask", "gender", "age"], classes).tolist() == [0, 8, 16, 17]
+
+
+def _mixed_manifest(path, per_class=8):
+    """Mask rows (mask_state only) and UTKFace rows (gender and age only) in one manifest of real images."""
+    rows, taken = [], {}
+    for r in read_manifest("maskedfacenet_maskon"):
+        if taken.get(r["mask_state"], 0) < per_class:
+            taken[r["mask_state"]] = taken.get(r["mask_state"], 0) + 1
+            rows.append([DATA / "maskedfacenet_maskon" / r["path"], r["mask_state"], "", "", r["group"]])
+    for r in read_manifest("utkface_subset"):
+        if r["label"] and taken.get(r["label"], 0) < per_class:
+            taken[r["label"]] = taken.get(r["label"], 0) + 1
+            rows.append([DATA / "utkface_subset" / r["path"], "", r["gender"], r["age"], r["group"]])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "mask_state", "gender", "age", "group"])
+        w.writerows(rows)
+    return path
+
+
+TASKS = {"mask": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]},
+         "gender": {"column": "gender", "classes": ["male", "female"]},
+         "age": {"column": "age", "bins": [30, 60]}}
+
+
+def _mixed_recipe(tmp_path, tasks, name="mixed.yaml", **extra):
+    _mixed_manifest(tmp_path / "mixed.csv")
+    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "mixed", "manifest": "mixed.csv",
+                                                    "group_column": "group"}], "target": None},
+                       tasks=tasks, train={"epochs": 1, "batch_size": 8, "num_workers": 0}, **extra)
+    return path.rename(tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def multitask_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mt")
+    return api.run(_mixed_recipe(tmp, TASKS), name="three-heads", log=lambda *_: None)
+
+
+def test_multitask_run_reports_per_task_metrics(multitask_run):
+    records = [json.loads(x) for x in (multitask_run / "metrics.jsonl").read_text().splitlines()]
+    val = records[-1]["val"]
+    assert set(val["tasks"]) == {"mask", "gender", "age"}
+    summary = json.loads((multitask_run / "summary.json").read_text())
+    for task, counts in {"mask": 24, "gender": 48, "age": 48}.items():
+        support = sum(m["support"] for m in val["tasks"][task]["per_class"].values())
+        train = sum(summary["counts"]["train"][task].values())
+        assert support + train == counts  # every labelled image counted once, on its side
+    assert "composite" not in val  # no image has all three labels
+    assert val["macro_f1"] == pytest.approx(np.mean([val["tasks"][t]["macro_f1"] for t in TASKS]))
+
+
+def test_predict_writes_the_documented_columns_and_lists_unreadable_images(multitask_run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in read_manifest("utkface_subset")[:5]:
+        (images / r["path"].split("/")[-1]).write_bytes((DATA / "utkface_subset" / r["path"]).read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    result = CliRunner().invoke(main, ["predict", str(multitask_run), "--images", str(images), "--out", str(out),
+                                       "--tta", "hflip", "--proba"])
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable image" in result.output
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert len(rows) == 5
+    assert list(rows[0])[:6] == QUESTION_COLUMNS
+    classes = {"mask": TASKS["mask"]["classes"], "gender": ["male", "female"], "age": ["<30", "30-59", "60+"]}
+    for r in rows:
+        idx = [classes[q].index(r[q]) for q in ("mask", "gender", "age")]
+        assert int(r["composite_index"]) == idx[0] * 6 + idx[1] * 3 + idx[2]
+        assert r["composite"] == f"{r['mask']}/{r['gender']}/{r['age']}"
+        assert sum(float(r[f"gender:{c}"]) for c in classes["gender"]) == pytest.approx(1, abs=1e-5)
+    failed = list(csv.DictReader(open(tmp_path / "preds.failed.csv", encoding="utf-8")))
+    assert failed[0]["path"].endswith("broken.jpg")
+
+
+def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_path):
+    utk = [r for r in read_manifest("utkface_subset") if r["label"]]
+    picked, taken = [], {}
+    for r in utk:
+        if taken.get(r["label"], 0) < 6:
+            taken[r["label"]] = taken.get(r["label"], 0) + 1
+            picked.append(r)
+    with open(tmp_path / "utk.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "gender", "age", "group"])
+        w.writerows([[DATA / "utkface_subset" / r["path"], r["gender"], r["age"], r["group"]] for r in picked])
+    source = [{"type": "csv", "name": "utk", "manifest": "utk.csv", "group_column": "group"}]
+    parts = {"gender": {"column": "gender", "classes": ["male", "female"]}, "age": {"column": "age", "bins": [30, 60]}}
+    one = tiny_recipe(tmp_path, data={"sources": source, "target": {"composite": parts}},
+                      train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    one_run = api.run(one, name="one-head", log=lambda *_: None)
+    two = tiny_recipe(tmp_path, data={"sources": source, "target": None}, tasks=parts,
+                      train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    two_run = api.run(two, name="two-heads", log=lambda *_: None)
+    headers = []
+    for run_dir in (one_run, two_run):
+        out = tmp_path / f"{run_dir.name}.csv"
+        api.predict(run_dir, csv_file=tmp_path / "utk.csv", out=out, progress=False)
+        rows = list(csv.DictReader(open(out, encoding="utf-8")))
+        headers.append(list(rows[0]))
+        for r in rows:
+            assert int(r["composite_index"]) == ["male", "female"].index(r["gender"]) * 3 + \
+                ["<30", "30-59", "60+"].index(r["age"])
+    assert headers[0] == headers[1] == ["path", "gender", "age", "composite", "composite_index"]
+
+
+def test_evaluate_on_a_labelled_csv_writes_report_pngs_and_distribution(multitask_run, tmp_path):
+    from PIL import Image
+
+    labelled = _mixed_manifest(tmp_path / "other.csv", per_class=3)
+    result = CliRunner().invoke(main, ["evaluate", str(multitask_run), "--csv", str(labelled),
+                                       "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "[mask] accuracy" in result.output and "class distribution (true -> predicted)" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 9 + 18
+    for task in ("mask", "gender", "age"):
+        assert Image.open(tmp_path / "eval" / f"confusion_{task}.png").size[0] > 50
+        dist = metrics["distribution"][task]
+        assert sum(d["true"] for d in dist.values()) == sum(d["predicted"] for d in dist.values())
+    assert sum(d["true"] for d in metrics["distribution"]["mask"].values()) == 9
+
+
+def test_per_task_runs_combine_into_the_composite_answer(tmp_path):
+    runs = [api.run(_mixed_recipe(tmp_path, {t: TASKS[t]}, name=f"{t}.yaml"), name=f"{t}-only",
+                    log=lambda *_: None) for t in TASKS]
+    out = tmp_path / "ens.csv"
+    result = CliRunner().invoke(main, ["ensemble", *map(str, runs), "--method", "soft", "--csv",
+                                       str(tmp_path / "mixed.csv"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "composite = mask x gender x age" in result.output
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert list(rows[0]) == QUESTION_COLUMNS and len(rows) == 72  # 24 mask + 48 UTKFace images
+    # each question's answer is its own member's prediction
+    for run_dir, q in zip(runs, TASKS):
+        api.predict(run_dir, csv_file=tmp_path / "mixed.csv", out=tmp_path / f"{q}.csv", progress=False)
+        alone = list(csv.DictReader(open(tmp_path / f"{q}.csv", encoding="utf-8")))
+        assert [r[q] for r in alone] == [r[q] for r in rows]
+    # each member dropped the rows without its label, so their validation sets differ: no shared score
+    assert "validation macro-F1" not in result.output
+
+
+def test_seeds_ensemble_by_hard_and_soft_voting_with_validation_weights(tmp_path):
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    runs = [api.run(path, [f"train.seed={s}"], name=f"seed{s}", log=lambda *_: None) for s in (1, 2, 3)]
+    for method in ("hard", "soft"):
+        result = api.ensemble(runs, method=method, weights="val:macro_f1", csv_file=tmp_path / "tiny.csv",
+                              out=tmp_path / f"{method}.csv", progress=False)
+        scores = [json.loads((r / "summary.json").read_text())["best_value"] for r in runs]
+        assert result["weights"] == pytest.approx(scores)
+        table = result["validation"]
+        assert set(table) == {"seed1", "seed2", "seed3", "ensemble"}
+        assert all(0 <= row["label"] <= 1 for row in table.values())
+
+
+def test_all_folds_trains_every_fold_with_names_for_ensembles(tmp_path):
+    path = tiny_recipe(tmp_path, validation={"type": "kfold", "k": 3},
+                       train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    result = CliRunner().invoke(main, ["run", str(path), "--all-folds", "--name", "cv"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["cv-fold0", "cv-fold1", "cv-fold2"]
+    vals = []
+    for n in names:
+        with open(tmp_path / "runs" / n / "split.csv", encoding="utf-8") as f:
+            vals.append({r["path"] for r in csv.DictReader(f) if r["split"] == "val"})
+    assert not (vals[0] & vals[1]) and not (vals[1] & vals[2]) and len(set.union(*vals)) == 36
