@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from framework.errors import FieldError, Issue, RecipeError, RunError
+from framework.errors import FieldError, Interrupted, Issue, RecipeError, RunError
 from framework.recipe.load import issue_at, load_dict
 from framework.recipe.schema import Recipe
 from framework.recipe.validate import validate_data
@@ -164,13 +164,26 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     """Train a recipe into a new run folder (or continue one with `resume`); returns the run folder."""
     from framework.engine import checkpoint as ckpt
 
+    dist = _distributed()
     if resume is not None:
         run_dir = Path(resume)
         loaded, plan, state, summary = _prepare_resume(run_dir, overrides)
     else:
         loaded, plan = validate(path, overrides)
-        run_dir = _new_run_dir(loaded.recipe, Path(path), name)
+        run_dir, problem = None, None
+        if dist.is_main_process:
+            try:
+                run_dir = _new_run_dir(loaded.recipe, Path(path), name)
+            except RunError as e:
+                problem = e
+        if dist.num_processes > 1:  # every process uses the folder the main process chose (or stops with it)
+            from accelerate.utils import broadcast_object_list
+            run_dir, problem = broadcast_object_list([run_dir, problem])
+        if problem is not None:
+            raise problem
         state = None
+    if not dist.is_main_process:
+        log = _silent
     for w in loaded.warnings:
         log("warning: " + w.format())
     recipe = loaded.recipe
@@ -181,7 +194,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
             recipe.transforms.image_size = backbone_defaults(recipe.model.backbone)["input_size"]
     if state is not None and overrides:
         ckpt.atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe))
-    if state is None:
+    if state is None and dist.is_main_process:
         run_dir.mkdir(parents=True)
         (run_dir / "checkpoints").mkdir()
         ckpt.atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe))
@@ -194,6 +207,9 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
                    "classes": {t: lab.classes for t, lab in plan.labels.items()},
                    "counts": plan.counts(), "dropped_rows": plan.dropped, "versions": _versions(),
                    "git_commit": _git_commit(Path(path).resolve().parent), "wall_seconds": 0.0}
+    elif state is None:
+        summary = {"wall_seconds": 0.0}
+    dist.wait_for_everyone()
     log(f"run folder: {run_dir}")
     log("images per class (train / val): " + plan.describe())
     started = time.perf_counter()
@@ -203,6 +219,9 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
             from framework.engine.runner import fit
             summary = fit(recipe, plan, run_dir, summary, state, log)
         summary["status"] = "finished"
+    except Interrupted:
+        summary["status"] = "interrupted"
+        raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         raise RunError(Issue(f"interrupted; the last finished epoch is saved. Continue with "
@@ -214,8 +233,11 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     finally:
         summary["wall_seconds"] = round(before + time.perf_counter() - started, 2)
         summary["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
-        if run_dir.exists():
-            ckpt.write_json(run_dir / "summary.json", summary)
+        if run_dir.exists() and dist.is_main_process:
+            try:
+                ckpt.write_json(run_dir / "summary.json", summary)
+            except (OSError, RunError):
+                pass  # e.g. the disk is full: the error being raised says so
     return run_dir
 
 
@@ -229,6 +251,25 @@ def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str
     base = name or f"{Path(path).stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return [run(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
             for k in range(policy.k)]
+
+
+def _silent(*_args) -> None:
+    """Log sink of the non-main processes: only the main process prints."""
+
+
+def _distributed():
+    """Accelerate's process state when several processes run (torchrun / accelerate launch), else a stand-in.
+
+    Without a GPU, Accelerate must be told to use the CPU, or each process trains alone on all the data."""
+    import os
+    from types import SimpleNamespace
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        return PartialState(cpu=not torch.cuda.is_available())
+    return SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None)
 
 
 def _prepare_resume(run_dir: Path, overrides):

@@ -1,6 +1,7 @@
 """`recipe`: the command line. It parses, calls framework.api and prints; heavy imports happen inside commands."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -46,16 +47,37 @@ def validate(recipe, overrides, print_):
                f"{len(plan.indices('train'))} train / {len(plan.indices('val'))} val")
 
 
+def _launch(processes: int, recipe, overrides, name, resume, all_folds) -> int:
+    """Start `processes` copies of this command with torchrun (torch.distributed.run): data parallel."""
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    args = ["run"] + ([recipe] if recipe else ["--resume", resume])
+    if recipe and not name:  # one name for every process
+        name = f"{Path(recipe).stem}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    args += (["--name", name] if name else []) + (["--all-folds"] if all_folds else [])
+    for o in overrides:
+        args += ["--set", o]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "framework.cli"] + args
+    return subprocess.call(cmd)
+
+
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--name", help="Run folder name (default: <recipe>-<date>-<time>); never overwrites a folder.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
 @click.option("--all-folds", is_flag=True, help="Train every fold of a k-fold recipe (runs NAME-fold0 ...).")
-def run(recipe, overrides, name, resume, all_folds):
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes on this machine: one per GPU, or CPU processes (gloo) without one.")
+def run(recipe, overrides, name, resume, all_folds, processes):
     """Train RECIPE into a new run folder (or continue one with --resume RUN_DIR)."""
     if bool(recipe) == bool(resume):
         raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_launch(processes, recipe, overrides, name, resume, all_folds))
     import json
 
     from framework import api
@@ -69,6 +91,8 @@ def run(recipe, overrides, name, resume, all_folds):
         _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one line per run, from the main process
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "

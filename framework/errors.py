@@ -53,7 +53,13 @@ class DataError(RecipeError):
 
 
 class RunError(RecipeError):
-    """A run cannot start or continue (existing folder, bad checkpoint, ...)."""
+    """A run cannot start or continue (existing folder, bad checkpoint, full disk, ...)."""
+
+
+class Interrupted(RunError):
+    """Training stopped on SIGINT / SIGTERM after saving a resumable checkpoint."""
+
+    exit_code = 130
 
 
 def did_you_mean(name: str, choices, n: int = 3) -> str:

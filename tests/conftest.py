@@ -11,6 +11,12 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", max_examples=60)
+settings.register_profile("deep", max_examples=600)  # HYPOTHESIS_PROFILE=deep python -m pytest -k mutated
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RECIPE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 

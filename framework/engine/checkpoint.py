@@ -1,6 +1,7 @@
 """Atomic checkpoint and file writes: a partial write never replaces a good file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,11 +21,16 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            from framework.errors import Issue, RunError
+            raise RunError(Issue(f"no space left on the device while writing {path}; the previous {path.name} "
+                                 "is unchanged.", fix="free some space (or move output.root), then continue "
+                                 "with `recipe run --resume RUN_DIR`.")) from None
         raise
 
 

@@ -24,7 +24,7 @@ from framework import transforms as T
 from framework.data.dataset import ImageDataset, ImageError, prepare
 from framework.engine import checkpoint as ckpt
 from framework.engine.metrics import confusion, scores
-from framework.errors import DataError, FieldError, RunError, did_you_mean
+from framework.errors import DataError, FieldError, Interrupted, Issue, RunError, did_you_mean
 from framework.losses import MultiTaskLoss, build_loss
 from framework.models import backbone_defaults, build_model
 
@@ -61,6 +61,46 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+class StopSignal:
+    """SIGINT / SIGTERM set a flag instead of killing the loop; training stops after the current optimizer step,
+    saves a resumable checkpoint and exits. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    def should_stop(self, accelerator) -> bool:
+        """True on every process as soon as any process received a signal."""
+        flag = self.received is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([float(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(t, reduction="sum").item() > 0)
+        return flag
 
 
 def lr_lambda(sched, steps_per_epoch: int, total_steps: int):
@@ -188,8 +228,8 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
                                     weight_decay=opt_cfg.weight_decay, nesterov=opt_cfg.nesterov)
     else:
         optimizer = torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
-    model, optimizer, train_loader, val_loader, loss_fn = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, loss_fn)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    loss_fn = loss_fn.to(accelerator.device)  # not prepared: it has no trainable parameters to synchronise
     steps_per_epoch = math.ceil(len(train_loader) / tr.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tr.scheduler, steps_per_epoch, steps_per_epoch * tr.epochs))
@@ -214,18 +254,39 @@ def _trackers(names: list[str]) -> list[str]:
     return [n for n in names if n != "tensorboard"]
 
 
+def _shard_log(acc):
+    """Diagnostics: with RECIPE_SHARD_LOG=DIR each process appends the training rows it saw to DIR/rank<N>.txt."""
+    folder = os.environ.get("RECIPE_SHARD_LOG")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"rank{acc.process_index}.txt", "a", encoding="utf-8")
+
+
 def _predictions(logits: dict) -> torch.Tensor:
     return torch.stack([v.argmax(1) for v in logits.values()], dim=1)  # (N, T)
 
 
-def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dict:
-    """One pass over the training data; metrics over the whole epoch."""
+def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: StopSignal | None = None,
+                partial: dict | None = None) -> dict:
+    """One pass over the training data; metrics over the whole epoch. With `stop`, it may end early after an
+    optimizer step (`interrupted` is then set); `partial` continues an epoch interrupted that way."""
     acc, model = s.accelerator, s.model
     model.train()
-    preds, targets, loss_sum, seen = [], [], 0.0, 0
+    preds, targets, loss_sum, seen, done = [], [], 0.0, 0, 0
+    loader = s.train_loader
+    if partial:
+        preds, targets = [torch.as_tensor(partial["preds"])], [torch.as_tensor(partial["targets"])]
+        loss_sum, seen, done = partial["loss_sum"], partial["seen"], partial["batches"]
+        torch.set_rng_state(partial["torch_rng"])
+        loader = acc.skip_first_batches(loader, done)
     start = time.perf_counter()
-    bar = _bar(s.train_loader, f"epoch {epoch}", progress and acc.is_main_process)
-    for images, labels in bar:  # labels: (N, T), -1 where a task has no label
+    bar = _bar(loader, f"epoch {epoch}", progress and acc.is_main_process)
+    interrupted = False
+    shard_log = _shard_log(acc)
+    for images, labels, index in bar:  # labels: (N, T), -1 where a task has no label; index: dataset rows
+        if shard_log:
+            shard_log.write(f"{epoch} {' '.join(map(str, index.tolist()))}\n")
         with acc.accumulate(model):
             logits = model(images)  # task -> (N, C_task)
             loss = s.loss_fn(logits, labels)
@@ -241,15 +302,26 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None) -> dic
         targets.append(t.cpu())
         loss_sum += float(loss.detach()) * len(labels)
         seen += len(labels)
+        done += 1
         if hasattr(bar, "set_postfix"):
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{rate * acc.num_processes:.0f}")
+        if stop is not None and acc.sync_gradients and stop.should_stop(acc):
+            interrupted = True
+            break
+    if shard_log:
+        shard_log.close()
     elapsed = time.perf_counter() - start
     y_true, y_pred = torch.cat(targets).numpy(), torch.cat(preds).numpy()
+    out = {"images_per_sec": (seen - (partial or {}).get("seen", 0)) / max(elapsed, 1e-9) * acc.num_processes,
+           "seconds": elapsed, "y_true": y_true, "y_pred": y_pred}
+    if interrupted:
+        return out | {"interrupted": True, "partial": {"batches": done, "loss_sum": loss_sum, "seen": seen,
+                                                       "preds": torch.cat(preds), "targets": torch.cat(targets),
+                                                       "torch_rng": torch.get_rng_state()}}
     mean_loss = torch.tensor([loss_sum, seen], dtype=torch.float64, device=acc.device)
     mean_loss = acc.reduce(mean_loss, reduction="sum")
-    return {"loss": float(mean_loss[0] / mean_loss[1]), "images_per_sec": len(y_true) / elapsed,
-            "seconds": elapsed, "y_true": y_true, "y_pred": y_pred}
+    return out | {"loss": float(mean_loss[0] / mean_loss[1])}
 
 
 @torch.no_grad()
@@ -260,7 +332,7 @@ def evaluate(accelerator, model, loader, progress: bool = False) -> dict:
     model.eval()
     targets, probs = [], {}
     loss_sums: dict[str, float] = {}
-    for images, labels in _bar(loader, "validate", progress and accelerator.is_main_process):
+    for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
         logits = model(images)
         gathered = accelerator.gather_for_metrics(({t: v.float() for t, v in logits.items()}, labels))
         out, labels = gathered
@@ -320,14 +392,14 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
     main = acc.is_main_process
     labels = plan.labels
     tr, cp = recipe.train, recipe.checkpoint
-    start_epoch, best = 1, {"value": None, "epoch": None}
+    start_epoch, best, partial = 1, {"value": None, "epoch": None}, None
     if resume is not None:
         acc.unwrap_model(s.model).load_state_dict(resume["model"])
         s.optimizer.load_state_dict(resume["optimizer"])
         s.scheduler.load_state_dict(resume["scheduler"])
         if acc.scaler is not None and resume.get("scaler"):
             acc.scaler.load_state_dict(resume["scaler"])
-        start_epoch, best = resume["epoch"] + 1, resume["best"]
+        start_epoch, best, partial = resume["epoch"] + 1, resume["best"], resume.get("partial")
     summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
                    skipped_images=len(s.skipped), no_face_images=s.no_face, weights_notes=s.notes, processes=acc.num_processes,
                    device=str(acc.device))
@@ -343,48 +415,68 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         ckpt.write_json(run_dir / "summary.json", summary)
     if acc.log_with:
         acc.init_trackers(run_dir.name, config=json.loads(recipe.model_dump_json()))
-    for epoch in range(start_epoch, tr.epochs + 1):
-        random.seed(tr.seed + epoch)
-        np.random.seed((tr.seed + epoch) % 2**32)
-        torch.manual_seed(tr.seed * 1000 + epoch)
-        s.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
-        t_stats = train_epoch(s, epoch, recipe.logging.progress, tr.clip_grad_norm)
-        record = {"epoch": epoch, "lr": s.optimizer.param_groups[0]["lr"],
-                  "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
-                  | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
-        if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
-            v_stats = evaluate(acc, s.model, s.val_loader, recipe.logging.progress)
-            record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"])
-        flat = _flat(record)
-        improved = False
-        if cp.monitor in flat:
-            v = flat[cp.monitor]
-            improved = best["value"] is None or (v > best["value"] if cp.mode == "max" else v < best["value"])
-            if improved:
-                best = {"value": v, "epoch": epoch}
-        if main:
-            log(_line(record, best, cp.monitor, tr.epochs))
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            _log_tb(writer, record, labels)
-            state = _state(acc, s, epoch, best, labels, recipe)
-            ckpt.save(run_dir / "checkpoints" / "last.pt", state)
-            if improved:
-                ckpt.save(run_dir / "checkpoints" / "best.pt", state)
-            if cp.every and epoch % cp.every == 0:
-                ckpt.save(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
-                _prune(run_dir / "checkpoints", cp.keep_last)
-            summary.update(best_metric=cp.monitor, best_value=best["value"], best_epoch=best["epoch"],
-                           epochs_done=epoch, last=_compact(record))
-            ckpt.write_json(run_dir / "summary.json", summary)
-        if acc.log_with:
-            acc.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=epoch)
-        acc.wait_for_everyone()
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, tr.epochs + 1):
+            best = _epoch(s, recipe, plan, run_dir, epoch, best, stop, partial if epoch == start_epoch else None,
+                          writer, summary, log)
     if writer is not None:
         writer.close()
     if acc.log_with:
         acc.end_training()
+    acc.free_memory()
     return summary
+
+
+def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, partial, writer, summary, log):
+    """Train one epoch, validate when due, log and checkpoint; returns the best-so-far."""
+    acc, labels = s.accelerator, plan.labels
+    main = acc.is_main_process
+    tr, cp = recipe.train, recipe.checkpoint
+    random.seed(tr.seed + epoch)
+    np.random.seed((tr.seed + epoch) % 2**32)
+    torch.manual_seed(tr.seed * 1000 + epoch)
+    s.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
+    t_stats = train_epoch(s, epoch, recipe.logging.progress, tr.clip_grad_norm, stop, partial)
+    if t_stats.get("interrupted"):
+        if main:
+            state = _state(acc, s, epoch - 1, best, labels, recipe) | {"partial": t_stats["partial"]}
+            ckpt.save(run_dir / "checkpoints" / "last.pt", state)
+        acc.wait_for_everyone()
+        raise Interrupted(Issue(f"stopped by {stop.received} in epoch {epoch} after "
+                                f"{t_stats['partial']['batches']} batches; a resumable checkpoint is saved. "
+                                f"Continue with `recipe run --resume {run_dir}`."))
+    record = {"epoch": epoch, "lr": s.optimizer.param_groups[0]["lr"],
+              "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
+              | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
+    if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
+        v_stats = evaluate(acc, s.model, s.val_loader, recipe.logging.progress)
+        record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"])
+    flat = _flat(record)
+    improved = False
+    if cp.monitor in flat:
+        v = flat[cp.monitor]
+        improved = best["value"] is None or (v > best["value"] if cp.mode == "max" else v < best["value"])
+        if improved:
+            best = {"value": v, "epoch": epoch}
+    if main:
+        log(_line(record, best, cp.monitor, tr.epochs))
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        _log_tb(writer, record, labels)
+        state = _state(acc, s, epoch, best, labels, recipe)
+        ckpt.save(run_dir / "checkpoints" / "last.pt", state)
+        if improved:
+            ckpt.save(run_dir / "checkpoints" / "best.pt", state)
+        if cp.every and epoch % cp.every == 0:
+            ckpt.save(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt", state)
+            _prune(run_dir / "checkpoints", cp.keep_last)
+        summary.update(best_metric=cp.monitor, best_value=best["value"], best_epoch=best["epoch"],
+                       epochs_done=epoch, last=_compact(record))
+        ckpt.write_json(run_dir / "summary.json", summary)
+    if acc.log_with:
+        acc.log({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=epoch)
+    acc.wait_for_everyone()
+    return best
 
 
 def _state(acc, s: Setup, epoch: int, best: dict, labels: dict, recipe) -> dict:
@@ -451,8 +543,8 @@ def _writer(run_dir: Path, recipe, s: Setup, labels: dict, start_epoch: int):
             picks = np.linspace(0, len(s.train_ds) - 1, n).astype(int)
             items = [s.train_ds[(1, int(i))] for i in picks]  # what the model sees in epoch 1
             names = ["/".join(lab.classes[k] for lab, k in zip(labels.values(), y.tolist()) if k >= 0)
-                     for _, y in items]
-            grid = sample_grid([im for im, _ in items], names)
+                     for _, y, _ in items]
+            grid = sample_grid([im for im, _, _ in items], names)
             writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
     return writer
 
@@ -480,8 +572,13 @@ def _trim_metrics(path: Path, start_epoch: int) -> None:
     """On resume, drop metric lines of epochs after the checkpoint (a crashed run may have written them)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln)["epoch"] < start_epoch]
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(ln)["epoch"] < start_epoch:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
     ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -55,7 +55,7 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
     try:
         node = loader.get_single_node()
         locs: Locs = {}
-        data = _construct(loader, node, (), str(path), locs)
+        data = _construct(loader, node, (), str(path), locs) if node is not None else None  # None: empty file
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise RecipeError(Issue(f"invalid YAML: {e.problem or e.context}.", file=str(path),

@@ -76,7 +76,7 @@ def _source_kind(value) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     if kind is None:
         return None
-    return kind if kind in _BUILTIN_SOURCES else "plugin"
+    return kind if isinstance(kind, str) and kind in _BUILTIN_SOURCES else "plugin"
 
 
 Source = Annotated[Union[Annotated[FolderSource, Tag("folder")], Annotated[CsvSource, Tag("csv")],
