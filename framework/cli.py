@@ -177,6 +177,100 @@ def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba
 
 
 @main.command()
+@click.argument("runs", nargs=-1, type=click.Path(exists=True))
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False),
+              help="Run the `changed` column compares with (default: the oldest).")
+@click.option("--sort", "sort_key", help="Metric to sort by, best first (default: val/macro_f1).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "md", "html"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of the terminal.")
+def compare(runs, baseline, sort_key, fmt, out):
+    """The experiment sheet of RUNS (run folders, or folders of runs; default: runs/)."""
+    from pathlib import Path
+
+    from framework.compare import find_runs, render, sheet
+
+    found = find_runs(list(runs) or ["runs"])
+    if not found:
+        raise click.UsageError(f"no run folders in {', '.join(runs) or 'runs'} (a run folder has summary.json).")
+    cols, rows = sheet(found, Path(baseline) if baseline else None, sort_key)
+    text = render(cols, rows, fmt)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {out} ({len(rows)} runs)")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="A recipe key and its values (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--name", "prefix", help="Run name prefix (default: the recipe's file name).")
+@click.option("--dry-run", is_flag=True, help="Only list the runs.")
+def sweep(recipes, grid, overrides, prefix, dry_run):
+    """Run every combination of the --grid values for RECIPES, then print their compare sheet."""
+    from framework import api
+    from framework.compare import render, sheet
+    from framework.sweep import expand, run_sweep
+
+    try:
+        plan = expand(list(recipes), list(grid), prefix)
+        for member in plan:  # every member must at least validate before anything trains
+            api.load_recipe(member["recipe"], list(overrides) + member["overrides"])
+    except RecipeError as e:
+        _fail(e)
+    if dry_run:
+        for member in plan:
+            click.echo(f"{member['name']}: {member['recipe']} " + " ".join(f"--set {o}" for o in member["overrides"]))
+        return
+    results = run_sweep(plan, list(overrides), log=click.echo)
+    done = [r["run_dir"] for r in results if r.get("run_dir")]
+    if done:
+        cols, rows = sheet(done)
+        click.echo(render(cols, rows), nl=False)
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in failed:
+        click.echo(f"failed: {r['name']}: {r['error'].splitlines()[0]}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command("inspect")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default="inspect", show_default=True,
+              help="Folder for report.txt, report.json and augmentations.png.")
+def inspect_cmd(recipe, overrides, out):
+    """Look at RECIPE's data without training: counts, leakage, odd files, sizes, augmentation preview."""
+    from framework.audit import format_report, inspect_recipe
+
+    try:
+        report = inspect_recipe(recipe, overrides, out)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(format_report(report))
+    click.echo(f"\nwritten to {out}/ (augmentation preview: {report['preview']})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--task", help="Explain this task only (default: every task).")
+@click.option("--target", help="Explain this class (default: the predicted one).")
+@click.option("--layer", help="Module name of the target layer (default: chosen automatically).")
+@click.option("--out", type=click.Path(file_okay=False), default="explain", show_default=True)
+def explain(run, images, task, target, layer, out):
+    """Grad-CAM heatmaps of RUN's model over IMAGES (files or folders), and a contact sheet."""
+    from framework.explain import explain as run_explain
+
+    try:
+        result = run_explain(run, list(images), out, task, target, layer)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(f"wrote {len(result['files'])} heatmaps and {result['out']}/contact_sheet.png")
+
+
+@main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 def plugins(recipe):
     """List registered transforms, backbones, losses and readers, with where each came from.

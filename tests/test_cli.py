@@ -54,3 +54,10 @@ def test_help_and_validate_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_nothing_phones_home_at_import():
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE")}
+    code = "import os, framework; print(os.environ['NO_ALBUMENTATIONS_UPDATE'], os.environ['HF_HUB_OFFLINE'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.stdout.split() == ["1", "1"], out.stderr

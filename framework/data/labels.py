@@ -127,7 +127,7 @@ def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bo
     and how many rows were dropped. A row missing some tasks' labels still trains the others."""
     codes, labels = {}, {}
     for name, spec in tasks.items():
-        codes[name], labels[name] = encode(rows, spec, task_path(named, name), lenient=len(tasks) > 1)
+        codes[name], labels[name] = encode(rows, spec, task_path(named, name), lenient=named)
     keep = [i for i in range(len(rows)) if any(codes[t][i] is not None for t in tasks)]
     dropped = len(rows) - len(keep)
     if dropped and missing == "error":

@@ -143,6 +143,9 @@ class Setup:
     notes: list[str]
     skipped: list[tuple[str, str]]
     no_face: int = 0  # training images without a face box (when an augmentation needs one)
+    validations: int = 0
+    cam_paths: list | None = None  # the fixed misclassified validation images whose Grad-CAMs are logged
+    resize: object = None
 
 
 def model_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
@@ -234,8 +237,11 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tr.scheduler, steps_per_epoch, steps_per_epoch * tr.epochs))
     no_face = sum(b is None for b in train_ds.boxes) if use_boxes and train_ds.boxes is not None else 0
+    if recipe.logging.cam_every:
+        from framework.explain import _require_gradcam
+        _require_gradcam()
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped, no_face)
+                 size, notes, skipped, no_face, resize=resize)
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -451,6 +457,9 @@ def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, 
     if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
         v_stats = evaluate(acc, s.model, s.val_loader, recipe.logging.progress)
         record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"])
+        s.validations += 1
+        if recipe.logging.cam_every and s.validations % recipe.logging.cam_every == 0 and main and writer:
+            _log_cams(s, recipe, labels, v_stats, writer, epoch)
     flat = _flat(record)
     improved = False
     if cp.monitor in flat:
@@ -566,6 +575,29 @@ def _log_tb(writer, record: dict, labels: dict) -> None:
             writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
                              epoch, dataformats="HWC")
     writer.flush()
+
+
+def _log_cams(s: Setup, recipe, labels: dict, v_stats: dict, writer, epoch: int) -> None:
+    """Grad-CAMs of the same misclassified validation images (chosen at the first time) into TensorBoard."""
+    from types import SimpleNamespace
+
+    from framework.explain import cams, contact_sheet, overlay
+
+    if s.cam_paths is None:
+        y, p = v_stats["y_true"], v_stats["y_pred"]
+        wrong = np.nonzero(((y != p) & (y >= 0)).any(1))[0]  # wrong on some task it has a label for
+        rows = s.val_loader.dataset.rows
+        s.cam_paths = [rows[i]["path"] for i in wrong[: recipe.logging.cam_images]]
+    if not s.cam_paths:
+        return
+    model = s.accelerator.unwrap_model(s.model)
+    run = SimpleNamespace(model=model, resize=s.resize, recipe=recipe,
+                          tasks={t: {"classes": lab.classes} for t, lab in labels.items()})
+    items = cams(run, s.cam_paths)
+    model.train()
+    for it in items:
+        it["overlay"] = overlay(it["image"], it["heat"])
+    writer.add_image("val/gradcam", contact_sheet(items), epoch, dataformats="HWC")
 
 
 def _trim_metrics(path: Path, start_epoch: int) -> None:

@@ -332,7 +332,19 @@ class LossSpec(_Section):
         return v
 
 
+def _default_tag(data, key: str, tag: str, value: str):
+    """`--set train.optimizer.lr=0.01` on a recipe without an optimizer means the default one: fill in its tag."""
+    if isinstance(data, dict) and isinstance(data.get(key), dict) and tag not in data[key]:
+        data = {**data, key: {tag: value, **data[key]}}
+    return data
+
+
 class TrainSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _default_choices(cls, data):
+        return _default_tag(_default_tag(data, "optimizer", "name", "adamw"), "scheduler", "name", "cosine")
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="Per process.")
     optimizer: Optimizer = Field(default_factory=lambda: AdamW(name="adamw"))
@@ -372,6 +384,9 @@ class LoggingSection(_Section):
                                 description="tensorboard, plus any Accelerate tracker (wandb, mlflow, ...).")
     sample_grid: int = Field(16, ge=0, description="Augmented training images shown in TensorBoard at the start.")
     progress: bool = Field(True, description="Show a progress bar per epoch.")
+    cam_every: int = Field(0, ge=0, description="Every N validations, log Grad-CAMs of a fixed set of misclassified "
+                                                "validation images to TensorBoard (0 = never; needs grad-cam).")
+    cam_images: int = Field(8, ge=1, description="How many misclassified validation images the CAMs follow.")
 
 
 class OutputSection(_Section):
@@ -397,6 +412,11 @@ class Recipe(_Section):
     plugins: list[str] = Field(default_factory=list, description="Plugin files (relative to the recipe) or "
                                "modules to import; they register transforms, backbones, losses and readers.")
     notes: str = Field("", description="Free text, shown in run comparisons.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_policy(cls, data):
+        return _default_tag(data, "validation", "type", "holdout")
 
     @model_validator(mode="after")
     def _one_target(self):

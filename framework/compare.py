@@ -1,0 +1,160 @@
+"""The experiment sheet: runs side by side, with what changed between them.
+
+One row per run folder: name, date, status, backbone, image size, recipe, epochs, best validation scores (overall
+and per task), wall time, notes, and `changed`: the recipe keys whose values differ from the baseline run.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import yaml
+
+IGNORED_KEYS = ("output.root", "notes", "logging.progress")  # never an experimental change
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders among `paths`: each is a run folder or a folder of run folders."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "summary.json").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(d for d in p.iterdir() if (d / "summary.json").is_file())
+    return runs
+
+
+def flatten(data, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists are values (compared whole)."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _recipe(run: Path) -> dict:
+    return flatten(yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {})
+
+
+def changed(run_recipe: dict, base_recipe: dict) -> list[str]:
+    """`key: old -> new` for every recipe key that differs (added or removed keys included)."""
+    out = []
+    for key in sorted(set(run_recipe) | set(base_recipe)):
+        if key.startswith(IGNORED_KEYS):
+            continue
+        a, b = base_recipe.get(key, "-"), run_recipe.get(key, "-")
+        if a != b:
+            out.append(f"{key}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _best_scores(run: Path) -> dict[str, float]:
+    """Best value of every validation metric over the run's epochs (loss: lowest)."""
+    from framework.engine.runner import _flat
+
+    best: dict[str, float] = {}
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return best
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            flat = _flat(json.loads(line))
+        except (ValueError, KeyError):
+            continue
+        for k, v in flat.items():
+            if k.startswith("val/"):
+                keep = min if k.endswith("loss") else max
+                best[k] = keep(best.get(k, v), v)
+    return best
+
+
+def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = None) -> tuple[list[str], list[dict]]:
+    """Columns and rows of the experiment sheet."""
+    if not runs:
+        return [], []
+    base = baseline or min(runs, key=lambda r: json.loads((r / "summary.json").read_text()).get("started", ""))
+    base_recipe = _recipe(base) if (base / "recipe.resolved.yaml").exists() else {}
+    rows, metric_cols = [], []
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        recipe = _recipe(run) if (run / "recipe.resolved.yaml").exists() else {}
+        scores = _best_scores(run)
+        for k in scores:
+            if k not in metric_cols:
+                metric_cols.append(k)
+        rows.append({
+            "run": run.name, "date": s.get("started", "")[:16].replace("T", " "), "status": s.get("status", "?"),
+            "backbone": s.get("backbone", recipe.get("model.backbone", "")),
+            "image_size": "x".join(map(str, s.get("image_size", []))) or str(recipe.get("transforms.image_size", "")),
+            "recipe": Path(s.get("recipe", "")).name, "epochs": f"{s.get('epochs_done', 0)}/{recipe.get('train.epochs', '?')}",
+            **{k: scores.get(k) for k in metric_cols}, "wall_s": s.get("wall_seconds"),
+            "notes": s.get("notes", ""), "changed": "baseline" if run == base else "; ".join(changed(recipe, base_recipe)),
+        })
+    metric_cols = sorted(metric_cols, key=lambda k: (k.count("/"), k != "val/macro_f1", k))
+    cols = ["run", "date", "status", "backbone", "image_size", "recipe", "epochs", *metric_cols, "wall_s", "notes",
+            "changed"]
+    for r in rows:
+        for k in metric_cols:
+            r.setdefault(k, None)
+    key = sort or ("val/macro_f1" if "val/macro_f1" in metric_cols else None)
+    if key:
+        rows.sort(key=lambda r: (r.get(key) is None, -(r.get(key) or 0) if "loss" not in key else (r.get(key) or 0)))
+    return cols, rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:.0f}"
+    return str(v)
+
+
+def render(cols: list[str], rows: list[dict], fmt: str = "table") -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        w.writerows([[("" if r[c] is None else r[c]) for c in cols] for r in rows])
+        return buf.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
+        return "\n".join(lines) + "\n"
+    if fmt == "html":
+        return _html(cols, rows)
+    widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) if rows else len(c) for c in cols}
+    widths["changed"] = len("changed")  # the last column is free text: no padding
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(_cell(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _html(cols: list[str], rows: list[dict]) -> str:
+    head = "".join(f"<th onclick='sortBy({i})'>{html.escape(c)}</th>" for i, c in enumerate(cols))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>recipe: experiment sheet</title>
+<style>body{{font:14px sans-serif;margin:1em}}table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;
+padding:3px 6px;text-align:left}}th{{cursor:pointer;background:#eee}}tr:nth-child(even){{background:#fafafa}}</style>
+</head><body><h2>Experiment sheet</h2><p>Click a column to sort.</p><table id="t"><thead><tr>{head}</tr></thead>
+<tbody>{body}</tbody></table><script>
+let dir = {{}};
+function sortBy(i) {{
+  const tb = document.querySelector('#t tbody'), rows = [...tb.rows];
+  dir[i] = -(dir[i] || -1);
+  const val = r => {{ const t = r.cells[i].textContent, n = parseFloat(t); return isNaN(n) ? t : n; }};
+  rows.sort((a, b) => {{ const x = val(a), y = val(b); return (x > y ? 1 : x < y ? -1 : 0) * dir[i]; }});
+  rows.forEach(r => tb.appendChild(r));
+}}
+</script></body></html>
+"""

@@ -1,0 +1,194 @@
+"""Grad-CAM (the grad-cam package) for trained runs: where does the model look?
+
+Works for CNNs (the last spatial feature map is the target layer) and ViTs (the last block's first norm; its
+token grid is reshaped to an image, prefix tokens dropped), per task for multi-task runs. Heatmaps are drawn at
+the size of the original image.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from framework.errors import Issue, RunError
+
+
+class _TaskOutput(nn.Module):
+    """The model restricted to one task's logits (Grad-CAM expects a tensor out)."""
+
+    def __init__(self, model: nn.Module, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x):
+        return self.model(x)[self.task]
+
+
+def _require_gradcam():
+    try:
+        import pytorch_grad_cam  # noqa: F401
+    except ImportError:
+        raise RunError(Issue("Grad-CAM needs the grad-cam package.", fix='pip install "recipe-framework[review]" '
+                             "(or pip install grad-cam).")) from None
+
+
+def target_layer(model: nn.Module, size: tuple[int, int], name: str | None = None):
+    """(layer, reshape_transform): the named module, or the last spatial feature map (CNN) / last block (ViT)."""
+    features = model.net.features
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            from framework.errors import did_you_mean
+            raise RunError(Issue(f"no layer {name!r} in this model.{did_you_mean(name, list(modules))}",
+                                 field="--layer", fix="name a module from model.named_modules()."))
+        layer = modules[name]
+    elif hasattr(features, "blocks") and len(getattr(features, "blocks")):
+        block = features.blocks[-1]
+        layer = getattr(block, "norm1", block)
+    else:
+        outputs = []
+        def record(mod, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and min(output.shape[2:]) > 1:
+                outputs.append(mod)
+
+        hooks = [m.register_forward_hook(record) for m in features.modules() if m is not features]
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size, dtype=torch.uint8))
+        for h in hooks:
+            h.remove()
+        if not outputs:
+            raise RunError(Issue("found no spatial feature map to explain.", field="--layer",
+                                 fix="name the layer with --layer."))
+        layer = outputs[-1]
+    return layer, _reshape_for(features, layer, size)
+
+
+def _reshape_for(features, layer, size):
+    """ViT blocks give (N, tokens, C): drop the prefix tokens and fold the rest into (N, C, h, w)."""
+    if not hasattr(features, "blocks"):
+        return None
+    prefix = getattr(features, "num_prefix_tokens", 1)
+
+    def reshape(t):
+        if t.dim() != 3:
+            return t
+        grid = t[:, prefix:, :]
+        n = grid.shape[1]
+        h = int(round(math.sqrt(n * size[0] / size[1])))
+        w = n // max(h, 1)
+        return grid.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+    return reshape
+
+
+def cams(run, paths: list[str], task: str | None = None, target: str | None = None, layer_name: str | None = None):
+    """For each image and task: (path, task, predicted class, probability, heatmap of the original size, image)."""
+    _require_gradcam()
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from framework.data.dataset import decode
+
+    tasks = [task] if task else list(run.tasks)
+    unknown = [t for t in tasks if t not in run.tasks]
+    if unknown:
+        raise RunError(Issue(f"the run has no task {unknown[0]!r} (tasks: {', '.join(run.tasks)}).", field="--task",
+                             fix="name one of its tasks."))
+    h, w = _input_size(run)
+    layer, reshape = target_layer(run.model, (h, w), layer_name)
+    out = []
+    for t in tasks:
+        classes = run.tasks[t]["classes"]
+        if target is not None and target not in classes:
+            raise RunError(Issue(f"{target!r} is not a class of task {t!r} ({', '.join(classes)}).",
+                                 field="--target", fix="name one of its classes."))
+        wrapped = _TaskOutput(run.model, t).eval()
+        with GradCAM(model=wrapped, target_layers=[layer], reshape_transform=reshape) as cam:
+            for p in paths:
+                original = decode(p)
+                x = torch.from_numpy(np.ascontiguousarray(run.resize(image=original)["image"])).permute(2, 0, 1)
+                x = x[None].float()  # (1, 3, H, W), 0..255: the model normalizes itself
+                with torch.no_grad():
+                    prob = wrapped(x).softmax(1)[0]
+                k = classes.index(target) if target is not None else int(prob.argmax())
+                heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(k)])[0]  # (H, W) in 0..1
+                heat = _unresize(heat, original.shape[:2], run.recipe.transforms.resize.mode)
+                out.append({"path": p, "task": t, "class": classes[k], "prob": float(prob[k]), "heat": heat,
+                            "image": original})
+    return out
+
+
+def _input_size(run) -> tuple[int, int]:
+    from framework.engine.runner import model_inputs
+
+    size, _, _ = model_inputs(run.recipe)
+    return size
+
+
+def _unresize(heat: np.ndarray, shape: tuple[int, int], mode: str) -> np.ndarray:
+    """Map a heatmap on the model's input back onto the original image (undo pad / crop / stretch)."""
+    H, W = heat.shape
+    h, w = shape
+    if mode == "pad":  # the image was fitted inside, then padded: cut the padding away
+        s = min(H / h, W / w)
+        ih, iw = round(h * s), round(w * s)
+        top, left = (H - ih) // 2, (W - iw) // 2
+        heat = heat[top:top + ih, left:left + iw]
+    elif mode == "crop":  # the image was scaled to cover, then centre-cropped: the border gets no heat
+        s = max(H / h, W / w)
+        full = np.zeros((round(h * s), round(w * s)), dtype=heat.dtype)
+        top, left = (full.shape[0] - H) // 2, (full.shape[1] - W) // 2
+        full[top:top + H, left:left + W] = heat
+        heat = full
+    return np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with a blue -> red heatmap blended over it (RGB uint8, same size)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(image.astype(np.float32) / 255.0, heat.astype(np.float32), use_rgb=True,
+                             image_weight=1 - alpha)
+
+
+def contact_sheet(items: list[dict], tile: int = 160, cols: int = 4) -> np.ndarray:
+    cols = min(cols, len(items))
+    rows = (len(items) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (tile + 4), rows * (tile + 30)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, it in enumerate(items):
+        r, c = divmod(k, cols)
+        im = Image.fromarray(it["overlay"])
+        im.thumbnail((tile, tile))
+        sheet.paste(im, (c * (tile + 4), r * (tile + 30)))
+        draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 2),
+                  f"{it['task']}: {it['class']} {it['prob']:.2f}", fill="black")
+        draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 15), Path(it["path"]).name[:24], fill="gray")
+    return np.asarray(sheet)
+
+
+def explain(run_path, images: list[str], out: str | Path, task=None, target=None, layer=None) -> dict:
+    """Write one overlay PNG per image and task, and contact_sheet.png."""
+    from framework import predict as P
+
+    run = P.load_run(run_path)
+    paths = []
+    for item in images:
+        p = Path(item)
+        paths += P.list_images(images=p) if p.is_dir() else [str(p)]
+    if not paths:
+        raise RunError(Issue("no images to explain.", field="IMAGES", fix="give image files or folders."))
+    items = cams(run, paths, task, target, layer)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for it in items:
+        it["overlay"] = overlay(it["image"], it["heat"])
+        name = out / f"{Path(it['path']).stem}_{it['task']}_{it['class'].replace('/', '-')}.png"
+        Image.fromarray(it["overlay"]).save(name)
+        written.append(name)
+    Image.fromarray(contact_sheet(items)).save(out / "contact_sheet.png")
+    return {"out": out, "files": written, "items": items}

@@ -1,0 +1,181 @@
+"""Review tools on runs the tests train on the real data: explain, inspect, compare and sweep."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from framework import api
+from framework.cli import main
+from framework.compare import changed, flatten, render, sheet
+from framework.sweep import expand, split_values
+from tests.conftest import DATA, read_manifest, tiny_recipe
+
+FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0}
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_explain_writes_heatmaps_of_the_image_size_for_cnn_and_vit(tmp_path, backbone):
+    path = tiny_recipe(tmp_path, model={"backbone": backbone}, transforms={"image_size": 32 if backbone ==
+                                                                           "test_resnet" else 160}, train=FAST)
+    run_dir = api.run(path, name=backbone, log=lambda *_: None)
+    images = [DATA / "maskedfacenet_maskon" / r["path"] for r in read_manifest("maskedfacenet_maskon")[:2]]
+    images.append(DATA / "quirks" / "files" / "with_mask175.jpg")  # 5760x3272, not square
+    result = CliRunner().invoke(main, ["explain", str(run_dir), *map(str, images), "--out", str(tmp_path / "cam")])
+    assert result.exit_code == 0, result.output
+    for img in images:
+        written = list((tmp_path / "cam").glob(f"{img.stem}_label_*.png"))
+        assert len(written) == 1
+        with Image.open(img) as original, Image.open(written[0]) as heat:
+            assert heat.size == original.size
+            pixels = np.asarray(heat.convert("RGB")).astype(int)
+            assert pixels.std() > 5  # an overlay, not a blank image
+    assert Image.open(tmp_path / "cam" / "contact_sheet.png").size[0] > 300
+
+
+def test_explain_needs_a_known_task_class_and_layer(tmp_path):
+    run_dir = api.run(tiny_recipe(tmp_path, train=FAST), name="r", log=lambda *_: None)
+    img = str(DATA / "maskedfacenet_maskon" / read_manifest("maskedfacenet_maskon")[0]["path"])
+    for args, words in [(["--task", "age"], "no task 'age'"), (["--target", "maybe"], "not a class"),
+                        (["--layer", "net.features.layr1"], "Did you mean")]:
+        result = CliRunner().invoke(main, ["explain", str(run_dir), img, "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2 and words in result.output, result.output
+    result = CliRunner().invoke(main, ["explain", str(run_dir), img, "--target", "incorrect", "--out",
+                                       str(tmp_path / "t")])
+    assert result.exit_code == 0 and list((tmp_path / "t").glob("*_label_incorrect.png"))
+
+
+def test_cams_of_misclassified_validation_images_go_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = api.run(tiny_recipe(tmp_path, train={**FAST, "epochs": 2},
+                                  logging={"cam_every": 1, "cam_images": 3, "progress": False}),
+                      name="cams", log=lambda *_: None)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("val/gradcam")] == [1, 2]
+
+
+def test_inspect_finds_planted_leakage_and_the_odd_quirks_files(tmp_path):
+    rows = read_manifest("quirks")
+    with open(tmp_path / "q.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        for i, r in enumerate(rows):
+            w.writerow([DATA / "quirks" / r["path"], ["with_mask", "other"][i % 2], "g-shared" if i < 2 else r["group"]])
+    # a split file that puts the two members of group g-shared on different sides: planted leakage
+    with open(tmp_path / "split.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "split"])
+        for i, r in enumerate(rows):
+            w.writerow([DATA / "quirks" / r["path"], "val" if i in (1, 5, 6) else "train"])
+    recipe = {"data": {"root": str(tmp_path), "sources": [{"type": "csv", "name": "q", "manifest": "q.csv",
+                                                            "group_column": "group"}], "target": {"column": "label"}},
+              "validation": {"type": "file", "path": "split.csv"}, "model": {"backbone": "test_resnet"},
+              "transforms": {"image_size": 48, "train": [{"name": "HorizontalFlip"}, {"name": "Affine", "rotate": 10}]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    # training refuses the leaky split; inspect reports it
+    assert CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")]).exit_code == 2
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "g-shared" in report["leakage"]["groups_on_both_sides"][0]
+    odd = {f["path"].split("/")[-1]: f["odd"] for f in report["odd_files"]}
+    assert "PNG data behind a .jpg extension" in odd["with_mask129.jpg"]
+    assert "palette" in odd["with_mask014.png"] and "alpha channel" in odd["maksssksksss110.png"]
+    assert any("very large" in o for o in odd["with_mask175.jpg"])
+    assert any("tiny" in o for o in odd["712.png"]) and "non-ASCII name" in odd["0_0_œ¬‘ÿ.png"]
+    assert "space in name" in odd["1_0_1 copy 13.jpg"]
+    assert report["sizes"]["width"]["max"] == 5760 and report["unreadable"] == []
+    preview = Image.open(tmp_path / "out" / "augmentations.png")
+    assert preview.size[0] >= 7 * 96  # original, resized, 5 draws
+    assert "counts" in report and sum(report["counts"]["label"]["q"]["train"].values()) == 7
+
+
+def test_inspect_lists_images_that_fail_to_decode(tmp_path):
+    path = tiny_recipe(tmp_path)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with open(tmp_path / "tiny.csv", "a") as f:
+        f.write(f"{tmp_path / 'zero.jpg'},wear,gz\n")
+    result = CliRunner().invoke(main, ["inspect", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [p for p, _ in report["unreadable"]] == [str(tmp_path / "zero.jpg")]
+    assert "unreadable images: 1" in result.output
+
+
+def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path):
+    path = tiny_recipe(tmp_path, train=FAST)
+    base = api.run(path, name="base", log=lambda *_: None)
+    other = api.run(path, ["train.optimizer.lr=0.01", "transforms.image_size=40"], name="other",
+                    log=lambda *_: None)
+    cols, rows = sheet([base, other], baseline=base)
+    by_name = {r["run"]: r for r in rows}
+    assert by_name["base"]["changed"] == "baseline"
+    assert by_name["other"]["changed"] == "train.optimizer.lr: 0.001 -> 0.01; transforms.image_size: 32 -> 40"
+    assert by_name["other"]["image_size"] == "40x40" and by_name["other"]["status"] == "finished"
+    assert {"run", "date", "status", "backbone", "recipe", "epochs", "val/macro_f1", "wall_s", "notes",
+            "changed"} <= set(cols)
+    for fmt in ("table", "csv", "md", "html"):
+        result = CliRunner().invoke(main, ["compare", str(tmp_path / "runs"), "--baseline", str(base),
+                                           "--format", fmt])
+        arrow = "-&gt;" if fmt == "html" else "->"
+        assert result.exit_code == 0 and f"train.optimizer.lr: 0.001 {arrow} 0.01" in result.output
+    html = CliRunner().invoke(main, ["compare", str(tmp_path / "runs"), "--format", "html"]).output
+    assert html.startswith("<!doctype html>") and "sortBy(" in html and "<script" in html and "http" not in html
+
+
+def test_changed_and_flatten_by_hand():
+    a = flatten({"train": {"lr": 1, "epochs": 3}, "model": {"backbone": "x"}, "output": {"root": "a"}})
+    b = flatten({"train": {"lr": 2, "epochs": 3}, "model": {"backbone": "y"}, "output": {"root": "b"}, "new": [1]})
+    assert changed(b, a) == ["model.backbone: x -> y", "new: - -> [1]", "train.lr: 1 -> 2"]
+
+
+def test_sweep_grid_expands_and_names_runs_as_documented(tmp_path):
+    plan = expand(["recipes/hard_aug.yaml"], ["model.backbone=resnet18,efficientnet_b0",
+                                              "transforms.image_size=128,[96, 128]"])
+    assert [m["name"] for m in plan] == [
+        "hard_aug-backbone=resnet18-image_size=128", "hard_aug-backbone=resnet18-image_size=96_128",
+        "hard_aug-backbone=efficientnet_b0-image_size=128", "hard_aug-backbone=efficientnet_b0-image_size=96_128"]
+    assert plan[1]["overrides"] == ["model.backbone=resnet18", "transforms.image_size=[96, 128]"]
+    assert split_values("a, [1, 2],{x: 1}") == ["a", "[1, 2]", "{x: 1}"]
+    path = tiny_recipe(tmp_path, train=FAST)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--grid", "train.optimizer.lr=0.001,0.01",
+                                       "--grid", "transforms.image_size=32,40", "--dry-run"])
+    assert result.exit_code == 0 and result.output.count("tiny-lr=") == 4
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_runs_members_records_failures_and_prints_the_sheet(tmp_path):
+    path = tiny_recipe(tmp_path, train=FAST)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--grid", "model.backbone=test_resnet,no_such_net",
+                                       "--grid", "transforms.image_size=32,40"])
+    assert result.exit_code == 1  # some members failed
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir() if (p / "checkpoints" / "last.pt").exists())
+    assert names == ["tiny-backbone=test_resnet-image_size=32", "tiny-backbone=test_resnet-image_size=40"]
+    assert "failed: tiny-backbone=no_such_net-image_size=32" in result.output and "unknown backbone" in result.output
+    assert "changed" in result.output and "transforms.image_size: 32 -> 40" in result.output  # the sheet
+    # a grid value the recipe refuses stops the sweep before anything trains
+    bad = CliRunner().invoke(main, ["sweep", str(path), "--grid", "train.epochs=1,0", "--name", "bad"])
+    assert bad.exit_code == 2 and "train.epochs" in bad.output
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("bad")]
+
+
+def test_sweep_goes_on_after_a_failed_member(tmp_path, monkeypatch):
+    from framework import sweep
+
+    path = tiny_recipe(tmp_path, train=FAST)
+    real = api.run
+
+    def flaky(recipe, overrides, name, log):
+        if "image_size=40" in name:
+            raise RuntimeError("simulated out of memory")
+        return real(recipe, overrides, name=name, log=log)
+
+    monkeypatch.setattr(api, "run", flaky)
+    results = sweep.run_sweep(sweep.expand([path], ["transforms.image_size=32,40,48"]), log=lambda *_: None)
+    assert [r["status"] for r in results] == ["finished", "failed", "finished"]
+    assert "simulated out of memory" in results[1]["error"]
