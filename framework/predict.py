@@ -75,6 +75,9 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
     recipe = load_recipe(run_dir / "recipe.resolved.yaml").recipe
     tasks = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     state = ckpt.load(ckpt_path)
+    if not all(isinstance(v, dict) for v in tasks.values()) or not isinstance(state.get("classes"), dict):
+        raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
+                             field="RUN", fix=f"train it again: recipe run {run_dir / 'recipe.resolved.yaml'}."))
     size, mean, std = model_inputs(recipe)
     model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False})
     model, _ = build_model(model_cfg, {t: len(info["classes"]) for t, info in tasks.items()}, mean, std)
