@@ -12,7 +12,7 @@ from framework.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["schema"]])
+@pytest.mark.parametrize("command", [[]] + [[name] for name in sorted(main.commands)])
 def test_every_command_has_help(command):
     result = CliRunner().invoke(main, command + ["--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
@@ -45,6 +45,11 @@ def test_schema_is_json_schema_of_the_recipe(tmp_path):
 def test_run_needs_a_recipe_or_resume():
     result = CliRunner().invoke(main, ["run"])
     assert result.exit_code == 2 and "RECIPE" in result.output
+
+
+def test_the_commands_users_are_promised_exist():
+    assert {"run", "validate", "schema", "plugins", "predict", "evaluate", "ensemble", "explain", "inspect", "compare",
+            "sweep"} <= set(main.commands)
 
 
 def test_help_and_validate_do_not_import_torch():
