@@ -162,7 +162,8 @@ def contact_sheet(items: list[dict], tile: int = 160, cols: int = 4) -> np.ndarr
     for k, it in enumerate(items):
         r, c = divmod(k, cols)
         im = Image.fromarray(it["overlay"])
-        im.thumbnail((tile, tile))
+        scale = tile / max(im.size)  # small faces are enlarged too, so every tile is readable
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
         sheet.paste(im, (c * (tile + 4), r * (tile + 30)))
         draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 2),
                   f"{it['task']}: {it['class']} {it['prob']:.2f}", fill="black")

@@ -7,12 +7,16 @@ run is reproducible whatever the number of loader workers, and resumes exactly.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
+from pathlib import Path
 
 MAX_PIXELS = 120_000_000  # refuse decompression bombs (Pillow's own limit is about 89M and only warns)
 
@@ -91,17 +95,116 @@ def resize_one(path: str, box, resize, detect: bool = False) -> tuple[np.ndarray
     return out["image"], (tuple(float(v) for v in boxes[0]) if len(boxes) else None)
 
 
+class DiskCache:
+    """Resized images on disk, reused across epochs and runs.
+
+    An entry's key is a hash of the file's bytes, its face box and the resize settings, so a changed file or
+    setting is a new key and never a stale hit. Entries are written to a temporary name and renamed, so several
+    loader workers or processes can fill the cache at once. `trim` removes the least recently used entries above
+    the size limit."""
+
+    def __init__(self, folder: str | Path, settings: str, max_bytes: int):
+        self.folder, self.settings, self.max_bytes = Path(folder).expanduser(), settings, max_bytes
+        self.hits = self.misses = 0
+
+    def key(self, path: str, box, detect: bool) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(f"|{self.settings}|{box}|{detect}".encode())
+        return h.hexdigest()
+
+    def entry(self, key: str) -> Path:
+        """The image (a plain .npy, fast to read); its face box, if any, sits beside it in `<key>.box.npy`."""
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def box(self, key: str):
+        """The cached face box of an entry (False when there is no usable entry)."""
+        p = self.entry(key)
+        try:
+            os.utime(p)  # most recently used (and: the entry exists)
+            b = p.with_suffix(".box.npy")
+            return tuple(float(v) for v in np.load(b)) if b.exists() else None
+        except (OSError, ValueError):
+            return False
+
+    def load(self, key: str) -> np.ndarray:
+        return np.load(self.entry(key))
+
+    def store(self, key: str, image: np.ndarray, box) -> None:
+        p = self.entry(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}.{threading.get_ident()}"
+        if box:  # the box first: an image without its box must never be visible
+            tmp = p.with_name(f".{key}.{tag}.box.npy")
+            np.save(tmp, np.array(box, dtype=np.float32))
+            os.replace(tmp, p.with_suffix(".box.npy"))
+        tmp = p.with_name(f".{key}.{tag}.npy")
+        np.save(tmp, np.ascontiguousarray(image))
+        os.replace(tmp, p)
+
+    def trim(self) -> int:
+        """Remove least recently used entries until the cache is under its size limit; how many were removed."""
+        entries = [(e.stat().st_mtime, e.stat().st_size, e) for e in self.folder.glob("*/*.npy")
+                   if not e.name.endswith(".box.npy")]
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for _, size, e in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            e.unlink(missing_ok=True)
+            e.with_suffix(".box.npy").unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
+
+
+class CachedImages:
+    """The images of a dataset, read from the disk cache on access (what a loader worker does per sample)."""
+
+    def __init__(self, cache: DiskCache, keys: list[str]):
+        self.cache, self.keys = cache, keys
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.cache.load(self.keys[i])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx: list[int]) -> "CachedImages":
+        return CachedImages(self.cache, [self.keys[i] for i in idx])
+
+
 def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, desc: str = "decode+resize",
-            detect: bool = False):
-    """Decode and resize every row once (and, with `detect`, find a face box where the data has none).
+            detect: bool = False, cache: DiskCache | None = None):
+    """Decode and resize every row once (and, with `detect`, find a face box where the data has none), keeping the
+    result in memory, or in `cache` on disk (hits are not decoded at all).
     Returns (images, boxes, failures) where failures is [(index, reason)]."""
     images: list = [None] * len(rows)
     boxes: list = [None] * len(rows)
+    keys: list = [None] * len(rows)
     failures: list[tuple[int, str]] = []
+    lock = threading.Lock()
 
     def work(i):
         try:
-            images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
+            if cache is None:
+                images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
+                return
+            keys[i] = cache.key(rows[i]["path"], rows[i].get("box"), detect)
+            hit = cache.box(keys[i])
+            if hit is not False:
+                boxes[i] = hit
+                with lock:
+                    cache.hits += 1
+                return
+            image, boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
+            cache.store(keys[i], image, boxes[i])
+            with lock:
+                cache.misses += 1
+        except FileNotFoundError:
+            failures.append((i, "file not found"))
         except ImageError as e:
             failures.append((i, e.reason))
 
@@ -111,6 +214,9 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, 
         it = tqdm(it, desc=desc, unit="img", leave=False)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(work, it))
+    if cache is not None:
+        cache.trim()
+        return CachedImages(cache, keys), boxes, sorted(failures)
     return images, boxes, sorted(failures)
 
 

@@ -146,6 +146,7 @@ class Setup:
     validations: int = 0
     cam_paths: list | None = None  # the fixed misclassified validation images whose Grad-CAMs are logged
     resize: object = None
+    cache: dict | None = None
 
 
 def model_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
@@ -155,6 +156,17 @@ def model_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
     norm = recipe.transforms.normalize
     mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
     return size, mean, std
+
+
+def disk_cache(recipe):
+    """The disk cache for this recipe's resize stage (its settings are part of every key)."""
+    from importlib.metadata import version
+
+    from framework.data.dataset import DiskCache
+
+    size, _, _ = model_inputs(recipe)
+    settings = json.dumps([list(size), recipe.transforms.resize.model_dump(), version("albumentations")])
+    return DiskCache(recipe.data.cache_dir, settings, int(recipe.data.cache_max_gb * 1e9))
 
 
 def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
@@ -179,9 +191,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     strata = plan.strata
     if not use_boxes:  # nothing looks at face boxes: do not carry them
         rows = [{**r, "box": None} if r.get("box") else r for r in rows]
-    elif recipe.data.cache == "none" and not all(r.get("box") for r in rows):
+    elif recipe.data.cache == "none" and not all(r.get("box") for r in rows):  # detection needs a cache
         raise FieldError(("data", "cache"), "some images have no face box, and face detection runs once per image "
-                         "in the cached resize stage.", "set data.cache: memory (the default).")
+                         "in the cached resize stage.", "set data.cache: memory (the default) or disk.")
     resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in rows) or use_boxes)
     augment = T.augmentation_stage(augs, with_boxes=use_boxes)
 
@@ -189,8 +201,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     skipped: list[tuple[str, str]] = []
     images = boxes = None
     failures: list[tuple[int, str]] = []
-    if recipe.data.cache == "memory":
-        images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2, detect=use_boxes,
+    disk = disk_cache(recipe) if recipe.data.cache == "disk" else None
+    if recipe.data.cache in ("memory", "disk"):
+        images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2, detect=use_boxes, cache=disk,
                                           progress=recipe.logging.progress and accelerator.is_main_process)
         if failures and recipe.data.bad_images == "error":
             listed = "; ".join(f"{rows[i]['path']} ({why})" for i, why in failures[:5])
@@ -203,9 +216,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     va_idx = [i for i, s in enumerate(sides) if s == "val" and i not in bad]
 
     def subset(idx, aug):
-        return ImageDataset([rows[i] for i in idx], [y[i] for i in idx], resize, aug,
-                            [images[i] for i in idx] if images else None,
-                            [boxes[i] for i in idx] if images else None, seed=tr.seed)
+        picked = None if images is None else (images.subset(idx) if disk else [images[i] for i in idx])
+        return ImageDataset([rows[i] for i in idx], [y[i] for i in idx], resize, aug, picked,
+                            [boxes[i] for i in idx] if images is not None else None, seed=tr.seed)
 
     train_ds, val_ds = subset(tr_idx, augment if augment.transforms else None), subset(va_idx, None)
     sampler = EpochSampler([strata[i] for i in tr_idx], tr.seed, balanced=tr.sampler == "balanced")
@@ -240,8 +253,9 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     if recipe.logging.cam_every:
         from framework.explain import _require_gradcam
         _require_gradcam()
+    cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped, no_face, resize=resize)
+                 size, notes, skipped, no_face, resize=resize, cache=cache)
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -407,7 +421,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
             acc.scaler.load_state_dict(resume["scaler"])
         start_epoch, best, partial = resume["epoch"] + 1, resume["best"], resume.get("partial")
     summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
-                   skipped_images=len(s.skipped), no_face_images=s.no_face, weights_notes=s.notes, processes=acc.num_processes,
+                   skipped_images=len(s.skipped), no_face_images=s.no_face, cache=s.cache, weights_notes=s.notes, processes=acc.num_processes,
                    device=str(acc.device))
     writer = None
     if main:

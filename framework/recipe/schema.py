@@ -141,9 +141,12 @@ class DataSection(_Section):
         "drop", description="Rows without a label: drop them (the count is reported) or stop with an error.")
     bad_images: Literal["error", "skip"] = Field(
         "error", description="Unreadable images: stop naming the file, or skip them (listed in the run folder).")
-    cache: Literal["memory", "none"] = Field(
-        "memory", description="Decode and resize each image once and keep it in memory (augmentations still run "
-                              "every epoch), or decode every time.")
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Decode and resize each image once and keep the result in memory, or on disk (large "
+                              "sets; reused across runs), or decode every time. Augmentations run every epoch.")
+    cache_dir: str = Field("~/.cache/recipe/images", description="Folder of the disk cache.")
+    cache_max_gb: float = Field(20.0, gt=0, description="Size limit of the disk cache; least recently used "
+                                                        "entries go first.")
 
     @model_validator(mode="after")
     def _unique_names(self):
