@@ -217,3 +217,15 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
     path = tiny_recipe(tmp_path, logging={"trackers": [missing], "progress": False})
     result = CliRunner().invoke(main, ["run", str(path), "--name", "t2"])
     assert result.exit_code == 2 and f"pip install {missing}" in result.output
+
+
+def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
+    from framework.models import build_model
+
+    run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "compile": True},
+                                  train={"epochs": 1, "batch_size": 8, "num_workers": 0}), name="c", log=lambda *_: None)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in state)
+    model, _ = build_model(api.load_recipe(run_dir / "recipe.resolved.yaml").recipe.model.model_copy(
+        update={"compile": False}), {"label": 3}, (0.5,) * 3, (0.5,) * 3)
+    model.load_state_dict(state)

@@ -232,6 +232,8 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     model, notes = build_model(recipe.model, heads, mean, std)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if recipe.model.compile:
+        model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys
     specs = recipe.task_specs()
     loss_fn = MultiTaskLoss({task: build_loss(specs[task].loss or tr.loss, n,
                                               [lab[j] for lab in train_ds.labels if lab[j] >= 0])

@@ -269,6 +269,7 @@ class ModelSection(_Section):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
     channels_last: bool = Field(False, description="Use the channels-last memory format (faster on some GPUs).")
+    compile: bool = Field(False, description="torch.compile the model (faster steps on a GPU after a slow first one).")
 
 
 # ---------------------------------------------------------------------------------------------------- train
