@@ -311,19 +311,39 @@ def _prepare_resume(run_dir: Path, overrides):
 # ------------------------------------------------------------------------------------- inference on trained runs
 def predict(run: str | Path, images: str | Path | None = None, csv_file: str | Path | None = None,
             out: str | Path = "predictions.csv", tta: str | None = None, proba: bool = False,
-            progress: bool = True) -> dict:
-    """Predict every image with a run's own evaluation transform; unreadable images are listed, not fatal."""
+            progress: bool = True, prior_shift: str | None = None) -> dict:
+    """Predict every image with a run's own evaluation transform; unreadable images are listed, not fatal.
+
+    Also writes `<out>.distribution.json`: per question, the class shares of the training split and of the
+    predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
+    estimated (or given) test priors before classes are chosen."""
+    import numpy as np
+
     from framework import predict as P
+    from framework import priors as PS
+    from framework.engine.checkpoint import write_json
 
     loaded = P.load_run(run)
     paths = P.list_images(images, csv_file)
     probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress)
+    classes = loaded.questions()
+    train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in PS.train_counts(loaded).items()}
+    estimated = adjusted = None
+    if prior_shift:
+        adjusted, estimated = PS.shift(probs, prior_shift, classes, PS.calibration(loaded))
+    final = adjusted or probs
+    order = loaded.composite_order()
+    composite = PS.composite_shares(loaded, {q: p.argmax(1) for q, p in final.items()}, order) if order and ok else None
+    table, shares = PS.distribution_table(classes, train, probs, estimated, adjusted, composite)
     out = Path(out)
-    P.write_predictions(out, paths, ok, probs, loaded.questions(), loaded.composite_order(), proba)
+    P.write_predictions(out, paths, ok, final, classes, order, proba)
+    write_json(out.with_name(out.stem + ".distribution.json"), {"images": len(ok), "prior_shift": prior_shift,
+                                                                 "shares": shares})
     failed_file = out.with_name(out.stem + ".failed.csv")
     if failures:
         P.write_failures(failed_file, failures)
-    return {"out": out, "predicted": len(ok), "failed": failures, "failed_file": failed_file if failures else None}
+    return {"out": out, "predicted": len(ok), "failed": failures, "failed_file": failed_file if failures else None,
+            "distribution": table, "shares": shares}
 
 
 def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | None):
@@ -393,18 +413,75 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
         report += ["", f"[{task}] accuracy {sc['accuracy']:.4f}  macro-F1 {sc['macro_f1']:.4f}", format_report(sc),
                    "class distribution (true -> predicted): " + ", ".join(
                        f"{c} {d['true']}->{d['predicted']}" for c, d in distribution[task].items())]
+    probs = P.questions_of(loaded, task_probs)
+    prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok))
+    for q, r in prior_report.items():
+        report += [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
+                   f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
+                   f"{r['macro_f1_shifted']:.4f} after re-weighting to the estimate"]
     (out / "report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
                                       "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
-                                      "metrics": result, "distribution": distribution})
-    probs = P.questions_of(loaded, task_probs)
+                                      "metrics": result, "distribution": distribution, "prior_shift": prior_report})
     P.write_predictions(out / "predictions.csv", paths, ok, probs, loaded.questions(), loaded.composite_order())
     return {"out": out, "report": "\n".join(report), "metrics": result}
 
 
+def _question_truth(run, ys: dict, ok: list[int]) -> dict:
+    """Per question, the true class index of each readable image (-1 = no label); composite heads are split."""
+    import numpy as np
+
+    truth = {}
+    for task, info in run.tasks.items():
+        codes = np.array([ys[task][i] for i in ok])
+        parts = info.get("parts")
+        if not parts:
+            truth[task] = codes
+            continue
+        sizes = [len(c) for c in parts.values()]
+        rest = codes.copy()
+        for k in range(len(sizes) - 1, -1, -1):
+            truth[list(parts)[k]] = np.where(codes >= 0, rest % sizes[k], -1)
+            rest = rest // sizes[k]
+    return truth
+
+
+def _fmt(shares: dict) -> str:
+    return "/".join(f"{v:.2f}" for v in shares.values())
+
+
+def _prior_report(run, probs: dict, truth: dict) -> dict:
+    """How far the EM estimate of the test priors lands from the true ones (and the training priors), and what
+    re-weighting does to macro-F1 - on labelled data, where the truth is known."""
+    import numpy as np
+
+    from framework import predict as P
+    from framework import priors as PS
+
+    classes, counts, out = run.questions(), PS.train_counts(run), {}
+    calib = PS.calibration(run)
+    for q, p in probs.items():
+        has = truth[q] >= 0
+        if not has.any() or q not in calib:
+            continue
+        n = len(classes[q])
+        true = np.bincount(truth[q][has], minlength=n) / has.sum()
+        train = np.array(list(counts[q].values()), float) / max(1, sum(counts[q].values()))
+        c = calib[q]
+        estimate, adjusted, _ = PS.em_priors(PS.calibrate(p[has], c["temperature"], c["bias"]), np.array(c["prior"]))
+        names = classes[q]
+        out[q] = {"true": dict(zip(names, true.tolist())), "train": dict(zip(names, train.tolist())),
+                  "estimated": dict(zip(names, estimate.tolist())),
+                  "calibration": c,
+                  "l1_train": float(np.abs(train - true).sum()), "l1_estimated": float(np.abs(estimate - true).sum()),
+                  "macro_f1": P.macro_f1(truth[q][has], p[has].argmax(1), n),
+                  "macro_f1_shifted": P.macro_f1(truth[q][has], adjusted.argmax(1), n)}
+    return out
+
+
 def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal", images=None, csv_file=None,
              out: str | Path = "ensemble.csv", composite: str | None = None, proba: bool = False,
-             tta: str | None = None, progress: bool = True) -> dict:
+             tta: str | None = None, progress: bool = True, prior_shift: str | None = None) -> dict:
     """Hard or soft voting over runs (backbones, seeds, folds, or one model per task) -> one prediction CSV.
     When the members share a validation split, each member's and the ensemble's validation macro-F1 are reported."""
     from framework import predict as P
@@ -415,6 +492,9 @@ def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal
     outputs = [P.predict_proba(m, paths, tta, progress=progress) for m in members]
     ok = sorted(set.intersection(*(set(o[1]) for o in outputs)))
     member_probs = [{q: p[[o[1].index(i) for i in ok]] for q, p in o[0].items()} for o in outputs]
+    estimated = None
+    if prior_shift:
+        member_probs, estimated = _shift_members(members, member_probs, w, prior_shift)
     probs, picks, classes = P.combine(members, member_probs, method, w)
     order = P.composite_order_of(members, list(classes), composite)
     out = Path(out)
@@ -422,9 +502,40 @@ def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal
     failures = sorted({f for o in outputs for f in o[2]})
     if failures:
         P.write_failures(out.with_name(out.stem + ".failed.csv"), failures)
-    result = {"out": out, "predicted": len(ok), "failed": failures, "weights": w, "composite": order}
+    result = {"out": out, "predicted": len(ok), "failed": failures, "weights": w, "composite": order,
+              "estimated_priors": {q: v.tolist() for q, v in (estimated or {}).items()}}
     result["validation"] = _ensemble_validation(members, method, w, classes, order, tta, progress)
     return result
+
+
+def _shift_members(members, member_probs: list[dict], weights: list[float], how: str):
+    """Prior shift for an ensemble: each member's probabilities calibrated on its own validation split; the test
+    priors estimated once by EM on their weighted average (starting from the members' average prior), or given;
+    then every member re-weighted from its own prior to them, so hard and soft voting both use them."""
+    import numpy as np
+
+    from framework import priors as PS
+
+    calibs = [PS.calibration(m) for m in members]
+    classes = {q: c for m in members for q, c in m.questions().items()}
+    targets = PS.known_priors(how, classes) if how != "em" else {}
+    calibrated = [{q: PS.calibrate(p, c[q]["temperature"], c[q]["bias"]) if q in c else p for q, p in mp.items()}
+                  for mp, c in zip(member_probs, calibs)]
+    estimated = {}
+    for q in classes:
+        have = [(mp[q], c[q], wt) for mp, c, wt in zip(calibrated, calibs, weights) if q in mp and q in c]
+        if not have or (how != "em" and q not in targets):
+            continue
+        wsum = sum(wt for *_, wt in have)
+        if how == "em":
+            mean_p = sum(p * wt for p, _, wt in have) / wsum
+            mean_prior = sum(np.array(c["prior"]) * wt for _, c, wt in have) / wsum
+            estimated[q], _, _ = PS.em_priors(mean_p, mean_prior)
+        else:
+            estimated[q] = targets[q]
+    shifted = [{q: PS.adjust(p, np.array(c[q]["prior"]), estimated[q]) if q in estimated and q in c else p
+                for q, p in mp.items()} for mp, c in zip(calibrated, calibs)]
+    return shifted, estimated
 
 
 def _ensemble_validation(members, method, weights, classes, order, tta, progress):

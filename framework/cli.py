@@ -99,6 +99,9 @@ def run(recipe, overrides, name, resume, all_folds, processes):
                    f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
 
 
+from pathlib import Path  # noqa: E402
+
+
 def _source(images, csv_file):
     if bool(images) == bool(csv_file):
         raise click.UsageError("give either --images DIR or --csv FILE.")
@@ -111,16 +114,21 @@ def _source(images, csv_file):
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--tta", type=click.Choice(["hflip"]), help="Average with the horizontally flipped image.")
 @click.option("--proba", is_flag=True, help="Add each class's probability.")
-def predict(run, images, csv_file, out, tta, proba):
+@click.option("--prior-shift", metavar="em|FILE",
+              help="Re-weight probabilities to the test set's class priors: `em` estimates them from the unlabeled "
+                   "images (Saerens et al. 2002); a JSON file gives them, e.g. {\"mask\": {\"wear\": 0.2, ...}}.")
+def predict(run, images, csv_file, out, tta, proba, prior_shift):
     """Predict images with RUN (a run folder: its best checkpoint; or a checkpoint file)."""
     _source(images, csv_file)
     from framework import api
 
     try:
-        result = api.predict(run, images, csv_file, out, tta, proba)
+        result = api.predict(run, images, csv_file, out, tta, proba, prior_shift=prior_shift)
     except RecipeError as e:
         _fail(e)
-    click.echo(f"wrote {result['out']}: {result['predicted']} images")
+    click.echo(result["distribution"])
+    click.echo(f"wrote {result['out']}: {result['predicted']} images (class shares in "
+               f"{Path(result['out']).stem}.distribution.json)")
     if result["failed"]:
         click.echo(f"{len(result['failed'])} unreadable image(s), listed in {result['failed_file']}", err=True)
 
@@ -157,15 +165,19 @@ def evaluate(run, recipe_data, csv_file, out, tta):
 @click.option("--composite", help="Questions that form the composite answer, e.g. mask,gender,age.")
 @click.option("--tta", type=click.Choice(["hflip"]))
 @click.option("--proba", is_flag=True)
-def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba):
+@click.option("--prior-shift", metavar="em|FILE", help="Re-weight to the test set's class priors (see predict).")
+def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift):
     """Combine RUNS by hard or soft voting; per-task runs combine into the composite answer."""
     _source(images, csv_file)
     from framework import api
 
     try:
-        result = api.ensemble(list(runs), method, weights, images, csv_file, out, composite, proba, tta)
+        result = api.ensemble(list(runs), method, weights, images, csv_file, out, composite, proba, tta,
+                              prior_shift=prior_shift)
     except RecipeError as e:
         _fail(e)
+    for q, prior in result["estimated_priors"].items():
+        click.echo(f"[{q}] test priors used: " + ", ".join(f"{v:.3f}" for v in prior))
     click.echo(f"wrote {result['out']}: {result['predicted']} images, weights {result['weights']}"
                + (f", composite = {' x '.join(result['composite'])}" if result["composite"] else ""))
     if result["validation"]:
