@@ -49,7 +49,6 @@ def file_facts(path: str) -> dict:
 def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None, samples: int = 6,
                    draws: int = 5, decode_all: bool = True) -> dict:
     """Everything `recipe inspect` reports, as a dict; writes report.json, report.txt and augmentations.png."""
-    from framework import transforms as T
     from framework.api import load_recipe
     from framework.data.labels import assign_tasks
     from framework.data.readers import read_sources

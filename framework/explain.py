@@ -29,11 +29,11 @@ class _TaskOutput(nn.Module):
 
 
 def _require_gradcam():
-    try:
-        import pytorch_grad_cam  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_grad_cam") is None:
         raise RunError(Issue("Grad-CAM needs the grad-cam package.", fix='pip install "recipe-framework[review]" '
-                             "(or pip install grad-cam).")) from None
+                             "(or pip install grad-cam)."))
 
 
 def target_layer(model: nn.Module, size: tuple[int, int], name: str | None = None):

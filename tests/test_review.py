@@ -10,7 +10,7 @@ from PIL import Image
 
 from framework import api
 from framework.cli import main
-from framework.compare import changed, flatten, render, sheet
+from framework.compare import changed, flatten, sheet
 from framework.sweep import expand, split_values
 from tests.conftest import DATA, read_manifest, tiny_recipe
 

@@ -8,7 +8,7 @@ from framework.data.labels import assign_labels, bin_names
 from framework.data.readers import read_sources
 from framework.data.splits import audit, build_split, kfold_assignment
 from framework.errors import FieldError
-from framework.recipe.schema import DataSection, FileSplit, HoldoutSplit, KFoldSplit, Recipe, SourceSplit
+from framework.recipe.schema import DataSection, FileSplit, HoldoutSplit, KFoldSplit, Recipe
 
 
 def _utk(data_root, target=None):

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from framework import transforms as T
-from framework.data.dataset import ImageDataset, ImageError, prepare
+from framework.data.dataset import ImageDataset, prepare
 from framework.engine import checkpoint as ckpt
 from framework.engine.metrics import confusion, scores
-from framework.errors import DataError, FieldError, Interrupted, Issue, RunError, did_you_mean
+from framework.errors import DataError, FieldError, Interrupted, Issue, did_you_mean
 from framework.losses import MultiTaskLoss, build_loss
 from framework.models import backbone_defaults, build_model
 
@@ -413,7 +413,7 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
     acc = s.accelerator
     main = acc.is_main_process
     labels = plan.labels
-    tr, cp = recipe.train, recipe.checkpoint
+    tr = recipe.train
     start_epoch, best, partial = 1, {"value": None, "epoch": None}, None
     if resume is not None:
         acc.unwrap_model(s.model).load_state_dict(resume["model"])
@@ -646,4 +646,4 @@ def _write_skipped(path: Path, skipped) -> None:
     ckpt.atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["fit", "evaluate", "build_setup", "EpochSampler", "ImageError", "RunError"]
+__all__ = ["fit", "evaluate", "build_setup", "train_epoch", "summarize", "EpochSampler"]

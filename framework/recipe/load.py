@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from framework.errors import Issue, RecipeError, did_you_mean
+from framework.errors import Issue, RecipeError
 
 Loc = tuple  # (file, line, column); line/column 1-based, None when unknown
 Locs = dict  # key path tuple -> Loc
