@@ -378,7 +378,8 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
 
 
 def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: str | Path | None = None,
-             out: str | Path | None = None, tta: str | None = None, progress: bool = True) -> dict:
+             out: str | Path | None = None, tta: str | None = None, progress: bool = True,
+             overrides: list[str] | tuple = ()) -> dict:
     """Metrics of a trained run on a labelled set (data it may never have seen): per-task report, confusion
     matrix PNGs and the predicted vs true class distribution, written to `out`."""
     import numpy as np
@@ -390,7 +391,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     from framework.engine.runner import summarize
     from framework.engine.tb import confusion_image
 
-    loaded = P.load_run(run)
+    loaded = P.load_run(run, overrides=overrides)
     rows, ys, labels, dropped = _labelled_rows(loaded, recipe_data, csv_file)
     paths = [r["path"] for r in rows]
     task_probs, ok, failures = P.predict_tasks(loaded, paths, tta, progress=progress)
@@ -459,10 +460,11 @@ def _prior_report(run, probs: dict, truth: dict) -> dict:
     from framework import priors as PS
 
     classes, counts, out = run.questions(), PS.train_counts(run), {}
-    calib = PS.calibration(run)
+    moved = {t for t, s in run.recipe.task_specs().items() if s.kind == "regression"}  # bands may differ from training
+    calib = PS.calibration(run) if set(probs) - moved else {}
     for q, p in probs.items():
         has = truth[q] >= 0
-        if not has.any() or q not in calib:
+        if not has.any() or q not in calib or q in moved:
             continue
         n = len(classes[q])
         true = np.bincount(truth[q][has], minlength=n) / has.sum()

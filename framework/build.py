@@ -21,6 +21,7 @@ class DataPlan:
     dropped: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # byte-identical (train, val) files
     named_tasks: bool = False  # tasks come from the recipe's `tasks` (else the single data.target, "label")
+    values: dict[str, list[float]] = field(default_factory=dict)  # regression task -> the number per row (NaN)
 
     def indices(self, side: str) -> list[int]:
         return [i for i, s in enumerate(self.sides) if s == side]
@@ -60,6 +61,8 @@ def build_data(recipe) -> DataPlan:
     named = recipe.tasks is not None
     rows, ys, labels, dropped = assign_tasks(rows, recipe.task_specs(), recipe.data.missing_label, named)
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
+    from framework.data.labels import numbers
+    plan.values = {t: numbers(rows, s.column) for t, s in recipe.task_specs().items() if s.kind == "regression"}
     plan.sides = build_split(rows, plan.strata, recipe.validation)
     group_by = getattr(recipe.validation, "group_by", "group")
     errors, plan.duplicates = audit(rows, plan.sides, group_by)

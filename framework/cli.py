@@ -140,14 +140,16 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift):
               help="A manifest: `path` plus the run's label columns.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>).")
 @click.option("--tta", type=click.Choice(["hflip"]))
-def evaluate(run, recipe_data, csv_file, out, tta):
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")
+def evaluate(run, recipe_data, csv_file, out, tta, overrides):
     """Score RUN on a labelled set: per-class report, confusion matrix PNGs, class distribution."""
     if bool(recipe_data) == bool(csv_file):
         raise click.UsageError("give either --recipe-data FILE or --csv FILE.")
     from framework import api
 
     try:
-        result = api.evaluate(run, recipe_data, csv_file, out, tta)
+        result = api.evaluate(run, recipe_data, csv_file, out, tta, overrides=overrides)
     except RecipeError as e:
         _fail(e)
     click.echo(result["report"])

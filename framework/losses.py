@@ -72,6 +72,21 @@ def f1(spec, num_classes: int, weight) -> nn.Module:
     return SoftF1Loss(num_classes, weight, spec.label_smoothing)
 
 
+REGRESSION_LOSSES = ("l1", "smooth_l1", "mse")
+
+
+def l1(spec, num_classes: int, weight) -> nn.Module:
+    return nn.L1Loss()
+
+
+def smooth_l1(spec, num_classes: int, weight) -> nn.Module:
+    return nn.SmoothL1Loss(beta=spec.args.get("beta", 5.0))  # ages: quadratic within 5 years, linear beyond
+
+
+def mse(spec, num_classes: int, weight) -> nn.Module:
+    return nn.MSELoss()
+
+
 def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
     """The loss named in the recipe (built-in or registered by a plugin), with its class weights."""
     from framework.registry import LOSSES
@@ -81,19 +96,16 @@ def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
 
 
 class MultiTaskLoss(nn.Module):
-    """Weighted sum of each task's loss over the samples that have that task's label (-1 = missing)."""
+    """Weighted sum of each task's loss over the images that have that task's label (see framework.tasks)."""
 
-    def __init__(self, losses: dict[str, nn.Module], weights: dict[str, float]):
+    def __init__(self, heads: dict, losses: dict[str, nn.Module], weights: dict[str, float]):
         super().__init__()
+        self.heads = heads
         self.losses = nn.ModuleDict(losses)
         self.weights = dict(weights)
 
     def forward(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         total = 0.0
-        for j, (task, fn) in enumerate(self.losses.items()):
-            has = labels[:, j] >= 0  # (N,)
-            if has.any():
-                total = total + self.weights[task] * fn(logits[task][has], labels[has, j])
-            else:  # keep every head in the graph (data-parallel training expects all parameters used)
-                total = total + logits[task].sum() * 0.0
+        for j, (task, head) in enumerate(self.heads.items()):  # labels: (N, T), one column per task
+            total = total + self.weights[task] * head.loss(logits[task], labels[:, j], self.losses[task])
         return total

@@ -29,6 +29,7 @@ class LoadedRun:
     model: torch.nn.Module
     resize: object
     checkpoint: Path
+    heads: dict | None = None  # task -> framework.tasks.Head
 
     @property
     def name(self) -> str:
@@ -52,8 +53,11 @@ class LoadedRun:
         return names if len(names) > 1 else None
 
 
-def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
-    """A trained run from its folder (its best checkpoint) or from a checkpoint file inside one."""
+def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | tuple = ()) -> LoadedRun:
+    """A trained run from its folder (its best checkpoint) or from a checkpoint file inside one.
+
+    `overrides` may move a regression task's cut points (`tasks.age.bins=[30,58]`): its bands are recomputed from
+    the predicted number, without retraining. Nothing else about a trained run can be changed."""
     from framework.api import load_recipe
     from framework.engine import checkpoint as ckpt
     from framework.engine.runner import model_inputs
@@ -71,18 +75,32 @@ def load_run(path: str | Path, checkpoint: str = "best") -> LoadedRun:
     if not (run_dir / "recipe.resolved.yaml").is_file() or not ckpt_path.is_file():
         raise RunError(Issue(f"{path} is not a trained run (needs recipe.resolved.yaml and checkpoints/*.pt).",
                              field="RUN", fix="give a folder made by `recipe run`, or a checkpoint inside one."))
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml").recipe
+    bad = [o for o in overrides if not (o.startswith("tasks.") and o.split("=")[0].endswith(".bins"))]
+    if bad:
+        raise RunError(Issue(f"--set {bad[0]}: only the bins of regression tasks can change after training.",
+                             field="--set", fix="e.g. --set tasks.age.bins=[30,58]."))
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides).recipe
     tasks = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     state = ckpt.load(ckpt_path)
     if not all(isinstance(v, dict) for v in tasks.values()) or not isinstance(state.get("classes"), dict):
         raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
                              field="RUN", fix=f"train it again: recipe run {run_dir / 'recipe.resolved.yaml'}."))
+    specs = recipe.task_specs() if all(isinstance(v, dict) for v in tasks.values()) else {}
+    for task, spec in specs.items():
+        if spec.kind == "regression":
+            from framework.data.labels import bin_names
+            tasks[task] = {**tasks[task], "classes": bin_names(spec.bins)}
+        elif overrides and task in [o.split(".")[1] for o in overrides]:
+            raise RunError(Issue(f"task {task!r} is {spec.kind}: its bands are fixed by training.", field="--set",
+                                 fix="only regression tasks can move their cut points."))
+    from framework.tasks import build_heads
+    heads = build_heads(recipe, tasks, thresholds=state.get("thresholds"))
     size, mean, std = model_inputs(recipe)
-    model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False})
-    model, _ = build_model(model_cfg, {t: len(info["classes"]) for t, info in tasks.items()}, mean, std)
+    model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
+    model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std)
     model.load_state_dict(state["model"])
     model.eval()
-    return LoadedRun(run_dir, recipe, tasks, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path)
+    return LoadedRun(run_dir, recipe, tasks, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)
 
 
 def list_images(images: str | Path | None = None, csv_file: str | Path | None = None) -> list[str]:
@@ -118,10 +136,11 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
         for start in range(0, len(ok), batch_size):
             batch = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)
                                  for i in ok[start:start + batch_size]])  # (N, 3, H, W) uint8
-            probs = {t: v.float().softmax(1) for t, v in run.model(batch).items()}
-            if tta == "hflip":
+            out = run.model(batch)
+            if tta == "hflip":  # average the network outputs of the image and its mirror image
                 flipped = run.model(torch.flip(batch, dims=[3]))
-                probs = {t: (p + flipped[t].float().softmax(1)) / 2 for t, p in probs.items()}
+                out = {t: (v + flipped[t]) / 2 for t, v in out.items()}
+            probs = {t: run.heads[t].probs(v) for t, v in out.items()}
             for t, p in probs.items():
                 raw.setdefault(t, []).append(p.numpy())
     task_probs = {t: np.concatenate(raw[t]) if raw.get(t) else np.zeros((0, len(info["classes"])))

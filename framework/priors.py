@@ -87,11 +87,15 @@ def calibration(run) -> dict[str, dict]:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
     probs, ok, _ = predict_proba(run, [r["path"] for r in val], progress=False)
     classes, out = run.questions(), {}
+    kinds = {t: s.kind for t, s in run.recipe.task_specs().items()}
     for q, p in probs.items():
         task = q if q in run.tasks else next(t for t, i in run.tasks.items() if i.get("parts") and q in i["parts"])
+        if kinds.get(task) == "regression":
+            continue  # a number, not class probabilities: there is nothing to re-weight
         k = list(run.tasks[task]["parts"]).index(q) if task != q else None
         values = [val[i][task] for i in ok]
-        y = np.array([classes[q].index(v.split("/")[k] if k is not None else v) if v else -1 for v in values])
+        names = [v.split("/")[k] if k is not None and v else v for v in values]
+        y = np.array([classes[q].index(n) if n in classes[q] else -1 for n in names])
         has = y >= 0
         if has.sum() < 2:
             continue
@@ -113,8 +117,9 @@ def train_counts(run) -> dict[str, dict[str, int]]:
             counts = dict.fromkeys(classes, 0)
             for r in rows:
                 value = r.get(task, "")
-                if value:
-                    counts[value.split("/")[k] if info.get("parts") else value] += 1
+                name = value.split("/")[k] if info.get("parts") and value else value
+                if name in counts:  # (a regression task whose cut points were moved has other band names)
+                    counts[name] += 1
             out[q] = counts
     return out
 

@@ -111,7 +111,7 @@ BACKBONES = Registry("backbone", external=_timm_has)
 LOSSES = Registry("loss")
 READERS = Registry("reader")
 
-for _name in ("cross_entropy", "focal", "f1"):
+for _name in ("cross_entropy", "focal", "f1", "l1", "smooth_l1", "mse"):
     LOSSES.add_lazy(_name, f"framework.losses:{_name}")
 for _name in ("folder", "csv", "mask_contest", "bundled"):
     READERS.add_lazy(_name, f"framework.data.readers:read_{_name}")

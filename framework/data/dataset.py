@@ -255,5 +255,5 @@ class ImageDataset:
             image = self.augment(image=image, **extra)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
         label = self.labels[i]
-        labels = torch.tensor(label if isinstance(label, tuple) else (label,), dtype=torch.long)  # (T,)
+        labels = torch.tensor(label if isinstance(label, tuple) else (label,), dtype=torch.float32)  # (T,)
         return tensor, labels, i

@@ -128,6 +128,8 @@ def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bo
     codes, labels = {}, {}
     for name, spec in tasks.items():
         codes[name], labels[name] = encode(rows, spec, task_path(named, name), lenient=named)
+        if getattr(spec, "kind", "classification") == "anomaly":
+            codes[name], labels[name] = _anomaly(codes[name], labels[name], spec, task_path(named, name))
     keep = [i for i in range(len(rows)) if any(codes[t][i] is not None for t in tasks)]
     dropped = len(rows) - len(keep)
     if dropped and missing == "error":
@@ -140,6 +142,26 @@ def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bo
                          "check the label column and `map`.", DataError)
     ys = {t: [-1 if codes[t][i] is None else codes[t][i] for i in keep] for t in tasks}
     return [rows[i] for i in keep], ys, labels, dropped
+
+
+def _anomaly(codes, labels: LabelSet, spec, where: tuple):
+    """Class indices -> 1 for the anomaly class, 0 for the rest."""
+    if spec.anomaly not in labels.classes:
+        raise FieldError(where + ("anomaly",), f"{spec.anomaly!r} is not one of the classes {labels.classes}.",
+                         "name one of them, e.g. the last bin's name.", DataError)
+    k = labels.classes.index(spec.anomaly)
+    return [None if c is None else int(c == k) for c in codes], LabelSet([f"not {spec.anomaly}", spec.anomaly])
+
+
+def numbers(rows: list[dict], column: str) -> list[float]:
+    """The numeric value of `column` per row (NaN where missing): what a regression task learns."""
+    out = []
+    for r in rows:
+        try:
+            out.append(float(r.get(column, "")))
+        except (TypeError, ValueError):
+            out.append(float("nan"))
+    return out
 
 
 def assign_labels(rows: list[dict], target, missing: str = "drop") -> tuple[list[dict], list[int], LabelSet, int]:

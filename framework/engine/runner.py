@@ -26,6 +26,7 @@ from framework.engine import checkpoint as ckpt
 from framework.engine.metrics import confusion, scores
 from framework.errors import DataError, FieldError, Interrupted, Issue, did_you_mean
 from framework.losses import MultiTaskLoss, build_loss
+from framework.tasks import best_threshold, build_heads
 from framework.models import backbone_defaults, build_model
 
 def monitor_names(labels: dict) -> list[str]:
@@ -35,6 +36,7 @@ def monitor_names(labels: dict) -> list[str]:
         names += [f"{side}/{m}" for m in ("macro_f1", "accuracy", "loss")]
         if len(labels) > 1:
             names += [f"{side}/{t}/{m}" for t in list(labels) + ["composite"] for m in ("macro_f1", "accuracy")]
+    names += ["val/mae"] + [f"val/{t}/mae" for t in labels]  # regression tasks (use checkpoint.mode: min)
     return names
 
 
@@ -142,11 +144,28 @@ class Setup:
     image_size: tuple[int, int]
     notes: list[str]
     skipped: list[tuple[str, str]]
+    heads: dict | None = None  # task -> framework.tasks.Head
     no_face: int = 0  # training images without a face box (when an augmentation needs one)
     validations: int = 0
     cam_paths: list | None = None  # the fixed misclassified validation images whose Grad-CAMs are logged
     resize: object = None
     cache: dict | None = None
+
+
+def _task_loss(spec, train):
+    """A task's loss spec: its own, else train.loss; a regression task defaults to smooth L1."""
+    from framework.losses import REGRESSION_LOSSES
+
+    loss = spec.loss or train.loss
+    if spec.kind == "regression" and loss.name not in REGRESSION_LOSSES:
+        if spec.loss is not None:
+            raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is not a regression loss.",
+                             f"use one of: {', '.join(REGRESSION_LOSSES)}.")
+        loss = loss.model_copy(update={"name": "smooth_l1", "class_weights": "none"})
+    if spec.kind != "regression" and loss.name in REGRESSION_LOSSES:
+        raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is a regression loss, but this task is "
+                         f"{spec.kind}.", "use cross_entropy, focal or f1.")
+    return loss
 
 
 def model_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
@@ -187,7 +206,8 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     augs = T.build_augmentations(recipe.transforms)
     use_boxes = T.needs_face_box(augs)
     rows, sides = plan.rows, plan.sides
-    y = [tuple(v) for v in zip(*plan.ys.values())]  # per row: each task's class index, -1 = no label
+    # per row, one number per task: the class index (-1 = no label), or a regression task's value (NaN = none)
+    y = [tuple(v) for v in zip(*(plan.values.get(t, codes) for t, codes in plan.ys.items()))]
     strata = plan.strata
     if not use_boxes:  # nothing looks at face boxes: do not carry them
         rows = [{**r, "box": None} if r.get("box") else r for r in rows]
@@ -228,16 +248,16 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
     val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
 
     torch.manual_seed(tr.seed)
-    heads = {task: len(labels.classes) for task, labels in plan.labels.items()}
-    model, notes = build_model(recipe.model, heads, mean, std)
+    heads = build_heads(recipe, plan.labels, {t: [plan.ys[t][i] for i in tr_idx] for t in plan.ys})
+    model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if recipe.model.compile:
         model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys
     specs = recipe.task_specs()
-    loss_fn = MultiTaskLoss({task: build_loss(specs[task].loss or tr.loss, n,
-                                              [lab[j] for lab in train_ds.labels if lab[j] >= 0])
-                             for j, (task, n) in enumerate(heads.items())},
+    loss_fn = MultiTaskLoss(heads, {task: build_loss(_task_loss(specs[task], tr), len(h.classes),
+                                                     [plan.ys[task][i] for i in tr_idx if plan.ys[task][i] >= 0])
+                                    for task, h in heads.items()},
                             {task: specs[task].weight for task in heads})
     opt_cfg = tr.optimizer
     params = model.parameters()
@@ -257,7 +277,7 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
         _require_gradcam()
     cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped, no_face, resize=resize, cache=cache)
+                 size, notes, skipped, heads, no_face, resize=resize, cache=cache)
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -285,8 +305,12 @@ def _shard_log(acc):
     return open(Path(folder) / f"rank{acc.process_index}.txt", "a", encoding="utf-8")
 
 
-def _predictions(logits: dict) -> torch.Tensor:
-    return torch.stack([v.argmax(1) for v in logits.values()], dim=1)  # (N, T)
+def _predictions(heads: dict, logits: dict) -> torch.Tensor:
+    return torch.stack([h.predict(logits[t]) for t, h in heads.items()], dim=1)  # (N, T) band indices
+
+
+def _bands(heads: dict, labels: torch.Tensor) -> torch.Tensor:
+    return torch.stack([h.bands(labels[:, j]) for j, h in enumerate(heads.values())], dim=1)  # (N, T), -1 = none
 
 
 def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: StopSignal | None = None,
@@ -319,7 +343,7 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
-        p, t = acc.gather_for_metrics((_predictions(logits).detach(), labels))
+        p, t = acc.gather_for_metrics((_predictions(s.heads, logits).detach(), _bands(s.heads, labels)))
         preds.append(p.cpu())
         targets.append(t.cpu())
         loss_sum += float(loss.detach()) * len(labels)
@@ -347,29 +371,64 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, progress: bool = False) -> dict:
-    """Loss, predictions and probabilities over the whole loader; each sample counted exactly once.
+def evaluate(accelerator, model, loader, heads: dict, progress: bool = False) -> dict:
+    """Loss, band predictions and probabilities over the whole loader; each sample counted exactly once.
+    Also the raw anomaly scores and the predicted and true numbers of regression tasks.
 
-    The loss is the sum over tasks of the mean cross-entropy on the samples that have that task's label."""
+    The loss is the sum over tasks of the task's mean loss on the samples that have its label (cross-entropy for
+    classification, L1 for regression, binary cross-entropy for ordinal and anomaly heads)."""
     model.eval()
-    targets, probs = [], {}
-    loss_sums: dict[str, float] = {}
+    targets, probs, scores, values = [], {}, {}, {}
+    loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
     for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
-        logits = model(images)
-        gathered = accelerator.gather_for_metrics(({t: v.float() for t, v in logits.items()}, labels))
-        out, labels = gathered
+        out, labels = accelerator.gather_for_metrics((model(images), labels))
         targets.append(labels.cpu())
-        for j, (task, v) in enumerate(out.items()):
-            has = labels[:, j] >= 0
-            ce = F.cross_entropy(v[has], labels[has, j], reduction="sum") if has.any() else v.new_zeros(())
-            loss_sums[task] = loss_sums.get(task, 0.0) + float(ce)
-            probs.setdefault(task, []).append(v.softmax(1).cpu())
-    y_true = torch.cat(targets).numpy()
+        for j, (task, head) in enumerate(heads.items()):
+            v, col = out[task].float(), labels[:, j]
+            has = head.has(col)
+            fn = torch.nn.L1Loss(reduction="sum") if head.kind == "regression" else \
+                torch.nn.CrossEntropyLoss(reduction="sum")
+            if has.any():
+                loss_sums[task] += float(head.loss(v, col, fn)) * (1 if head.kind in ("classification", "regression")
+                                                                     else int(has.sum()))
+            probs.setdefault(task, []).append(head.probs(v).cpu())
+            if head.kind == "anomaly":
+                scores.setdefault(task, []).append(head.score(v).cpu())
+            if head.kind == "regression":
+                values.setdefault(task, []).append(torch.stack([head.value(v), col.float()], 1).cpu())
+    raw = torch.cat(targets)
+    y_true = torch.stack([h.bands(raw[:, j]) for j, h in enumerate(heads.values())], 1).numpy()
     prob = {t: torch.cat(p).numpy() for t, p in probs.items()}
     counts = (y_true >= 0).sum(0)
-    loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(prob))
+    loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(heads))
     y_pred = np.stack([p.argmax(1) for p in prob.values()], axis=1)
-    return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob}
+    return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob,
+            "scores": {t: torch.cat(v).numpy() for t, v in scores.items()},
+            "values": {t: torch.cat(v).numpy() for t, v in values.items()}}
+
+
+def choose_thresholds(heads: dict, v_stats: dict) -> dict[str, float]:
+    """For every anomaly task: the threshold with the best validation F1 of the anomaly class; the task's
+    predictions are redone with it."""
+    chosen = {}
+    for j, (task, head) in enumerate(heads.items()):
+        if head.kind != "anomaly":
+            continue
+        y = v_stats["y_true"][:, j]
+        has = y >= 0
+        head.threshold, _ = best_threshold(v_stats["scores"][task][has], y[has])
+        v_stats["y_pred"][:, j] = (v_stats["scores"][task] > head.threshold).astype(int)
+        chosen[task] = head.threshold
+    return chosen
+
+
+def regression_extras(heads: dict, v_stats: dict) -> dict[str, dict]:
+    """Per regression task: the mean absolute error of the predicted number."""
+    out = {}
+    for task, pv in v_stats["values"].items():
+        has = ~np.isnan(pv[:, 1])
+        out[task] = {"mae": float(np.abs(pv[has, 0] - pv[has, 1]).mean()) if has.any() else float("nan")}
+    return out
 
 
 def _bar(it, desc: str, show: bool):
@@ -379,7 +438,8 @@ def _bar(it, desc: str, show: bool):
     return tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float | None = None) -> dict:
+def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float | None = None,
+              extras: dict | None = None) -> dict:
     """Scores of every task on the samples labelled for it; with several tasks, their mean and the composite
     label over the samples that have every task (index = mixed radix in task order, e.g. mask*6 + gender*3 + age).
 
@@ -388,6 +448,7 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float 
     for j, (task, lab) in enumerate(labels.items()):
         has = y_true[:, j] >= 0
         per[task] = scores(confusion(y_true[has, j], y_pred[has, j], len(lab.classes)), lab.classes)
+        per[task].update((extras or {}).get(task, {}))  # a regression task's MAE, an anomaly task's threshold
     if len(per) == 1:
         out = dict(next(iter(per.values())))
     else:
@@ -422,6 +483,8 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         if acc.scaler is not None and resume.get("scaler"):
             acc.scaler.load_state_dict(resume["scaler"])
         start_epoch, best, partial = resume["epoch"] + 1, resume["best"], resume.get("partial")
+        for task, t in resume.get("thresholds", {}).items():
+            s.heads[task].threshold = t
     summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
                    skipped_images=len(s.skipped), no_face_images=s.no_face, cache=s.cache, weights_notes=s.notes, processes=acc.num_processes,
                    device=str(acc.device))
@@ -471,8 +534,12 @@ def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, 
               "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
-        v_stats = evaluate(acc, s.model, s.val_loader, recipe.logging.progress)
-        record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"])
+        v_stats = evaluate(acc, s.model, s.val_loader, s.heads, recipe.logging.progress)
+        thresholds = choose_thresholds(s.heads, v_stats)
+        extras = regression_extras(s.heads, v_stats)
+        for task, t in thresholds.items():
+            extras.setdefault(task, {})["threshold"] = t
+        record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], labels, v_stats["loss"], extras)
         s.validations += 1
         if recipe.logging.cam_every and s.validations % recipe.logging.cam_every == 0 and main and writer:
             _log_cams(s, recipe, labels, v_stats, writer, epoch)
@@ -506,6 +573,7 @@ def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, 
 
 def _state(acc, s: Setup, epoch: int, best: dict, labels: dict, recipe) -> dict:
     return {"format": 1, "epoch": epoch, "best": best, "classes": {t: lab.classes for t, lab in labels.items()},
+            "thresholds": {t: h.threshold for t, h in s.heads.items() if h.kind == "anomaly"},
             "image_size": list(s.image_size),
             "backbone": recipe.model.backbone,
             "model": acc.unwrap_model(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
@@ -521,15 +589,16 @@ def _flat(record: dict) -> dict:
         if side not in record:
             continue
         r = record[side]
-        for k in ("loss", "accuracy", "macro_f1", "images_per_sec"):
+        for k in ("loss", "accuracy", "macro_f1", "images_per_sec", "mae", "threshold"):
             if k in r:
                 out[f"{side}/{k}"] = r[k]
         parts = dict(r.get("tasks", {}))
         if "composite" in r:
             parts["composite"] = r["composite"]
         for task, sc in parts.items():
-            for k in ("accuracy", "macro_f1"):
-                out[f"{side}/{task}/{k}"] = sc[k]
+            for k in ("accuracy", "macro_f1", "mae", "threshold"):
+                if k in sc:
+                    out[f"{side}/{task}/{k}"] = sc[k]
     return out
 
 
@@ -567,8 +636,8 @@ def _writer(run_dir: Path, recipe, s: Setup, labels: dict, start_epoch: int):
         if n:
             picks = np.linspace(0, len(s.train_ds) - 1, n).astype(int)
             items = [s.train_ds[(1, int(i))] for i in picks]  # what the model sees in epoch 1
-            names = ["/".join(lab.classes[k] for lab, k in zip(labels.values(), y.tolist()) if k >= 0)
-                     for _, y, _ in items]
+            names = ["/".join(lab.classes[int(k)] for lab, k in zip(labels.values(), _bands(s.heads, y[None])[0].tolist())
+                              if k >= 0) for _, y, _ in items]
             grid = sample_grid([im for im, _, _ in items], names)
             writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
     return writer

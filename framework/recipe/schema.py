@@ -364,10 +364,29 @@ class TrainSection(_Section):
 
 
 class TaskSpec(TargetSpec):
-    """One head of a multi-task model: its label, its loss and its weight in the total loss."""
+    """One head of a multi-task model: its label, its kind, its loss and its weight in the total loss."""
 
-    loss: LossSpec | None = Field(None, description="This task's loss (default: train.loss).")
+    kind: Literal["classification", "regression", "ordinal", "anomaly"] = Field(
+        "classification", description="classification: one class per band or value; regression: predict the number "
+        "(needs `bins`: its bands are the classes of the metrics and predictions, and can be moved after training); "
+        "ordinal: 'is it above band k' heads over ordered `bins`; anomaly: the class named in `anomaly` against the "
+        "rest, with a threshold chosen on the validation split.")
+    anomaly: str | None = Field(None, description="For kind anomaly: the rare class, e.g. '60+'.")
+    loss: LossSpec | None = Field(None, description="This task's loss (default: train.loss; for regression "
+                                                    "smooth_l1; l1 and mse too).")
     weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+
+    @model_validator(mode="after")
+    def _kind_needs(self):
+        if self.kind in ("regression", "ordinal") and self.bins is None:
+            raise ValueError(f"a {self.kind} task needs `bins` (the bands its metrics and predictions use)")
+        if self.kind == "anomaly" and not self.anomaly:
+            raise ValueError("an anomaly task needs `anomaly: <the rare class>`, e.g. anomaly: '60+'")
+        if self.kind != "anomaly" and self.anomaly is not None:
+            raise ValueError("`anomaly` is only for kind anomaly")
+        if self.composite is not None and self.kind != "classification":
+            raise ValueError("a composite label is a classification task")
+        return self
 
 
 class EvalSection(_Section):

@@ -1,0 +1,120 @@
+"""Age as a number: regression, ordinal and anomaly tasks on UTKFace, reported with the same band metrics."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from framework import api
+from framework.cli import main
+from framework.compare import sheet
+from framework.tasks import Head, best_threshold
+from tests.conftest import DATA, read_manifest, tiny_recipe
+
+FAST = {"epochs": 2, "batch_size": 16, "num_workers": 0, "optimizer": {"name": "adamw", "lr": 0.003}}
+
+
+def test_heads_by_hand():
+    reg = Head("age", "regression", ["<30", "30-59", "60+"], [30, 60])
+    assert reg.bands(torch.tensor([12.0, 30.0, 59.9, 60.0, float("nan")])).tolist() == [0, 1, 1, 2, -1]
+    assert reg.predict(torch.tensor([[29.0], [61.0]])).tolist() == [0, 2]
+    ordinal = Head("age", "ordinal", ["<30", "30-59", "60+"])
+    p = ordinal.probs(torch.tensor([[5.0, -5.0], [5.0, 5.0], [-5.0, -5.0]]))  # logits of "above band 0/1"
+    assert p.argmax(1).tolist() == [1, 2, 0] and p.sum(1) == pytest.approx(torch.ones(3), abs=1e-6)
+    target = torch.tensor([2.0, 0.0])
+    assert ordinal.loss(torch.tensor([[9.0, 9.0], [-9.0, -9.0]]), target, None) < 0.01  # right answers, low loss
+    anomaly = Head("age", "anomaly", ["not 60+", "60+"], threshold=0.2)
+    assert anomaly.predict(torch.tensor([[-1.0], [-2.0]])).tolist() == [1, 0]  # sigmoid 0.27 > 0.2 > 0.12
+    t, f1 = best_threshold([0.9, 0.8, 0.3, 0.2, 0.1], [1, 1, 0, 1, 0])
+    assert 0.1 < t < 0.2 and f1 == pytest.approx(2 * 3 / (4 + 3))
+
+
+def _utk_manifest(path, per_label=12):
+    rows, taken = [], {}
+    for r in read_manifest("utkface_subset"):
+        if r["label"] and taken.get(r["label"], 0) < per_label:
+            taken[r["label"]] = taken.get(r["label"], 0) + 1
+            rows.append([DATA / "utkface_subset" / r["path"], r["age"], r["age_band"], r["group"]])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "age", "age_band", "group"])
+        w.writerows(rows)
+    return path
+
+
+def _age_recipe(tmp_path, kind_spec, name):
+    _utk_manifest(tmp_path / "utk.csv")
+    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "utk", "manifest": "utk.csv",
+                                                    "group_column": "group"}], "target": None},
+                       tasks={"age": {"column": "age", "bins": [30, 60], **kind_spec}},
+                       validation={"type": "holdout", "ratio": 0.25, "stratify": "age_band"}, train=FAST)
+    return path.rename(tmp_path / f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def age_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("age")
+    kinds = {"classification": {}, "regression": {"kind": "regression"}, "ordinal": {"kind": "ordinal"},
+             "anomaly": {"kind": "anomaly", "anomaly": "60+"}}
+    return tmp, {k: api.run(_age_recipe(tmp, spec, k), name=k, log=lambda *_: None) for k, spec in kinds.items()}
+
+
+def test_classification_regression_ordinal_report_the_same_band_metrics(age_runs):
+    tmp, runs = age_runs
+    records = {k: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+               for k, r in runs.items()}
+    for kind in ("classification", "regression", "ordinal"):
+        assert list(records[kind]["per_class"]) == ["<30", "30-59", "60+"]
+        assert sum(map(sum, records[kind]["confusion"])) == 18  # the same 18 validation images (72 x 0.25)
+    assert records["regression"]["mae"] > 0  # years
+    cols, rows = sheet([runs["classification"], runs["regression"], runs["ordinal"]])
+    assert {"val/macro_f1", "val/mae"} <= set(cols) and len(rows) == 3  # side by side in `recipe compare`
+    with open(runs["regression"] / "split.csv", encoding="utf-8") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"train", "val"}
+
+
+def test_moving_the_cut_from_60_to_58_changes_the_bands_without_retraining(age_runs):
+    tmp, runs = age_runs
+    before = runs["regression"] / "checkpoints" / "best.pt"
+    mtime = before.stat().st_mtime_ns
+    results = {}
+    for bins in ("[30, 60]", "[30, 58]"):
+        result = CliRunner().invoke(main, ["evaluate", str(runs["regression"]), "--csv", str(tmp / "utk.csv"),
+                                           "--set", f"tasks.age.bins={bins}", "--out", str(tmp / f"ev{bins[5:7]}")])
+        assert result.exit_code == 0, result.output
+        results[bins] = json.loads((tmp / f"ev{bins[5:7]}" / "metrics.json").read_text())
+    assert list(results["[30, 60]"]["distribution"]["age"]) == ["<30", "30-59", "60+"]
+    assert list(results["[30, 58]"]["distribution"]["age"]) == ["<30", "30-57", "58+"]
+    true60 = {k: v["true"] for k, v in results["[30, 60]"]["distribution"]["age"].items()}
+    true58 = {k: v["true"] for k, v in results["[30, 58]"]["distribution"]["age"].items()}
+    ages = [int(r["age"]) for r in csv.DictReader(open(tmp / "utk.csv", encoding="utf-8"))]
+    assert true58["58+"] == sum(a >= 58 for a in ages) and true60["60+"] == sum(a >= 60 for a in ages)
+    assert before.stat().st_mtime_ns == mtime  # nothing was retrained
+    bad = CliRunner().invoke(main, ["evaluate", str(runs["classification"]), "--csv", str(tmp / "utk.csv"),
+                                    "--set", "tasks.age.bins=[30, 58]"])
+    assert bad.exit_code == 2 and "only regression tasks" in bad.output
+
+
+def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
+    tmp, runs = age_runs
+    val = [json.loads(x) for x in (runs["anomaly"] / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+    assert list(val["per_class"]) == ["not 60+", "60+"] and 0 < val["threshold"] < 1
+    assert 0 <= val["per_class"]["60+"]["f1"] <= 1
+    state = torch.load(runs["anomaly"] / "checkpoints" / "best.pt", weights_only=True)
+    assert 0 < state["thresholds"]["age"] < 1
+    out = api.predict(runs["anomaly"], csv_file=tmp / "utk.csv", out=tmp / "anom.csv", progress=False)
+    rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
+    assert {r["age"] for r in rows} <= {"not 60+", "60+"}
+
+
+def test_regression_predictions_and_ensembles_use_bands(age_runs):
+    tmp, runs = age_runs
+    out = api.predict(runs["regression"], csv_file=tmp / "utk.csv", out=tmp / "reg.csv", progress=False)
+    rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
+    assert {r["age"] for r in rows} <= {"<30", "30-59", "60+"}
+    result = api.ensemble([runs["classification"], runs["regression"], runs["ordinal"]], method="hard",
+                          csv_file=tmp / "utk.csv", out=tmp / "ens.csv", progress=False)
+    assert set(result["validation"]) == {"classification", "regression", "ordinal", "ensemble"}
+    assert np.isfinite(result["validation"]["ensemble"]["age"])
