@@ -72,8 +72,8 @@ def _best_scores(run: Path) -> dict[str, float]:
         except (ValueError, KeyError):
             continue
         for k, v in flat.items():
-            if k.startswith("val/"):
-                keep = min if k.endswith("loss") else max
+            if k.startswith("val/") and not k.endswith("threshold"):  # a threshold is a setting, not a score
+                keep = min if k.endswith(("loss", "mae")) else max  # lower is better for losses and errors
                 best[k] = keep(best.get(k, v), v)
     return best
 
@@ -116,7 +116,7 @@ def _cell(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4f}" if v < 10 else f"{v:.0f}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
