@@ -33,7 +33,7 @@ class Head:
         """True band index per image (-1 where there is no label)."""
         if self.kind != "regression":
             return col.long()
-        band = torch.bucketize(col.float(), self.bins.to(col.device), right=True)
+        band = torch.bucketize(col.float().contiguous(), self.bins.to(col.device), right=True)
         return torch.where(torch.isnan(col), torch.full_like(band, -1), band)
 
     def loss(self, out: torch.Tensor, col: torch.Tensor, fn) -> torch.Tensor:
@@ -65,7 +65,7 @@ class Head:
         if self.kind == "classification":
             return out.softmax(1)
         if self.kind == "regression":
-            band = torch.bucketize(self.value(out), self.bins.to(out.device), right=True)
+            band = torch.bucketize(self.value(out).contiguous(), self.bins.to(out.device), right=True)
             return F.one_hot(band, len(self.classes)).float()
         if self.kind == "ordinal":
             above = torch.sigmoid(out)  # P(band > k), k = 0 .. C-2

@@ -118,3 +118,17 @@ def test_regression_predictions_and_ensembles_use_bands(age_runs):
                           csv_file=tmp / "utk.csv", out=tmp / "ens.csv", progress=False)
     assert set(result["validation"]) == {"classification", "regression", "ordinal", "ensemble"}
     assert np.isfinite(result["validation"]["ensemble"]["age"])
+
+
+def test_a_regression_head_among_classification_heads(tmp_path):
+    from tests.test_predict import _mixed_recipe
+
+    tasks = {"mask": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]},
+             "gender": {"column": "gender", "classes": ["male", "female"]},
+             "age": {"column": "age", "bins": [30, 60], "kind": "regression"}}
+    run_dir = api.run(_mixed_recipe(tmp_path, tasks), name="mixed-kinds", log=lambda *_: None)
+    val = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+    assert set(val["tasks"]) == {"mask", "gender", "age"} and val["tasks"]["age"]["mae"] > 0
+    out = api.predict(run_dir, csv_file=tmp_path / "mixed.csv", out=tmp_path / "p.csv", progress=False)
+    rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
+    assert list(rows[0])[:6] == ["path", "mask", "gender", "age", "composite", "composite_index"]
