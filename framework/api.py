@@ -325,7 +325,8 @@ def predict(run: str | Path, images: str | Path | None = None, csv_file: str | P
 
     loaded = P.load_run(run)
     paths = P.list_images(images, csv_file)
-    probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress)
+    values: dict = {}
+    probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress, values=values)
     classes = loaded.questions()
     train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in PS.train_counts(loaded).items()}
     estimated = adjusted = None
@@ -336,7 +337,7 @@ def predict(run: str | Path, images: str | Path | None = None, csv_file: str | P
     composite = PS.composite_shares(loaded, {q: p.argmax(1) for q, p in final.items()}, order) if order and ok else None
     table, shares = PS.distribution_table(classes, train, probs, estimated, adjusted, composite)
     out = Path(out)
-    P.write_predictions(out, paths, ok, final, classes, order, proba)
+    P.write_predictions(out, paths, ok, final, classes, order, proba, values=values)
     write_json(out.with_name(out.stem + ".distribution.json"), {"images": len(ok), "prior_shift": prior_shift,
                                                                  "shares": shares})
     failed_file = out.with_name(out.stem + ".failed.csv")
@@ -491,13 +492,15 @@ def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal
     members = [P.load_run(r) for r in runs]
     w = P.ensemble_weights(members, weights)
     paths = P.list_images(images, csv_file)
-    outputs = [P.predict_proba(m, paths, tta, progress=progress) for m in members]
+    member_values = [{} for _ in members]
+    outputs = [P.predict_proba(m, paths, tta, progress=progress, values=v) for m, v in zip(members, member_values)]
     ok = sorted(set.intersection(*(set(o[1]) for o in outputs)))
     member_probs = [{q: p[[o[1].index(i) for i in ok]] for q, p in o[0].items()} for o in outputs]
+    member_values = [{q: v[[o[1].index(i) for i in ok]] for q, v in mv.items()} for mv, o in zip(member_values, outputs)]
     estimated = None
     if prior_shift:
         member_probs, estimated = _shift_members(members, member_probs, w, prior_shift)
-    probs, picks, classes = P.combine(members, member_probs, method, w)
+    probs, picks, classes = P.combine(members, member_probs, method, w, member_values)
     order = P.composite_order_of(members, list(classes), composite)
     out = Path(out)
     P.write_predictions(out, paths, ok, probs, classes, order, proba, picks)
@@ -550,10 +553,12 @@ def _ensemble_validation(members, method, weights, classes, order, tta, progress
     if shared is None:
         return None
     paths, truth = shared
-    outputs = [P.predict_proba(m, paths, tta, progress=progress) for m in members]
+    member_values = [{} for _ in members]
+    outputs = [P.predict_proba(m, paths, tta, progress=progress, values=v) for m, v in zip(members, member_values)]
     ok = sorted(set.intersection(*(set(o[1]) for o in outputs)))
     member_probs = [{q: p[[o[1].index(i) for i in ok]] for q, p in o[0].items()} for o in outputs]
-    _, picks, _ = P.combine(members, member_probs, method, weights)
+    member_values = [{q: v[[o[1].index(i) for i in ok]] for q, v in mv.items()} for mv, o in zip(member_values, outputs)]
+    _, picks, _ = P.combine(members, member_probs, method, weights, member_values)
     table = {}
     for name, probs in [(m.name, mp) for m, mp in zip(members, member_probs)] + [("ensemble", None)]:
         row = {}

@@ -124,8 +124,9 @@ def list_images(images: str | Path | None = None, csv_file: str | Path | None = 
 
 
 def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
-                  progress: bool = False) -> tuple[dict[str, np.ndarray], list[int], list[tuple[str, str]]]:
-    """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures."""
+                  progress: bool = False, values: dict | None = None):
+    """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures.
+    A `values` dict receives the predicted numbers of regression tasks (N_ok,)."""
     from framework.data.dataset import prepare
 
     images, _, failures = prepare([{"path": p} for p in paths], run.resize, progress=progress, desc="decode")
@@ -143,15 +144,21 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
             probs = {t: run.heads[t].probs(v) for t, v in out.items()}
             for t, p in probs.items():
                 raw.setdefault(t, []).append(p.numpy())
+                if values is not None and run.heads[t].kind == "regression":
+                    values.setdefault(t, []).append(run.heads[t].value(out[t]).numpy())
     task_probs = {t: np.concatenate(raw[t]) if raw.get(t) else np.zeros((0, len(info["classes"])))
                   for t, info in run.tasks.items()}
+    if values is not None:
+        for t in list(values):
+            values[t] = np.concatenate(values[t])
     return task_probs, ok, [(paths[i], why) for i, why in failures]
 
 
 def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
-                  progress: bool = False) -> tuple[dict[str, np.ndarray], list[int], list[tuple[str, str]]]:
-    """Per question, probabilities (N_ok, classes) for the readable images; their indices; the failures."""
-    task_probs, ok, failures = predict_tasks(run, paths, tta, batch_size, progress)
+                  progress: bool = False, values: dict | None = None):
+    """Per question, probabilities (N_ok, classes) for the readable images; their indices; the failures.
+    A `values` dict receives the predicted numbers of regression questions."""
+    task_probs, ok, failures = predict_tasks(run, paths, tta, batch_size, progress, values)
     return questions_of(run, task_probs), ok, failures
 
 
@@ -181,13 +188,16 @@ def composite_index(picks: dict[str, np.ndarray], order: list[str], classes: dic
 
 def write_predictions(out: Path, paths: list[str], ok: list[int], probs: dict[str, np.ndarray],
                       classes: dict[str, list[str]], order: list[str] | None, with_proba: bool = False,
-                      picks: dict[str, np.ndarray] | None = None) -> None:
-    """The prediction CSV: path, one column per question, composite and composite_index, optional probabilities."""
+                      picks: dict[str, np.ndarray] | None = None, values: dict[str, np.ndarray] | None = None) -> None:
+    """The prediction CSV: path, one column per question, composite and composite_index, the number of each
+    regression question (`<question>_value`), optional probabilities."""
     picks = picks or {q: p.argmax(1) for q, p in probs.items()}
+    values = values or {}
     header = ["path"] + list(probs)
     if order:
         header += ["composite", "composite_index"]
         comp = composite_index(picks, order, classes)
+    header += [f"{q}_value" for q in values]
     if with_proba:
         header += [f"{q}:{c}" for q in probs for c in classes[q]]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +208,7 @@ def write_predictions(out: Path, paths: list[str], ok: list[int], probs: dict[st
             row = [paths[i]] + [classes[q][picks[q][k]] for q in probs]
             if order:
                 row += ["/".join(classes[q][picks[q][k]] for q in order), int(comp[k])]
+            row += [f"{values[q][k]:.3f}" for q in values]
             if with_proba:
                 row += [f"{v:.6f}" for q in probs for v in probs[q][k]]
             w.writerow(row)
@@ -262,9 +273,10 @@ def ensemble_weights(runs: list[LoadedRun], spec: str) -> list[float]:
 
 
 def combine(runs: list[LoadedRun], member_probs: list[dict[str, np.ndarray]], method: str,
-            weights: list[float]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+            weights: list[float], member_values: list[dict] | None = None):
     """Per question: the ensemble's probabilities, its picks, and the classes. Members answer the questions they
-    have; a question's classes must agree across the members that answer it."""
+    have; a question's classes must agree across the members that answer it. When every member answering a
+    question is a regression run, the ensemble averages their numbers (weighted) and bins the mean."""
     classes: dict[str, list[str]] = {}
     for r in runs:
         for q, c in r.questions().items():
@@ -272,9 +284,17 @@ def combine(runs: list[LoadedRun], member_probs: list[dict[str, np.ndarray]], me
                 raise RunError(Issue(f"members disagree on the classes of {q!r}: {classes[q]} vs {c} ({r.name}).",
                                      field="RUN", fix="ensemble runs trained with the same classes."))
     probs, picks = {}, {}
+    member_values = member_values or [{} for _ in runs]
     for q in classes:
-        have = [(m[q], w) for m, w in zip(member_probs, weights) if q in m]
-        ps, ws = [p for p, _ in have], [w for _, w in have]
+        have = [(m[q], w, v.get(q), r) for m, w, v, r in zip(member_probs, weights, member_values, runs) if q in m]
+        ps, ws = [p for p, *_ in have], [w for _, w, *_ in have]
+        if all(v is not None for _, _, v, _ in have):  # regression members: average the number, then bin it
+            mean = sum(v * w for _, w, v, _ in have) / sum(ws)
+            band = torch.bucketize(torch.tensor(mean, dtype=torch.float32).contiguous(), have[0][3].heads[q].bins,
+                                   right=True).numpy()
+            picks[q] = band
+            probs[q] = np.eye(len(classes[q]))[band]
+            continue
         probs[q] = soft_vote(ps, ws)
         picks[q] = hard_vote(ps, ws) if method == "hard" else probs[q].argmax(1)
     return probs, picks, classes

@@ -132,3 +132,19 @@ def test_a_regression_head_among_classification_heads(tmp_path):
     out = api.predict(run_dir, csv_file=tmp_path / "mixed.csv", out=tmp_path / "p.csv", progress=False)
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert list(rows[0])[:6] == ["path", "mask", "gender", "age", "composite", "composite_index"]
+
+
+def test_regression_members_average_their_numbers(age_runs):
+    tmp, runs = age_runs
+    other = api.run(tmp / "regression.yaml", ["train.seed=5"], name="regression-seed5", log=lambda *_: None)
+    outs = [api.predict(r, csv_file=tmp / "utk.csv", out=tmp / f"{r.name}.csv", progress=False)
+            for r in (runs["regression"], other)]
+    numbers = [np.array([float(r["age_value"]) for r in csv.DictReader(open(o["out"], encoding="utf-8"))])
+               for o in outs]
+    api.ensemble([runs["regression"], other], method="hard", csv_file=tmp / "utk.csv", out=tmp / "mean.csv",
+                 progress=False)
+    bands = [r["age"] for r in csv.DictReader(open(tmp / "mean.csv", encoding="utf-8"))]
+    mean = (numbers[0] + numbers[1]) / 2
+    expected = ["<30" if m < 30 else "30-59" if m < 60 else "60+" for m in mean]
+    agree = np.mean([a == b for a, b in zip(bands, expected)])
+    assert agree > 0.97  # equal up to the 3-decimal rounding of the CSV at a cut point
