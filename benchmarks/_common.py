@@ -54,3 +54,30 @@ def timed(fn, repeat: int = 3) -> list[float]:
 
 def median(xs) -> float:
     return statistics.median(xs)
+
+
+def loader_setup(description: str, size: int = 128):
+    """Shared set-up of the loader benchmarks: arguments, the contest-sized photos, and recipe's soft pipeline.
+
+    Returns (args, folder of photos, rows, labels, resize stage, augmentation stage)."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    from framework import transforms as T
+    from framework.api import load_recipe
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="recipe-bench-"))
+    photos = contest_sized(real_photos(args.images), tmp / "photos")
+    rows, labels = [{"path": p} for p, _ in photos], [(y,) for _, y in photos]
+    recipe = load_recipe(REPO / "recipes" / "soft_aug.yaml", [f"transforms.image_size={size}"]).recipe
+    resize = T.resize_stage((size, size), recipe.transforms.resize)
+    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
+    return args, tmp, rows, labels, resize, augment

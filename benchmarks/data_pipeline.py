@@ -4,15 +4,11 @@ re-encoded at the contest's 384x512 size, with the soft augmentation of recipes/
     python benchmarks/data_pipeline.py [--images 400] [--workers 0]
 Goal: at least 3x from the second epoch on (the first epoch of the cached loader includes filling the cache).
 """
-import argparse
-import tempfile
 import time
-from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
-from _common import REPO, contest_sized, real_photos
+from _common import loader_setup
 
 
 def epoch_rate(loader, epoch: int) -> float:
@@ -24,23 +20,10 @@ def epoch_rate(loader, epoch: int) -> float:
 
 
 def main() -> None:
-    from framework import transforms as T
-    from framework.api import load_recipe
     from framework.data.dataset import DiskCache, ImageDataset, prepare
     from framework.engine.runner import EpochSampler
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="recipe-bench-"))
-    photos = contest_sized(real_photos(args.images), tmp / "photos")
-    rows, labels = [{"path": p} for p, _ in photos], [(y,) for _, y in photos]
-    recipe = load_recipe(REPO / "recipes" / "soft_aug.yaml", ["transforms.image_size=128"]).recipe
-    resize = T.resize_stage((128, 128), recipe.transforms.resize)
-    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
+    args, tmp, rows, labels, resize, augment = loader_setup(__doc__)
 
     def loader(images=None, boxes=None):
         ds = ImageDataset(rows, labels, resize, augment, images, boxes, seed=0)

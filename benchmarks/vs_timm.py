@@ -5,14 +5,11 @@ real photos at 384x512, the same output size, batch and workers: images/s per ep
 Goal: ahead. recipe's loader decodes and resizes once (its first epoch includes that), augments the small image and
 leaves normalization to the model (counted here: the benchmark normalizes each batch as the model would).
 """
-import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from _common import REPO, contest_sized, real_photos
+from _common import loader_setup
 
 
 def rate(loader, epoch, normalize=None) -> float:
@@ -30,29 +27,16 @@ def rate(loader, epoch, normalize=None) -> float:
 def main() -> None:
     import timm.data
 
-    from framework import transforms as T
-    from framework.api import load_recipe
     from framework.data.dataset import ImageDataset, prepare
     from framework.engine.runner import EpochSampler
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="recipe-bench-"))
-    photos = contest_sized(real_photos(args.images), tmp / "photos")
     size = 128
+    args, tmp, rows, labels, resize, augment = loader_setup(__doc__, size)
     timm_ds = timm.data.create_dataset("", root=str(tmp / "photos"))
     timm_loader = timm.data.create_loader(timm_ds, input_size=(3, size, size), batch_size=64, is_training=True,
                                           use_prefetcher=False, num_workers=args.workers, hflip=0.5, color_jitter=0.15,
                                           persistent_workers=args.workers > 0)
 
-    recipe = load_recipe(REPO / "recipes" / "soft_aug.yaml", [f"transforms.image_size={size}"]).recipe
-    resize = T.resize_stage((size, size), recipe.transforms.resize)
-    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
-    rows, labels = [{"path": p} for p, _ in photos], [(y,) for _, y in photos]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
