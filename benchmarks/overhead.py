@@ -32,7 +32,7 @@ def main() -> None:
         "model": {"backbone": args.backbone}, "train": {"batch_size": 32, "num_workers": 0, "epochs": 10},
         "logging": {"trackers": [], "progress": False}})
     plan = build_data(recipe)
-    s = runner.build_setup(recipe, plan, Path(tempfile.mkdtemp()), print)
+    s = runner.build_setup(recipe, plan, Path(tempfile.mkdtemp()))
     size, mean, std = runner.model_inputs(recipe)
     plain_model, _ = build_model(recipe.model, {"label": 2}, mean, std)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -187,7 +187,15 @@ def disk_cache(recipe):
     return DiskCache(recipe.data.cache_dir, settings, int(recipe.data.cache_max_gb * 1e9))
 
 
-def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
+def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
+    if opt_cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay,
+                               nesterov=opt_cfg.nesterov)
+    return torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
+
+
+def build_setup(recipe, plan, run_dir: Path) -> Setup:
+    """Accelerator, cached datasets and loaders, model with its heads, loss, optimizer and schedule."""
     from accelerate import Accelerator
 
     tr = recipe.train
@@ -258,13 +266,7 @@ def build_setup(recipe, plan, run_dir: Path, log) -> Setup:
                                                      [plan.ys[task][i] for i in tr_idx if plan.ys[task][i] >= 0])
                                     for task, h in heads.items()},
                             {task: specs[task].weight for task in heads})
-    opt_cfg = tr.optimizer
-    params = model.parameters()
-    if opt_cfg.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                                    weight_decay=opt_cfg.weight_decay, nesterov=opt_cfg.nesterov)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
+    optimizer = build_optimizer(model.parameters(), tr.optimizer)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     loss_fn = loss_fn.to(accelerator.device)  # not prepared: it has no trainable parameters to synchronise
     steps_per_epoch = math.ceil(len(train_loader) / tr.grad_accum)
@@ -469,7 +471,7 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float 
 
 def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, log=print) -> dict:
     """Train `recipe` on `plan` into `run_dir`; returns the final summary (also written as summary.json)."""
-    s = build_setup(recipe, plan, run_dir, log)
+    s = build_setup(recipe, plan, run_dir)
     acc = s.accelerator
     main = acc.is_main_process
     labels = plan.labels
