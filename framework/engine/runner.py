@@ -381,17 +381,17 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False) ->
     model.eval()
     targets, probs, scores, values = [], {}, {}, {}
     loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
+    summed = {t: torch.nn.L1Loss(reduction="sum") if h.kind == "regression" else
+              torch.nn.CrossEntropyLoss(reduction="sum") for t, h in heads.items()}
     for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
         out, labels = accelerator.gather_for_metrics((model(images), labels))
         targets.append(labels.cpu())
         for j, (task, head) in enumerate(heads.items()):
             v, col = out[task].float(), labels[:, j]
             has = head.has(col)
-            fn = torch.nn.L1Loss(reduction="sum") if head.kind == "regression" else \
-                torch.nn.CrossEntropyLoss(reduction="sum")
-            if has.any():
-                loss_sums[task] += float(head.loss(v, col, fn)) * (1 if head.kind in ("classification", "regression")
-                                                                     else int(has.sum()))
+            if has.any():  # summed losses; the BCE of ordinal and anomaly heads comes as a mean
+                loss_sums[task] += float(head.loss(v, col, summed[task])) * (
+                    1 if head.kind in ("classification", "regression") else int(has.sum()))
             probs.setdefault(task, []).append(head.probs(v).cpu())
             if head.kind == "anomaly":
                 scores.setdefault(task, []).append(head.score(v).cpu())
