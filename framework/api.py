@@ -326,7 +326,8 @@ def predict(run: str | Path, images: str | Path | None = None, csv_file: str | P
     loaded = P.load_run(run)
     paths = P.list_images(images, csv_file)
     values: dict = {}
-    probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress, values=values)
+    probs, ok, failures = P.predict_proba(loaded, paths, tta, progress=progress, values=values,
+                                          boxes=P.face_boxes(loaded, csv_file))
     classes = loaded.questions()
     train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in PS.train_counts(loaded).items()}
     estimated = adjusted = None
@@ -358,8 +359,12 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         data_cfg, where = other.recipe.data, other
     else:
         csv_path = Path(csv_file).resolve()
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            header = set(next(csv.reader(f), []))
+        boxes = next((c for c in (getattr(s, "box_columns", None) for s in run.recipe.data.sources)
+                      if c and set(c) <= header), None)  # the face boxes a face-cropping run needs
         data_cfg = DataSection(root=str(csv_path.parent), sources=[{"type": "csv", "name": "eval",
-                                                                    "manifest": csv_path.name}])
+                                                                    "manifest": csv_path.name, "box_columns": boxes}])
         where = None
     specs = {}
     for task, spec in run.recipe.task_specs().items():
@@ -395,7 +400,8 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     loaded = P.load_run(run, overrides=overrides)
     rows, ys, labels, dropped = _labelled_rows(loaded, recipe_data, csv_file)
     paths = [r["path"] for r in rows]
-    task_probs, ok, failures = P.predict_tasks(loaded, paths, tta, progress=progress)
+    task_probs, ok, failures = P.predict_tasks(loaded, paths, tta, progress=progress,
+                                               boxes=[r.get("box") for r in rows])
     y_true = np.array([[ys[t][i] for t in loaded.tasks] for i in ok]).reshape(len(ok), len(loaded.tasks))
     y_pred = np.stack([task_probs[t].argmax(1) for t in loaded.tasks], axis=1)
     result = summarize(y_true, y_pred, labels)

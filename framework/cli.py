@@ -274,7 +274,8 @@ def inspect_cmd(recipe, overrides, out):
 @click.option("--layer", help="Module name of the target layer (default: chosen automatically).")
 @click.option("--out", type=click.Path(file_okay=False), default="explain", show_default=True)
 def explain(run, images, task, target, layer, out):
-    """Grad-CAM heatmaps of RUN's model over IMAGES (files or folders), and a contact sheet."""
+    """Grad-CAM heatmaps of RUN's model over IMAGES (files, folders, or CSVs with a `path` column and, for runs
+    that crop to faces, the recipe's box columns), and a contact sheet."""
     from framework.explain import explain as run_explain
 
     try:

@@ -84,8 +84,11 @@ def _reshape_for(features, layer, size):
     return reshape
 
 
-def cams(run, paths: list[str], task: str | None = None, target: str | None = None, layer_name: str | None = None):
-    """For each image and task: (path, task, predicted class, probability, heatmap of the original size, image)."""
+def cams(run, paths: list[str], task: str | None = None, target: str | None = None, layer_name: str | None = None,
+         boxes: list | None = None):
+    """For each image and task: (path, task, predicted class, probability, heatmap of the original size, image).
+    A run that crops to faces (`transforms.resize.face_margin`) sees, and is shown on, the face region: from
+    `boxes` (one per path, or None), else from the face detector; without a face, the whole image."""
     _require_gradcam()
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -107,9 +110,11 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
                                  field="--target", fix="name one of its classes."))
         wrapped = _TaskOutput(run.model, t).eval()
         with GradCAM(model=wrapped, target_layers=[layer], reshape_transform=reshape) as cam:
-            for p in paths:
-                original = decode(p)
-                x = torch.from_numpy(np.ascontiguousarray(run.resize(image=original)["image"])).permute(2, 0, 1)
+            for i, p in enumerate(paths):
+                original = face_view(run, decode(p), boxes[i] if boxes else None)
+                extra = {"bboxes": np.zeros((0, 4), np.float32), "box_ids": []} if run.resize.processors else {}
+                x = torch.from_numpy(np.ascontiguousarray(run.resize(image=original, **extra)["image"]))
+                x = x.permute(2, 0, 1)
                 x = x[None].float()  # (1, 3, H, W), 0..255: the model normalizes itself
                 with torch.no_grad():
                     prob = wrapped(x).softmax(1)[0]
@@ -119,6 +124,20 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
                 out.append({"path": p, "task": t, "class": classes[k], "prob": float(prob[k]), "heat": heat,
                             "image": original})
     return out
+
+
+def face_view(run, image: np.ndarray, box=None) -> np.ndarray:
+    """What a face-cropping run's resize stage starts from: the face region (the image itself otherwise)."""
+    margin = run.recipe.transforms.resize.face_margin
+    if margin is None:
+        return image
+    from framework.transforms import face_region
+
+    if box is None:
+        from framework.data.faces import detect_face
+        box = detect_face(image)
+    region = face_region(box, image.shape[1], image.shape[0], margin) if box else None
+    return image[region[1]:region[3], region[0]:region[2]] if region else image
 
 
 def _input_size(run) -> tuple[int, int]:
@@ -176,13 +195,20 @@ def explain(run_path, images: list[str], out: str | Path, task=None, target=None
     from framework import predict as P
 
     run = P.load_run(run_path)
-    paths = []
+    paths, boxes = [], []
     for item in images:
         p = Path(item)
-        paths += P.list_images(images=p) if p.is_dir() else [str(p)]
+        if p.suffix.lower() == ".csv":  # a CSV: its `path` column, and face boxes when the run crops to faces
+            listed = P.list_images(csv_file=p)
+            paths += listed
+            boxes += P.face_boxes(run, p) or [None] * len(listed)
+            continue
+        listed = P.list_images(images=p) if p.is_dir() else [str(p)]
+        paths += listed
+        boxes += [None] * len(listed)
     if not paths:
-        raise RunError(Issue("no images to explain.", field="IMAGES", fix="give image files or folders."))
-    items = cams(run, paths, task, target, layer)
+        raise RunError(Issue("no images to explain.", field="IMAGES", fix="give image files, folders or CSVs."))
+    items = cams(run, paths, task, target, layer, boxes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -123,13 +123,30 @@ def list_images(images: str | Path | None = None, csv_file: str | Path | None = 
         return [str(p if Path(p).is_absolute() else path.parent / p) for p in (r["path"] for r in reader)]
 
 
+def face_boxes(run: LoadedRun, csv_file: str | Path | None) -> list | None:
+    """Face boxes for a prediction CSV, when the run crops to faces (`transforms.resize.face_margin`) and the CSV
+    has the box columns its recipe's sources name; None otherwise (the detector then finds the faces)."""
+    if csv_file is None or run.recipe.transforms.resize.face_margin is None:
+        return None
+    from framework.data.readers import row_box
+
+    names = [getattr(s, "box_columns", None) for s in run.recipe.data.sources]
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = next((c for c in names if c and set(c) <= set(reader.fieldnames or [])), None)
+        return [row_box(r, columns) for r in reader] if columns else None
+
+
 def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
-                  progress: bool = False, values: dict | None = None):
+                  progress: bool = False, values: dict | None = None, boxes: list | None = None):
     """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures.
-    A `values` dict receives the predicted numbers of regression tasks (N_ok,)."""
+    A `values` dict receives the predicted numbers of regression tasks (N_ok,). `boxes` (one face box or None
+    per image) feed a face-cropping resize stage; images without one get the face detector's box."""
     from framework.data.dataset import prepare
 
-    images, _, failures = prepare([{"path": p} for p in paths], run.resize, progress=progress, desc="decode")
+    rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
+    detect = run.recipe.transforms.resize.face_margin is not None
+    images, _, failures = prepare(rows, run.resize, progress=progress, desc="decode", detect=detect)
     bad = {i for i, _ in failures}
     ok = [i for i in range(len(paths)) if i not in bad]
     raw: dict[str, list] = {}
@@ -155,10 +172,10 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
 
 
 def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
-                  progress: bool = False, values: dict | None = None):
+                  progress: bool = False, values: dict | None = None, boxes: list | None = None):
     """Per question, probabilities (N_ok, classes) for the readable images; their indices; the failures.
     A `values` dict receives the predicted numbers of regression questions."""
-    task_probs, ok, failures = predict_tasks(run, paths, tta, batch_size, progress, values)
+    task_probs, ok, failures = predict_tasks(run, paths, tta, batch_size, progress, values, boxes)
     return questions_of(run, task_probs), ok, failures
 
 

@@ -167,11 +167,56 @@ def _flatten(t) -> list:
     return [t] + [c for child in (children or []) for c in _flatten(child)]
 
 
+def face_region(box, width: int, height: int, margin: float) -> tuple[int, int, int, int] | None:
+    """The square around a face box (x0, y0, x1, y1 in pixels): side = the box's longer side grown by `margin` of
+    it on each side, centred on the box, then clipped to the image. None when the box is empty."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    half = max(x1 - x0, y1 - y0) * (0.5 + margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    region = (max(0, round(cx - half)), max(0, round(cy - half)), min(width, round(cx + half)),
+              min(height, round(cy + half)))
+    return region if region[2] > region[0] and region[3] > region[1] else None
+
+
+_CROP_TO_FACE = None
+
+
+def crop_to_face(margin: float):
+    """A deterministic crop to the first face box grown by `margin` (see face_region); no box: the whole image."""
+    global _CROP_TO_FACE
+    if _CROP_TO_FACE is None:
+        A = albumentations()
+
+        class CropToFace(A.crops.transforms.BaseCrop):
+            def __init__(self, margin: float = 0.25, p: float = 1.0):
+                super().__init__(p=p)
+                self.margin = margin
+
+            def get_params_dependent_on_data(self, params, data):
+                h, w = params["shape"][:2]
+                bboxes = data.get("bboxes")
+                region = None
+                if bboxes is not None and len(bboxes):  # albumentations keeps boxes normalized to 0..1
+                    b = bboxes[0]
+                    region = face_region((b[0] * w, b[1] * h, b[2] * w, b[3] * h), w, h, self.margin)
+                return {"crop_coords": region or (0, 0, w, h)}
+
+            def get_transform_init_args_names(self):
+                return ("margin",)
+
+        _CROP_TO_FACE = CropToFace
+    return _CROP_TO_FACE(margin=margin)
+
+
 def resize_stage(size: tuple[int, int], resize, with_boxes: bool = False):
-    """The deterministic front: fit every image to `size` (h, w); boxes, when present, follow the image."""
+    """The deterministic front: fit every image to `size` (h, w); boxes, when present, follow the image. With
+    `resize.face_margin`, each image is first cropped to its face (boxes are then always carried)."""
     A = albumentations()
     h, w = size
     interp = _INTERP[resize.interpolation]
+    with_boxes = with_boxes or resize.face_margin is not None
     if resize.mode == "stretch":
         steps = [A.Resize(h, w, interpolation=interp, p=1.0)]
     elif resize.mode == "pad":
@@ -179,6 +224,8 @@ def resize_stage(size: tuple[int, int], resize, with_boxes: bool = False):
                  A.PadIfNeeded(h, w, border_mode=0, fill=0, p=1.0)]
     else:
         steps = [A.SmallestMaxSize(max_size_hw=(h, w), interpolation=interp, p=1.0), A.CenterCrop(h, w, p=1.0)]
+    if resize.face_margin is not None:
+        steps.insert(0, crop_to_face(resize.face_margin))
     bbox = A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0, min_visibility=0) \
         if with_boxes else None
     return A.Compose(steps, bbox_params=bbox, strict=True)

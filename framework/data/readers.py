@@ -123,13 +123,13 @@ def read_csv(src, root: Path, where: tuple) -> list[dict]:
         row["group"] = f"{src.name}:{path}"
         if src.group_column and rec[src.group_column]:
             row["group"] = rec[src.group_column]
-        row["box"] = _box(rec, src.box_columns)
+        row["box"] = row_box(rec, src.box_columns)
         row["_line"] = f"{manifest}:{line}"
         rows.append(row)
     return rows
 
 
-def _box(rec: dict, cols) -> tuple[float, float, float, float] | None:
+def row_box(rec: dict, cols) -> tuple[float, float, float, float] | None:
     if not cols:
         return None
     try:

@@ -211,7 +211,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     size, mean, std = model_inputs(recipe)
     # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
     augs = T.build_augmentations(recipe.transforms)
-    use_boxes = T.needs_face_box(augs)
+    use_boxes = T.needs_face_box(augs) or recipe.transforms.resize.face_margin is not None
     rows, sides = plan.rows, plan.sides
     # per row, one number per task: the class index (-1 = no label), or a regression task's value (NaN = none)
     y = [tuple(v) for v in zip(*(plan.values.get(t, codes) for t, codes in plan.ys.items()))]
@@ -222,7 +222,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
         raise FieldError(("data", "cache"), "some images have no face box, and face detection runs once per image "
                          "in the cached resize stage.", "set data.cache: memory (the default) or disk.")
     resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in rows) or use_boxes)
-    augment = T.augmentation_stage(augs, with_boxes=use_boxes)
+    augment = T.augmentation_stage(augs, with_boxes=T.needs_face_box(augs))
 
     # Decode + resize each image once (cache), or check nothing now and decode on every access.
     skipped: list[tuple[str, str]] = []

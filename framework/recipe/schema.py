@@ -212,6 +212,11 @@ class ResizeSpec(_Section):
         "pad", description="stretch: resize to the size exactly; pad: keep the aspect ratio and pad; "
                            "crop: keep the aspect ratio and center-crop.")
     interpolation: Literal["linear", "area", "cubic", "nearest"] = Field("area", description="Resampling filter.")
+    face_margin: float | None = Field(
+        None, ge=0, le=2, description="Crop each image to its face first: a square of the face box's longer side "
+                                      "grown by this share on every side (0.25 = 25%), clipped to the image. Boxes "
+                                      "come from the data (`box_columns`), else the face detector (once per image); "
+                                      "images without a face are used whole. null = no face crop.")
 
 
 class NormalizeSpec(_Section):
