@@ -205,13 +205,16 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
                    "started": _dt.datetime.now().isoformat(timespec="seconds"), "notes": recipe.notes,
                    "backbone": recipe.model.backbone,
                    "classes": {t: lab.classes for t, lab in plan.labels.items()},
-                   "counts": plan.counts(), "dropped_rows": plan.dropped, "versions": _versions(),
+                   "counts": plan.counts(), "dropped_rows": plan.dropped, "unused_rows": len(plan.indices("unused")),
+                   "versions": _versions(),
                    "git_commit": _git_commit(Path(path).resolve().parent), "wall_seconds": 0.0}
     elif state is None:
         summary = {"wall_seconds": 0.0}
     dist.wait_for_everyone()
     log(f"run folder: {run_dir}")
     log("images per class (train / val): " + plan.describe())
+    if plan.indices("unused"):
+        log(f"left out: {len(plan.indices('unused'))} image(s) of train_only sources whose group is in validation")
     started = time.perf_counter()
     before = summary.get("wall_seconds", 0.0)
     try:

@@ -63,7 +63,8 @@ def build_data(recipe) -> DataPlan:
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
     from framework.data.labels import numbers
     plan.values = {t: numbers(rows, s.column) for t, s in recipe.task_specs().items() if s.kind == "regression"}
-    plan.sides = build_split(rows, plan.strata, recipe.validation)
+    train_only = {s.name for s in recipe.data.sources if getattr(s, "train_only", False)}
+    plan.sides = build_split(rows, plan.strata, recipe.validation, train_only)
     group_by = getattr(recipe.validation, "group_by", "group")
     errors, plan.duplicates = audit(rows, plan.sides, group_by)
     if errors:

@@ -229,3 +229,38 @@ def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
     model, _ = build_model(api.load_recipe(run_dir / "recipe.resolved.yaml").recipe.model.model_copy(
         update={"compile": False}), {"label": 3}, (0.5,) * 3, (0.5,) * 3)
     model.load_state_dict(state)
+
+
+def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, data_root):
+    """A second, train_only source: its images train, never validate; one that shares a group with a validation
+    image of the first source is left out (not decoded, counted in the summary, `unused` in split.csv)."""
+    import csv
+
+    from framework.build import build_data
+    from tests.conftest import tiny_manifest
+
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    base = build_data(api.load_recipe(path).recipe)
+    val_group = next(r["group"] for r, s in zip(base.rows, base.sides) if s == "val")
+    tiny_manifest(tmp_path / "extra.csv", per_class=3, dataset="chandrikadeb7_mask2")
+    with open(tmp_path / "extra.csv", newline="", encoding="utf-8") as f:
+        extra = list(csv.DictReader(f))
+    extra[0]["group"] = val_group  # a near-duplicate of a validation image
+    with open(tmp_path / "extra.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(extra[0]))
+        w.writeheader()
+        w.writerows(extra)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["sources"].append({"type": "csv", "name": "extra", "manifest": "extra.csv",
+                                      "group_column": "group", "train_only": True})
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = api.run(path, name="extra")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    base_counts = base.counts()
+    assert sum(summary["counts"]["val"]["label"].values()) == sum(base_counts["val"]["label"].values())
+    assert summary["num_train"] == sum(base_counts["train"]["label"].values()) + len(extra) - 1
+    assert summary["unused_rows"] == 1
+    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
+        sides = {r["path"]: r["split"] for r in csv.DictReader(f)}
+    assert sides[extra[0]["path"]] == "unused"
+    assert {sides[r["path"]] for r in extra[1:]} == {"train"}

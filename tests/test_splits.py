@@ -98,6 +98,47 @@ def test_source_policy_uses_external_data_as_validation(data_root):
     assert {r["source"] for r, s in zip(plan.rows, plan.sides) if s == "train"} == {"maskon"}
 
 
+def _mask_recipe(data_root, extra: dict, validation: dict | None = None) -> Recipe:
+    return Recipe.model_validate({
+        "data": {"root": str(data_root), "target": {"column": "mask_state"}, "sources": [
+            {"type": "csv", "name": "kaggle", "manifest": "face_mask_kaggle3/crops_manifest.csv",
+             "group_column": "group"},
+            {"type": "csv", "name": "chandrikadeb7", "manifest": "chandrikadeb7_mask2/manifest.csv",
+             "group_column": "group", **extra}]},
+        "validation": validation or {"type": "holdout", "ratio": 0.2, "group_by": "group", "seed": 0},
+        "model": {"backbone": "resnet18"}})
+
+
+def test_train_only_source_trains_and_leaves_the_other_split_unchanged(data_root):
+    """chandrikadeb7 as extra training data for the kaggle crops: the kaggle split is the same as without it, no
+    chandrikadeb7 image is validated on, and its near-duplicates of validation scenes (shared groups) are left out."""
+    alone = build_data(Recipe.model_validate({
+        "data": {"root": str(data_root), "target": {"column": "mask_state"}, "sources": [
+            {"type": "csv", "name": "kaggle", "manifest": "face_mask_kaggle3/crops_manifest.csv",
+             "group_column": "group"}]},
+        "validation": {"type": "holdout", "ratio": 0.2, "group_by": "group", "seed": 0},
+        "model": {"backbone": "resnet18"}}))
+    plan = build_data(_mask_recipe(data_root, {"train_only": True}))
+    kaggle = [(r["path"], s) for r, s in zip(plan.rows, plan.sides) if r["source"] == "kaggle"]
+    assert kaggle == [(r["path"], s) for r, s in zip(alone.rows, alone.sides)]
+    extra = [(r, s) for r, s in zip(plan.rows, plan.sides) if r["source"] == "chandrikadeb7"]
+    assert {s for _, s in extra} == {"train", "unused"}
+    val_groups = {r["group"] for r, s in zip(plan.rows, plan.sides) if s == "val"}
+    unused = [r for r, s in extra if s == "unused"]
+    assert unused and all(r["group"] in val_groups for r in unused)
+    assert not any(r["group"] in val_groups for r, s in extra if s == "train")
+    assert audit(plan.rows, plan.sides)[0] == []
+    # without train_only the same data is split jointly: chandrikadeb7 images land in validation
+    joint = build_data(_mask_recipe(data_root, {}))
+    assert any(r["source"] == "chandrikadeb7" and s == "val" for r, s in zip(joint.rows, joint.sides))
+
+
+def test_train_only_source_cannot_be_the_validation_source(data_root):
+    with pytest.raises(FieldError) as e:
+        build_data(_mask_recipe(data_root, {"train_only": True}, {"type": "source", "source": "chandrikadeb7"}))
+    assert "train_only" in str(e.value) and e.value.items[0][0] == ("validation", "source")
+
+
 def test_split_file_policy_and_planted_leak_is_an_error(tmp_path, data_root):
     rows, y, _ = _utk(data_root)
     sides = build_split(rows, y, HoldoutSplit(type="holdout"))

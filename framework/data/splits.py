@@ -1,6 +1,6 @@
 """Validation policies: stratified, grouped holdout and k-fold, a source as validation, a split file.
 
-Every policy returns one `side` per row ("train" / "val"). Grouped splits assign whole groups, largest first,
+Every policy returns one `side` per row ("train" / "val"; "unused" for rows left out, see build_split). Grouped splits assign whole groups, largest first,
 each to the side (or fold) whose per-class count is furthest below its target, so each class lands within
 one group of its share - and, with groups of one image, exactly on it.
 """
@@ -86,8 +86,31 @@ def _groups(rows, group_by) -> list:
     return [r.get(group_by) or f"row{i}" for i, r in enumerate(rows)]
 
 
-def build_split(rows: list[dict], y: list[int], policy) -> list[str]:
-    """`train` / `val` for each row, following the recipe's validation policy."""
+def build_split(rows: list[dict], y: list[int], policy, train_only: frozenset | set = frozenset()) -> list[str]:
+    """`train` / `val` for each row, following the recipe's validation policy.
+
+    Rows of `train_only` sources (extra training data) take no part in the policy, so the other sources' split is
+    the same with or without them; they train, except those whose group is in validation: `unused` (a leak)."""
+    if policy.type == "source" and policy.source in train_only:
+        raise FieldError(("validation", "source"), f"source {policy.source!r} is `train_only`, so it cannot be the "
+                         "validation set.", f"drop train_only from {policy.source!r}, or validate on another source.",
+                         DataError)
+    if not any(r["source"] in train_only for r in rows):
+        return _policy_split(rows, y, policy)
+    keep = [i for i, r in enumerate(rows) if r["source"] not in train_only]
+    sides = ["train"] * len(rows)
+    for i, side in zip(keep, _policy_split([rows[i] for i in keep], [y[i] for i in keep], policy)):
+        sides[i] = side
+    group_by = getattr(policy, "group_by", "group")
+    if group_by:
+        in_val = {rows[i].get(group_by) for i in keep if sides[i] == "val"} - {None, ""}
+        for i, r in enumerate(rows):
+            if r["source"] in train_only and r.get(group_by) in in_val:
+                sides[i] = "unused"
+    return sides
+
+
+def _policy_split(rows: list[dict], y: list[int], policy) -> list[str]:
     if policy.type in ("holdout", "kfold"):
         if policy.group_by is not None and policy.group_by != "group" and any(policy.group_by not in r for r in rows):
             raise FieldError(("validation", "group_by"), f"column {policy.group_by!r} is not in every source.",
@@ -127,10 +150,10 @@ def _from_file(rows: list[dict], path: Path) -> list[str]:
             raise FieldError(("validation", "path"), f"{path.name} needs columns path and split, has "
                              f"{reader.fieldnames}.", "write a CSV with columns path,split.", DataError)
         side = {str(Path(r["path"])): r["split"].strip() for r in reader}
-    bad = sorted({s for s in side.values() if s not in ("train", "val")})
+    bad = sorted({s for s in side.values() if s not in ("train", "val", "unused")})
     if bad:
-        raise FieldError(("validation", "path"), f"{path.name}: split values {bad} are not train/val.",
-                         "use `train` or `val` in the split column.", DataError)
+        raise FieldError(("validation", "path"), f"{path.name}: split values {bad} are not train/val/unused.",
+                         "use `train`, `val` or `unused` (left out) in the split column.", DataError)
     missing = [r["path"] for r in rows if r["path"] not in side]
     if missing:
         raise FieldError(("validation", "path"), f"{len(missing)} images are not in {path.name}, e.g. "
@@ -143,6 +166,8 @@ def audit(rows: list[dict], sides: list[str], group_by: str | None = "group") ->
 
     Only files whose sizes match one on the other side are hashed, so the audit reads little."""
     errors = []
+    used = [i for i, s in enumerate(sides) if s in ("train", "val")]  # `unused` rows neither train nor validate
+    rows, sides = [rows[i] for i in used], [sides[i] for i in used]
     if group_by:
         seen: dict = defaultdict(set)
         for r, s in zip(rows, sides):

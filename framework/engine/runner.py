@@ -212,10 +212,12 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
     augs = T.build_augmentations(recipe.transforms)
     use_boxes = T.needs_face_box(augs) or recipe.transforms.resize.face_margin is not None
-    rows, sides = plan.rows, plan.sides
+    used = [i for i, s in enumerate(plan.sides) if s != "unused"]  # rows left out are never decoded
+    rows, sides = [plan.rows[i] for i in used], [plan.sides[i] for i in used]
     # per row, one number per task: the class index (-1 = no label), or a regression task's value (NaN = none)
-    y = [tuple(v) for v in zip(*(plan.values.get(t, codes) for t, codes in plan.ys.items()))]
-    strata = plan.strata
+    y_all = list(zip(*(plan.values.get(t, c) for t, c in plan.ys.items())))
+    y, strata = [tuple(y_all[i]) for i in used], [plan.strata[i] for i in used]
+    codes = {t: [c[i] for i in used] for t, c in plan.ys.items()}  # class indices of the used rows
     if not use_boxes:  # nothing looks at face boxes: do not carry them
         rows = [{**r, "box": None} if r.get("box") else r for r in rows]
     elif recipe.data.cache == "none" and not all(r.get("box") for r in rows):  # detection needs a cache
@@ -255,7 +257,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
 
     torch.manual_seed(tr.seed)
-    heads = build_heads(recipe, plan.labels, {t: [plan.ys[t][i] for i in tr_idx] for t in plan.ys})
+    heads = build_heads(recipe, plan.labels, {t: [codes[t][i] for i in tr_idx] for t in codes})
     model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -263,7 +265,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
         model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys
     specs = recipe.task_specs()
     loss_fn = MultiTaskLoss(heads, {task: build_loss(_task_loss(specs[task], tr), len(h.classes),
-                                                     [plan.ys[task][i] for i in tr_idx if plan.ys[task][i] >= 0])
+                                                     [codes[task][i] for i in tr_idx if codes[task][i] >= 0])
                                     for task, h in heads.items()},
                             {task: specs[task].weight for task in heads})
     optimizer = build_optimizer(model.parameters(), tr.optimizer)

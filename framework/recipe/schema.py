@@ -15,7 +15,17 @@ class _Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------------- data
-class FolderSource(_Section):
+_TRAIN_ONLY = Field(False, description="Extra training data: these rows always train and are never validated on; "
+                                       "the validation policy splits the other sources alone (their split is the "
+                                       "same with or without this one). Rows whose group is in validation are "
+                                       "left out (`unused` in split.csv).")
+
+
+class _Source(_Section):
+    train_only: bool = _TRAIN_ONLY
+
+
+class FolderSource(_Source):
     """Images in one sub-folder per class: `<path>/<class>/<image>`."""
 
     type: Literal["folder"]
@@ -24,7 +34,7 @@ class FolderSource(_Section):
     column: str = Field("label", description="Column that receives the sub-folder name.")
 
 
-class CsvSource(_Section):
+class CsvSource(_Source):
     """A manifest CSV: one row per image, a path column and label columns."""
 
     type: Literal["csv"]
@@ -40,7 +50,7 @@ class CsvSource(_Section):
                                                                   "e.g. {subtype: [Mask, Mask_Chin]}.")
 
 
-class MaskContestSource(_Section):
+class MaskContestSource(_Source):
     """The contest layout: `<path>/<ID>_<gender>_<race>_<age>/{mask1..mask5,incorrect_mask,normal}.<ext>`.
 
     Yields columns mask_state (wear / incorrect / not_wear), gender, race, age and person (also the group)."""
@@ -50,7 +60,7 @@ class MaskContestSource(_Section):
     path: str = Field(description="Folder holding one folder per person (relative to data.root).")
 
 
-class BundledSource(_Section):
+class BundledSource(_Source):
     """Real images that ship inside an installed package, written out as files on first use."""
 
     type: Literal["bundled"]
@@ -67,6 +77,7 @@ class PluginSource(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str = Field(description="Name of a reader registered by a plugin.")
     name: str = Field(description="Name of the source.")
+    train_only: bool = _TRAIN_ONLY
 
 
 _BUILTIN_SOURCES = {"folder", "csv", "mask_contest", "bundled"}
