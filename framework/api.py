@@ -378,12 +378,33 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         else:
             specs[task] = spec.model_copy(update={"classes": info["classes"]})
     try:
-        rows = read_sources(data_cfg)
-        return assign_tasks(rows, specs, "drop", named=run.recipe.tasks is not None)
+        rows, outside = _within_classes(read_sources(data_cfg), specs)
+        return (*assign_tasks(rows, specs, "drop", named=run.recipe.tasks is not None), outside)
     except FieldError as e:
         if where is not None:
             raise where.located(e) from None
         raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file), fix=f) for p, m, f in e.items]) from None
+
+
+def _within_classes(rows: list[dict], specs: dict) -> tuple[list[dict], dict[str, int]]:
+    """Rows whose labels are classes the run knows, and how many images of each other label were left out (a
+    two-class model scored on a three-class set is scored on the two classes it has)."""
+    outside: dict[str, int] = {}
+    keep = []
+    for r in rows:
+        unknown = None
+        for spec in specs.values():
+            if spec.composite is not None or spec.bins is not None or not spec.classes or spec.column not in r:
+                continue
+            value = str(r[spec.column]).strip()
+            value = (spec.map or {}).get(value, value)
+            if value and value not in spec.classes:
+                unknown = value
+        if unknown is None:
+            keep.append(r)
+        else:
+            outside[unknown] = outside.get(unknown, 0) + 1
+    return keep, outside
 
 
 def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: str | Path | None = None,
@@ -401,7 +422,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     from framework.engine.tb import confusion_image
 
     loaded = P.load_run(run, overrides=overrides)
-    rows, ys, labels, dropped = _labelled_rows(loaded, recipe_data, csv_file)
+    rows, ys, labels, dropped, outside = _labelled_rows(loaded, recipe_data, csv_file)
     paths = [r["path"] for r in rows]
     task_probs, ok, failures = P.predict_tasks(loaded, paths, tta, progress=progress,
                                                boxes=[r.get("box") for r in rows])
@@ -415,6 +436,8 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     if "composite" in result:
         parts["composite"] = result["composite"]
     report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
+    if outside:
+        report.append("left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items()))
     distribution = {}
     for task, sc in parts.items():
         Image.fromarray(confusion_image(sc["confusion"], list(sc["per_class"]))).save(out / f"confusion_{task}.png")

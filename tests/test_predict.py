@@ -204,3 +204,22 @@ def test_all_folds_trains_every_fold_with_names_for_ensembles(tmp_path):
         with open(tmp_path / "runs" / n / "split.csv", encoding="utf-8") as f:
             vals.append({r["path"] for r in csv.DictReader(f) if r["split"] == "val"})
     assert not (vals[0] & vals[1]) and not (vals[1] & vals[2]) and len(set.union(*vals)) == 36
+
+
+def test_evaluate_leaves_out_labels_the_run_does_not_have(tmp_path):
+    """A wear / not_wear model scored on a three-class set is scored on its two classes; the third is counted."""
+    from tests.conftest import tiny_manifest, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "maskon", "manifest": "tiny.csv",
+                                                      "group_column": "group",
+                                                      "filter": {"mask_state": ["wear", "not_wear"]}}],
+                                         "target": {"column": "mask_state", "classes": ["wear", "not_wear"]}},
+                         train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    run = api.run(recipe, name="two", log=lambda *_: None)
+    three = tiny_manifest(tmp_path / "three.csv", per_class=4)
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--csv", str(three), "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    assert "left out, not classes of this run: incorrect 4" in result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["images"] == 8
+    assert set(metrics["distribution"]["label"]) == {"wear", "not_wear"}
