@@ -125,3 +125,14 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
     expected = np.mean(with_boxes["label"].argmax(1) == np.array([truth[r["mask_state"]] for r in rows]))
     metrics = api.evaluate(run, csv_file=manifest, out=tmp_path / "eval", progress=False)["metrics"]
     assert metrics["accuracy"] == pytest.approx(expected)
+
+    # Grad-CAM shows what the model saw: the face region (boxes looked up in the run's own data), not the crop
+    from PIL import Image
+
+    from framework.explain import explain
+
+    items = explain(run, [paths[0], paths[-1]], tmp_path / "cam")["items"]
+    for it, k in zip(items, (0, len(paths) - 1)):
+        w, h = Image.open(paths[k]).size
+        x0, y0, x1, y1 = face_region(boxes[k], w, h, 0.1)
+        assert it["image"].shape[:2] == it["heat"].shape == (y1 - y0, x1 - x0) != (h, w)

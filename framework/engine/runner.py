@@ -147,6 +147,7 @@ class Setup:
     no_face: int = 0  # training images without a face box (when an augmentation needs one)
     validations: int = 0
     cam_paths: list | None = None  # the fixed misclassified validation images whose Grad-CAMs are logged
+    cam_boxes: list | None = None  # their face boxes (for a resize stage that crops to faces)
     resize: object = None
     cache: dict | None = None
 
@@ -676,12 +677,13 @@ def _log_cams(s: Setup, recipe, labels: dict, v_stats: dict, writer, epoch: int)
         wrong = np.nonzero(((y != p) & (y >= 0)).any(1))[0]  # wrong on some task it has a label for
         rows = s.val_loader.dataset.rows
         s.cam_paths = [rows[i]["path"] for i in wrong[: recipe.logging.cam_images]]
+        s.cam_boxes = [rows[i].get("box") for i in wrong[: recipe.logging.cam_images]]
     if not s.cam_paths:
         return
     model = s.accelerator.unwrap_model(s.model)
     run = SimpleNamespace(model=model, resize=s.resize, recipe=recipe,
                           tasks={t: {"classes": lab.classes} for t, lab in labels.items()})
-    items = cams(run, s.cam_paths)
+    items = cams(run, s.cam_paths, boxes=s.cam_boxes)
     model.train()
     for it in items:
         it["overlay"] = overlay(it["image"], it["heat"])
