@@ -264,3 +264,26 @@ def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, da
         sides = {r["path"]: r["split"] for r in csv.DictReader(f)}
     assert sides[extra[0]["path"]] == "unused"
     assert {sides[r["path"]] for r in extra[1:]} == {"train"}
+
+
+def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
+    """With train.ema the checkpoint's `model` is the average (what validation scored and predictions use) and
+    `train_model` the raw weights; 1 epoch + resume gives the same averages as 2 epochs straight."""
+    from framework import predict as P
+
+    path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 8, "num_workers": 0, "ema": 0.9},
+                       checkpoint={"every": 1})
+    run = api.run(path, name="ema", log=lambda *_: None)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    raw, avg = state["train_model"], state["model"]
+    assert any(not torch.allclose(raw[k].float(), avg[k].float()) for k in raw)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(P.load_run(run).model.state_dict()["net.heads.label.weight"], best["net.heads.label.weight"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.copy(resumed / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")
+    api.run(resume=resumed, log=lambda *_: None)
+    again = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "train_model"):
+        assert all(torch.allclose(state[key][k].float(), again[key][k].float(), atol=1e-6) for k in state[key])
+    assert _metrics(resumed)[-1]["val"]["loss"] == pytest.approx(_metrics(run)[-1]["val"]["loss"], abs=1e-6)

@@ -77,3 +77,23 @@ def test_loss_spec_names_come_from_the_registry():
     assert LossSpec(name="focal").name == "focal"
     with pytest.raises(ValueError, match="Did you mean 'focal'"):
         LossSpec(name="focall")
+
+
+def test_ema_update_averages_floats_copies_counts_and_warms_up():
+    from framework.engine.runner import _ema_copy, ema_update
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = _ema_copy(model)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    ema_update(ema, model, decay=0.9, step=1000)  # past the warm-up: d = 0.9
+    now, m = ema.state_dict(), model.state_dict()
+    for k in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        assert torch.allclose(now[k], 0.9 * before[k] + 0.1 * m[k])
+    assert int(now["1.num_batches_tracked"]) == 7
+    assert not any(p.requires_grad for p in ema.parameters())
+    ema_update(ema, model, decay=0.999, step=0)  # first step: d = 1/10, the average jumps to the model
+    assert torch.allclose(ema.state_dict()["0.weight"], 0.1 * now["0.weight"] + 0.9 * m["0.weight"])

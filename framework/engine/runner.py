@@ -150,6 +150,12 @@ class Setup:
     cam_boxes: list | None = None  # their face boxes (for a resize stage that crops to faces)
     resize: object = None
     cache: dict | None = None
+    ema: torch.nn.Module | None = None  # the averaged weights (train.ema), used to validate and to predict
+    ema_decay: float = 0.0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema if self.ema is not None else self.model
 
 
 def _task_loss(spec, train):
@@ -262,6 +268,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = _ema_copy(model) if tr.ema else None
     if recipe.model.compile:
         model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys
     specs = recipe.task_specs()
@@ -281,7 +288,29 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
         _require_gradcam()
     cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped, heads, no_face, resize=resize, cache=cache)
+                 size, notes, skipped, heads, no_face, resize=resize, cache=cache,
+                 ema=ema.to(accelerator.device) if ema is not None else None, ema_decay=tr.ema or 0.0)
+
+
+def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, with d = min(decay, (1 + step) / (10 + step)) so that the first steps
+    are not dominated by the random initial weights; integer buffers (batch counts) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m.detach(), 1 - d)
+        else:
+            e.copy_(m)
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -346,6 +375,8 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
             s.optimizer.step()
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 s.scheduler.step()
+                if s.ema is not None:
+                    ema_update(s.ema, acc.unwrap_model(model), s.ema_decay, s.scheduler.last_epoch)
             s.optimizer.zero_grad(set_to_none=True)
         p, t = acc.gather_for_metrics((_predictions(s.heads, logits).detach(), _bands(s.heads, labels)))
         preds.append(p.cpu())
@@ -481,7 +512,9 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
     tr = recipe.train
     start_epoch, best, partial = 1, {"value": None, "epoch": None}, None
     if resume is not None:
-        acc.unwrap_model(s.model).load_state_dict(resume["model"])
+        acc.unwrap_model(s.model).load_state_dict(resume.get("train_model") or resume["model"])
+        if s.ema is not None:
+            s.ema.load_state_dict(resume["model"])
         s.optimizer.load_state_dict(resume["optimizer"])
         s.scheduler.load_state_dict(resume["scheduler"])
         if acc.scaler is not None and resume.get("scaler"):
@@ -538,7 +571,7 @@ def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, 
               "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
-        v_stats = evaluate(acc, s.model, s.val_loader, s.heads, recipe.logging.progress)
+        v_stats = evaluate(acc, s.eval_model, s.val_loader, s.heads, recipe.logging.progress)
         thresholds = choose_thresholds(s.heads, v_stats)
         extras = regression_extras(s.heads, v_stats)
         for task, t in thresholds.items():
@@ -580,7 +613,10 @@ def _state(acc, s: Setup, epoch: int, best: dict, labels: dict, recipe) -> dict:
             "thresholds": {t: h.threshold for t, h in s.heads.items() if h.kind == "anomaly"},
             "image_size": list(s.image_size),
             "backbone": recipe.model.backbone,
-            "model": acc.unwrap_model(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
+            # `model` is what predictions use (the average with train.ema); `train_model` what training resumes
+            "model": (s.ema if s.ema is not None else acc.unwrap_model(s.model)).state_dict(),
+            "train_model": acc.unwrap_model(s.model).state_dict() if s.ema is not None else None,
+            "optimizer": s.optimizer.state_dict(),
             "scheduler": s.scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else None,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                     "numpy": np.random.get_state()[1].tolist()}}
@@ -680,11 +716,12 @@ def _log_cams(s: Setup, recipe, labels: dict, v_stats: dict, writer, epoch: int)
         s.cam_boxes = [rows[i].get("box") for i in wrong[: recipe.logging.cam_images]]
     if not s.cam_paths:
         return
-    model = s.accelerator.unwrap_model(s.model)
+    model = s.ema if s.ema is not None else s.accelerator.unwrap_model(s.model)
     run = SimpleNamespace(model=model, resize=s.resize, recipe=recipe,
                           tasks={t: {"classes": lab.classes} for t, lab in labels.items()})
     items = cams(run, s.cam_paths, boxes=s.cam_boxes)
-    model.train()
+    if s.ema is None:
+        model.train()
     for it in items:
         it["overlay"] = overlay(it["image"], it["heat"])
     writer.add_image("val/gradcam", contact_sheet(items), epoch, dataformats="HWC")

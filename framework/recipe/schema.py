@@ -375,6 +375,9 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
     grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    ema: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
+                                                           "with this decay per optimizer step (e.g. 0.998); "
+                                                           "validation, `best` and predictions use the average.")
     seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
     num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
 
