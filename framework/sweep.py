@@ -63,8 +63,10 @@ def expand(recipes: list[str | Path], grid: list[str], prefix: str | None = None
 
 
 def run_sweep(plan: list[dict], base_overrides: list[str] = (), log=print) -> list[dict]:
-    """Run each member; a failed member is recorded and the sweep goes on."""
+    """Run each member; a failed member is recorded and the sweep goes on. A stop (Ctrl-C, SIGTERM) stops the
+    whole sweep: the interrupted member keeps its resumable checkpoint, and the members not started are named."""
     from framework import api
+    from framework.errors import Interrupted
 
     results = []
     for i, member in enumerate(plan, 1):
@@ -73,6 +75,11 @@ def run_sweep(plan: list[dict], base_overrides: list[str] = (), log=print) -> li
             run_dir = api.run(member["recipe"], list(base_overrides) + member["overrides"], name=member["name"],
                               log=log)
             results.append({**member, "status": "finished", "run_dir": run_dir})
+        except Interrupted:
+            left = [m["name"] for m in plan[i:]]
+            if left:
+                log(f"sweep stopped; not started: {', '.join(left)}")
+            raise
         except RecipeError as e:
             log(f"failed: {e.format()}")
             results.append({**member, "status": "failed", "error": e.format()})

@@ -179,3 +179,21 @@ def test_sweep_goes_on_after_a_failed_member(tmp_path, monkeypatch):
     results = sweep.run_sweep(sweep.expand([path], ["transforms.image_size=32,40,48"]), log=lambda *_: None)
     assert [r["status"] for r in results] == ["finished", "failed", "finished"]
     assert "simulated out of memory" in results[1]["error"]
+
+
+def test_a_stopped_sweep_stops_and_names_the_members_not_started(tmp_path, monkeypatch):
+    from framework import sweep
+    from framework.errors import Interrupted, Issue
+
+    started, lines = [], []
+
+    def stopped(recipe, overrides, name, log):
+        started.append(name)
+        raise Interrupted(Issue("stopped by SIGINT in epoch 1 after 2 batches; a resumable checkpoint is saved."))
+
+    monkeypatch.setattr(api, "run", stopped)
+    plan = sweep.expand([tiny_recipe(tmp_path, train=FAST)], ["transforms.image_size=32,40,48"])
+    with pytest.raises(Interrupted):
+        sweep.run_sweep(plan, log=lines.append)
+    assert started == [plan[0]["name"]]
+    assert lines[-1] == f"sweep stopped; not started: {plan[1]['name']}, {plan[2]['name']}"
