@@ -523,12 +523,15 @@ def fit(recipe, plan, run_dir: Path, summary: dict, resume: dict | None = None, 
         for task, t in resume.get("thresholds", {}).items():
             s.heads[task].threshold = t
     summary.update(image_size=list(s.image_size), num_train=len(s.train_ds), num_val=len(s.val_loader.dataset),
-                   skipped_images=len(s.skipped), no_face_images=s.no_face, cache=s.cache, weights_notes=s.notes, processes=acc.num_processes,
-                   device=str(acc.device))
+                   skipped_images=len(s.skipped), no_face_images=s.no_face, cache=s.cache, weights_notes=s.notes,
+                   processes=acc.num_processes, device=str(acc.device))
     writer = None
     if main:
         for note in s.notes:
             log(f"weights: {note}")
+        if s.no_face:
+            log(f"faces: {s.no_face} of {len(s.train_ds)} training images have no face box in the data and none "
+                "was detected; they are used whole (give the data's boxes with a source's box_columns)")
         if s.skipped:
             _write_skipped(run_dir / "skipped.csv", s.skipped)
             log(f"skipped {len(s.skipped)} unreadable image(s), listed in {run_dir / 'skipped.csv'}")
