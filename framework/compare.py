@@ -28,17 +28,34 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def flatten(data, prefix: str = "") -> dict[str, object]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}; lists are values (compared whole)."""
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; a list of mappings (sources, augmentations) by position,
+    `data.sources.1.manifest`; other lists are values (compared whole)."""
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
     return {prefix[:-1]: data}
 
 
 def _recipe(run: Path) -> dict:
-    return flatten(yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {})
+    """A run's resolved recipe, flattened; read through today's schema when it still validates, so settings added
+    to the framework after the run (with their defaults) do not show up as changes."""
+    from pydantic import ValidationError
+
+    from framework.recipe.schema import Recipe
+
+    raw = yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {}
+    try:
+        raw = Recipe.model_validate(raw).model_dump(mode="json", exclude_none=True)
+    except ValidationError:  # e.g. a plugin's loss that is not loaded here: compare the file as written
+        pass
+    return flatten(raw)
 
 
 def changed(run_recipe: dict, base_recipe: dict) -> list[str]:
@@ -58,24 +75,34 @@ def _short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _best_scores(run: Path) -> dict[str, float]:
-    """Best value of every validation metric over the run's epochs (loss: lowest)."""
+def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
+    """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
+    every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,
+    all from the same epoch, never the best of each metric over different epochs."""
     from framework.engine.runner import _flat
 
-    best: dict[str, float] = {}
     path = run / "metrics.jsonl"
     if not path.exists():
-        return best
+        return {}
+    records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            flat = _flat(json.loads(line))
-        except (ValueError, KeyError):
+            records.append(json.loads(line))
+        except ValueError:
             continue
-        for k, v in flat.items():
-            if k.startswith("val/") and not k.endswith("threshold"):  # a threshold is a setting, not a score
-                keep = min if k.endswith(("loss", "mae")) else max  # lower is better for losses and errors
-                best[k] = keep(best.get(k, v), v)
-    return best
+    validated = [r for r in records if "val" in r]
+    if not validated:
+        return {}
+    chosen = next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
+    scores = {"best_epoch": chosen["epoch"]}
+    scores |= {k: v for k, v in _flat(chosen).items() if k.startswith("val/") and not k.endswith("threshold")}
+    val = chosen["val"]
+    parts = {"": val} if "per_class" in val else {f"{t}/": sc for t, sc in val.get("tasks", {}).items()}
+    for prefix, sc in parts.items():
+        for c, m in sc.get("per_class", {}).items():
+            if "f1" in m:
+                scores[f"val/{prefix}f1/{c}"] = m["f1"]
+    return scores
 
 
 def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = None) -> tuple[list[str], list[dict]]:
@@ -88,7 +115,7 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     for run in runs:
         s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
         recipe = _recipe(run) if (run / "recipe.resolved.yaml").exists() else {}
-        scores = _best_scores(run)
+        scores = _best_scores(run, s.get("best_epoch"))
         for k in scores:
             if k not in metric_cols:
                 metric_cols.append(k)
@@ -100,7 +127,9 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             **{k: scores.get(k) for k in metric_cols}, "wall_s": s.get("wall_seconds"),
             "notes": s.get("notes", ""), "changed": "baseline" if run == base else "; ".join(changed(recipe, base_recipe)),
         })
-    metric_cols = sorted(metric_cols, key=lambda k: (k.count("/"), k != "val/macro_f1", k))
+    order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
+    metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k.count("/"),
+                                                     k != "val/macro_f1", order[k] if "/f1/" in k else k))
     cols = ["run", "date", "status", "backbone", "image_size", "recipe", "epochs", *metric_cols, "wall_s", "notes",
             "changed"]
     for r in rows:

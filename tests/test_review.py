@@ -197,3 +197,27 @@ def test_a_stopped_sweep_stops_and_names_the_members_not_started(tmp_path, monke
         sweep.run_sweep(plan, log=lines.append)
     assert started == [plan[0]["name"]]
     assert lines[-1] == f"sweep stopped; not started: {plan[1]['name']}, {plan[2]['name']}"
+
+
+def test_compare_shows_the_kept_checkpoints_epoch_with_every_class_f1(tmp_path):
+    """The sheet's figures all come from the epoch of `best.pt`, not the best of each metric over epochs."""
+    path = tiny_recipe(tmp_path, train={**FAST, "epochs": 3})
+    run = api.run(path, name="three", log=lambda *_: None)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = json.loads((run / "summary.json").read_text())["best_epoch"]
+    kept = next(r for r in records if r["epoch"] == best_epoch)["val"]
+    cols, rows = sheet([run])
+    row = rows[0]
+    assert row["best_epoch"] == best_epoch
+    assert row["val/loss"] == kept["loss"] and row["val/macro_f1"] == kept["macro_f1"]
+    assert [c for c in cols if "/f1/" in c] == ["val/f1/wear", "val/f1/incorrect", "val/f1/not_wear"]
+    assert row["val/f1/incorrect"] == kept["per_class"]["incorrect"]["f1"]
+
+
+def test_changed_lists_sources_and_augmentations_by_position():
+    a = flatten({"data": {"sources": [{"name": "a", "manifest": "a.csv"}]}, "transforms": {"train": [
+        {"name": "HorizontalFlip"}, {"name": "Affine", "scale": [0.9, 1.1]}]}})
+    b = flatten({"data": {"sources": [{"name": "a", "manifest": "a.csv"}, {"name": "b", "manifest": "b.csv"}]},
+                 "transforms": {"train": [{"name": "HorizontalFlip"}, {"name": "Affine", "scale": [0.8, 1.2]}]}})
+    assert changed(b, a) == ["data.sources.1.manifest: - -> b.csv", "data.sources.1.name: - -> b",
+                             "transforms.train.1.scale: [0.9, 1.1] -> [0.8, 1.2]"]
