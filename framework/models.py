@@ -122,7 +122,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a torch file loaded with weights_only=True (no code runs)."""
     p = Path(path)
     if not p.is_file():
-        raise FieldError(("model", "weights"), f"weights file not found: {p}.", "give a local .safetensors/.pth file.")
+        raise FieldError(("model", "weights"), f"weights file not found: {p}.",
+                         "give a local .safetensors/.pth file, or a run's checkpoints/best.pt (train that run first).")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -90,7 +90,7 @@ def test_ema_update_averages_floats_copies_counts_and_warms_up():
             p.add_(1.0)
     model[1].num_batches_tracked.fill_(7)
     ema_update(ema, model, decay=0.9, step=1000)  # past the warm-up: d = 0.9
-    now, m = ema.state_dict(), model.state_dict()
+    now, m = {k: v.clone() for k, v in ema.state_dict().items()}, model.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.bias"):
         assert torch.allclose(now[k], 0.9 * before[k] + 0.1 * m[k])
     assert int(now["1.num_batches_tracked"]) == 7
