@@ -362,10 +362,10 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         data_cfg, where = other.recipe.data, other
     else:
         csv_path = Path(csv_file).resolve()
+        from framework.predict import box_columns_in
+
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            header = set(next(csv.reader(f), []))
-        boxes = next((c for c in (getattr(s, "box_columns", None) for s in run.recipe.data.sources)
-                      if c and set(c) <= header), None)  # the face boxes a face-cropping run needs
+            boxes = box_columns_in(run, next(csv.reader(f), []))  # the face boxes a face-cropping run needs
         data_cfg = DataSection(root=str(csv_path.parent), sources=[{"type": "csv", "name": "eval",
                                                                     "manifest": csv_path.name, "box_columns": boxes}])
         where = None

@@ -130,11 +130,16 @@ def face_boxes(run: LoadedRun, csv_file: str | Path | None) -> list | None:
         return None
     from framework.data.readers import row_box
 
-    names = [getattr(s, "box_columns", None) for s in run.recipe.data.sources]
     with open(csv_file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        columns = next((c for c in names if c and set(c) <= set(reader.fieldnames or [])), None)
+        columns = box_columns_in(run, reader.fieldnames or [])
         return [row_box(r, columns) for r in reader] if columns else None
+
+
+def box_columns_in(run: LoadedRun, header) -> list[str] | None:
+    """The box columns named by one of the run's sources that a CSV with this header has (None: none of them)."""
+    names = [getattr(s, "box_columns", None) for s in run.recipe.data.sources]
+    return next((c for c in names if c and set(c) <= set(header)), None)
 
 
 def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,

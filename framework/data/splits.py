@@ -1,8 +1,8 @@
 """Validation policies: stratified, grouped holdout and k-fold, a source as validation, a split file.
 
-Every policy returns one `side` per row ("train" / "val"; "unused" for rows left out, see build_split). Grouped splits assign whole groups, largest first,
-each to the side (or fold) whose per-class count is furthest below its target, so each class lands within
-one group of its share - and, with groups of one image, exactly on it.
+Every policy returns one `side` per row ("train" / "val"; "unused" for rows left out, see build_split). Grouped
+splits assign whole groups, largest first, each to the side (or fold) whose per-class count is furthest below its
+target, so each class lands within one group of its share - and, with groups of one image, exactly on it.
 """
 from __future__ import annotations
 
