@@ -9,6 +9,7 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -59,15 +60,38 @@ def _recipe(run: Path) -> dict:
 
 
 def changed(run_recipe: dict, base_recipe: dict) -> list[str]:
-    """`key: old -> new` for every recipe key that differs (added or removed keys included)."""
+    """`key: old -> new` for every recipe key that differs (added or removed keys included). A list entry that only
+    one side has (a source or an augmentation added or removed) is one item: `data.sources.1: - -> {...}`."""
     out = []
+    whole = _one_sided_entries(run_recipe, base_recipe)
+    done = set()
     for key in sorted(set(run_recipe) | set(base_recipe)):
         if key.startswith(IGNORED_KEYS):
+            continue
+        entry = next((e for e in whole if key.startswith(e + ".")), None)
+        if entry is not None:
+            if entry not in done:
+                done.add(entry)
+                a, b = _entry(base_recipe, entry), _entry(run_recipe, entry)
+                out.append(f"{entry}: {_short('-' if a is None else a)} -> {_short('-' if b is None else b)}")
             continue
         a, b = base_recipe.get(key, "-"), run_recipe.get(key, "-")
         if a != b:
             out.append(f"{key}: {_short(a)} -> {_short(b)}")
     return out
+
+
+def _one_sided_entries(a: dict, b: dict) -> set[str]:
+    """`data.sources.1`-like list entries whose keys are all on one side only."""
+    def entries(flat):
+        return {m.group(1) for k in flat if (m := re.match(r"(.*?\.\d+)\.", k))}
+    return entries(a) ^ entries(b)
+
+
+def _entry(flat: dict, entry: str):
+    """A list entry by its `name` (a source's or a transform's), else its fields; None when absent."""
+    fields = {k[len(entry) + 1:]: v for k, v in flat.items() if k.startswith(entry + ".")}
+    return fields.get("name", fields) if fields else None
 
 
 def _short(v) -> str:

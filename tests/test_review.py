@@ -214,10 +214,10 @@ def test_compare_shows_the_kept_checkpoints_epoch_with_every_class_f1(tmp_path):
     assert row["val/f1/incorrect"] == kept["per_class"]["incorrect"]["f1"]
 
 
-def test_changed_lists_sources_and_augmentations_by_position():
+def test_changed_lists_sources_and_augmentations_by_position_and_whole_entries_once():
     a = flatten({"data": {"sources": [{"name": "a", "manifest": "a.csv"}]}, "transforms": {"train": [
         {"name": "HorizontalFlip"}, {"name": "Affine", "scale": [0.9, 1.1]}]}})
     b = flatten({"data": {"sources": [{"name": "a", "manifest": "a.csv"}, {"name": "b", "manifest": "b.csv"}]},
                  "transforms": {"train": [{"name": "HorizontalFlip"}, {"name": "Affine", "scale": [0.8, 1.2]}]}})
-    assert changed(b, a) == ["data.sources.1.manifest: - -> b.csv", "data.sources.1.name: - -> b",
-                             "transforms.train.1.scale: [0.9, 1.1] -> [0.8, 1.2]"]
+    assert changed(b, a) == ["data.sources.1: - -> b", "transforms.train.1.scale: [0.9, 1.1] -> [0.8, 1.2]"]
+    assert changed(a, b) == ["data.sources.1: b -> -", "transforms.train.1.scale: [0.8, 1.2] -> [0.9, 1.1]"]
