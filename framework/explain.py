@@ -102,6 +102,12 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
                              fix="name one of its tasks."))
     h, w = _input_size(run)
     layer, reshape = target_layer(run.model, (h, w), layer_name)
+    extra = {"bboxes": np.zeros((0, 4), np.float32), "box_ids": []} if getattr(run.resize, "processors", None) else {}
+    views = []  # per image, once for all tasks: what the model starts from (decoded, face-cropped) and its input
+    for i, p in enumerate(paths):
+        original = face_view(run, decode(p), boxes[i] if boxes else None)
+        x = torch.from_numpy(np.ascontiguousarray(run.resize(image=original, **extra)["image"]))
+        views.append((original, x.permute(2, 0, 1)[None].float()))  # (1, 3, H, W), 0..255: the model normalizes
     out = []
     for t in tasks:
         classes = run.tasks[t]["classes"]
@@ -110,12 +116,7 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
                                  field="--target", fix="name one of its classes."))
         wrapped = _TaskOutput(run.model, t).eval()
         with GradCAM(model=wrapped, target_layers=[layer], reshape_transform=reshape) as cam:
-            for i, p in enumerate(paths):
-                original = face_view(run, decode(p), boxes[i] if boxes else None)
-                extra = {"bboxes": np.zeros((0, 4), np.float32), "box_ids": []} if run.resize.processors else {}
-                x = torch.from_numpy(np.ascontiguousarray(run.resize(image=original, **extra)["image"]))
-                x = x.permute(2, 0, 1)
-                x = x[None].float()  # (1, 3, H, W), 0..255: the model normalizes itself
+            for p, (original, x) in zip(paths, views):
                 with torch.no_grad():
                     prob = wrapped(x).softmax(1)[0]
                 k = classes.index(target) if target is not None else int(prob.argmax())
