@@ -389,16 +389,16 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
 def _within_classes(rows: list[dict], specs: dict) -> tuple[list[dict], dict[str, int]]:
     """Rows whose labels are classes the run knows, and how many images of each other label were left out (a
     two-class model scored on a three-class set is scored on the two classes it has)."""
+    from framework.data.labels import label_value
+
     outside: dict[str, int] = {}
     keep = []
+    plain = [s for s in specs.values() if s.composite is None and s.bins is None and s.classes]
     for r in rows:
         unknown = None
-        for spec in specs.values():
-            if spec.composite is not None or spec.bins is not None or not spec.classes or spec.column not in r:
-                continue
-            value = str(r[spec.column]).strip()
-            value = (spec.map or {}).get(value, value)
-            if value and value not in spec.classes:
+        for spec in plain:
+            value = label_value(r, spec, (), lenient=True)
+            if value is not None and value not in spec.classes:
                 unknown = value
         if unknown is None:
             keep.append(r)

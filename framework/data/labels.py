@@ -48,7 +48,7 @@ def _classes_of(spec) -> list[str] | None:
     return list(spec.classes) if spec.classes else None
 
 
-def _raw(row: dict, spec, where: tuple, lenient: bool = False) -> str | None:
+def label_value(row: dict, spec, where: tuple, lenient: bool = False) -> str | None:
     """The row's value for one label spec as a class name, or None when missing. `lenient`: a source without
     the column has no label for it (several tasks from different sources); else that is an error."""
     if spec.column not in row and lenient:
@@ -82,8 +82,8 @@ def encode(rows: list[dict], target, where: tuple, lenient: bool = False) -> tup
     for name, spec in parts.items():
         w = where + (("composite", name) if name else ())
         if lenient and not any(spec.column in r for r in rows):
-            _raw(rows[0], spec, w)  # raises the missing-column error, with a did-you-mean
-        part_values[name] = [_raw(r, spec, w, lenient) for r in rows]
+            label_value(rows[0], spec, w)  # raises the missing-column error, with a did-you-mean
+        part_values[name] = [label_value(r, spec, w, lenient) for r in rows]
     present = [all(part_values[n][i] is not None for n in parts) for i in range(len(rows))]
     part_classes: dict[str, list[str]] = {}
     for name, spec in parts.items():
