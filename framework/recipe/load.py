@@ -90,21 +90,33 @@ def _construct(loader, node, key_path: tuple, file: str, locs: Locs):
     return loader.construct_object(node, deep=True)
 
 
+_KINDS = ("type", "name")  # the tag of a closed choice: split policy, optimizer, scheduler, loss
+
+
+def _replaces(base: Any, over: Any) -> bool:
+    """Does `over` replace `base` whole? Yes unless both are mappings of the same kind: a mapping whose `type` or
+    `name` differs (another split policy, optimizer or loss) does not inherit the other kind's options."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return True
+    return any(k in base and k in over and base[k] != over[k] for k in _KINDS)
+
+
 def deep_merge(base: Any, over: Any) -> Any:
-    """Mappings merge key by key; everything else (lists included) is replaced by `over`."""
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
-        return out
-    return copy.deepcopy(over)
+    """Mappings merge key by key, unless their `type` / `name` differ; everything else (lists included) is
+    replaced by `over`."""
+    if _replaces(base, over):
+        return copy.deepcopy(over)
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+    return out
 
 
-def _merge_locs(base: Locs, over: Locs, over_data: Any) -> Locs:
-    """Locations after deep_merge: a replaced non-mapping value drops the base's locations below it."""
+def _merge_locs(base: Locs, over: Locs, over_data: Any, base_data: Any) -> Locs:
+    """Locations after deep_merge: a replaced value drops the base's locations below it."""
     out = dict(base)
     for path, loc in over.items():
-        if path and not isinstance(_get(over_data, path), dict):
+        if path and _replaces(_get(base_data, path), _get(over_data, path)):
             for p in [p for p in out if p[: len(path)] == path and len(p) > len(path)]:
                 del out[p]
         out[path] = loc
@@ -152,10 +164,10 @@ def _with_extends(path: Path, chain: tuple) -> tuple[dict, Locs]:
                                     field="extends", file=file, line=line, column=col,
                                     fix="give the base's path relative to this recipe's folder."))
         pdata, plocs = _with_extends(ppath, chain + (path,))
-        merged_locs = _merge_locs(merged_locs, plocs, pdata)
+        merged_locs = _merge_locs(merged_locs, plocs, pdata, merged)
         merged = deep_merge(merged, pdata)
     locs = {k: v for k, v in locs.items() if not (k and k[0] == "extends")}
-    return deep_merge(merged, data), _merge_locs(merged_locs, locs, data)
+    return deep_merge(merged, data), _merge_locs(merged_locs, locs, data, merged)
 
 
 def _resolve_file_paths(data: dict, locs: Locs, base: Path) -> None:
