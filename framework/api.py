@@ -5,6 +5,7 @@ import contextlib
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -252,8 +253,22 @@ def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str
         raise RunError(issue_at(loaded.locs, ("validation",), f"--all-folds needs validation type kfold, not "
                                 f"{policy.type!r}.", "set validation: {type: kfold, k: 5}.", str(path)))
     base = name or f"{Path(path).stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return [run(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
+    runs = [run(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
             for k in range(policy.k)]
+    if os.environ.get("RANK", "0") == "0":  # one writer when several processes train the folds
+        cross_validate(runs, runs[0].parent / f"{base}-cv.json")
+    return runs
+
+
+def cross_validate(runs: list[str | Path], out: str | Path | None = None) -> dict:
+    """Pool the kept epochs of all k fold runs into one out-of-fold score (framework.crossval); written to `out`
+    (JSON) when given. Returns the result with `out` set."""
+    from framework import crossval
+
+    result = crossval.pooled([Path(r) for r in runs])
+    if out is not None:
+        result["out"] = str(crossval.write(result, Path(out)))
+    return result
 
 
 def _silent(*_args) -> None:

@@ -97,6 +97,12 @@ def run(recipe, overrides, name, resume, all_folds, processes):
         summary = json.loads((run_dir / "summary.json").read_text())
         click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
                    f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+    if all_folds:
+        from framework import crossval
+
+        cv_file = run_dirs[0].parent / f"{run_dirs[0].name.rsplit('-fold', 1)[0]}-cv.json"
+        click.echo(crossval.report(json.loads(cv_file.read_text(encoding="utf-8"))))
+        click.echo(f"wrote {cv_file}")
 
 
 from pathlib import Path  # noqa: E402
@@ -213,6 +219,24 @@ def compare(runs, baseline, sort_key, fmt, out):
         click.echo(f"wrote {out} ({len(rows)} runs)")
     else:
         click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+def crossval(runs, out):
+    """Score the fold runs RUNS of a k-fold recipe as one validation set: every item predicted once, by the fold
+    model that did not train on it (`recipe run --all-folds` prints and writes this itself)."""
+    from framework import api
+    from framework import crossval as cv
+
+    try:
+        result = api.cross_validate(list(runs), out)
+    except RecipeError as e:
+        _fail(e)
+    click.echo(cv.report(result))
+    if out:
+        click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -99,15 +99,12 @@ def _short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
-    """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
-    every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,
-    all from the same epoch, never the best of each metric over different epochs."""
-    from framework.engine.runner import _flat
-
+def kept_record(run: Path, best_epoch: int | None) -> dict | None:
+    """The metrics.jsonl record of the epoch whose checkpoint the run kept as `best` (else the last validated
+    one); None when no epoch was validated."""
     path = run / "metrics.jsonl"
     if not path.exists():
-        return {}
+        return None
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -116,8 +113,19 @@ def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
             continue
     validated = [r for r in records if "val" in r]
     if not validated:
+        return None
+    return next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
+
+
+def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
+    """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
+    every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,
+    all from the same epoch, never the best of each metric over different epochs."""
+    from framework.engine.runner import _flat
+
+    chosen = kept_record(run, best_epoch)
+    if chosen is None:
         return {}
-    chosen = next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
     scores = {"best_epoch": chosen["epoch"]}
     scores |= {k: v for k, v in _flat(chosen).items() if k.startswith("val/") and not k.endswith("threshold")}
     val = chosen["val"]

@@ -192,20 +192,6 @@ def test_seeds_ensemble_by_hard_and_soft_voting_with_validation_weights(tmp_path
         assert all(0 <= row["label"] <= 1 for row in table.values())
 
 
-def test_all_folds_trains_every_fold_with_names_for_ensembles(tmp_path):
-    path = tiny_recipe(tmp_path, validation={"type": "kfold", "k": 3},
-                       train={"epochs": 1, "batch_size": 8, "num_workers": 0})
-    result = CliRunner().invoke(main, ["run", str(path), "--all-folds", "--name", "cv"])
-    assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert names == ["cv-fold0", "cv-fold1", "cv-fold2"]
-    vals = []
-    for n in names:
-        with open(tmp_path / "runs" / n / "split.csv", encoding="utf-8") as f:
-            vals.append({r["path"] for r in csv.DictReader(f) if r["split"] == "val"})
-    assert not (vals[0] & vals[1]) and not (vals[1] & vals[2]) and len(set.union(*vals)) == 36
-
-
 def test_evaluate_leaves_out_labels_the_run_does_not_have(tmp_path):
     """A wear / not_wear model scored on a three-class set is scored on its two classes; the third is counted."""
     from tests.conftest import tiny_manifest, tiny_recipe

@@ -26,6 +26,28 @@ def test_deep_merge_merges_mappings_and_replaces_lists():
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}  # inputs untouched
 
 
+def test_a_mapping_of_another_kind_replaces_the_base_one_whole():
+    """Another split policy, optimizer or loss does not inherit the other kind's options (a holdout's `ratio` under
+    k-fold would be an unknown key); the same kind still merges key by key."""
+    base = {"validation": {"type": "holdout", "ratio": 0.2, "group_by": "group"},
+            "train": {"optimizer": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05}, "epochs": 15}}
+    assert deep_merge(base, {"validation": {"type": "kfold", "k": 5}})["validation"] == {"type": "kfold", "k": 5}
+    assert deep_merge(base, {"train": {"optimizer": {"name": "sgd", "lr": 0.1}}})["train"] == {
+        "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": 15}
+    assert deep_merge(base, {"validation": {"type": "holdout", "ratio": 0.3}})["validation"] == {
+        "type": "holdout", "ratio": 0.3, "group_by": "group"}
+
+
+def test_kaggle_cv_recipe_swaps_the_holdout_for_folds_and_keeps_the_rest():
+    holdout = api.load_recipe(REPO / "recipes" / "kaggle_crops_mask.yaml").recipe
+    loaded = api.load_recipe(REPO / "recipes" / "kaggle_crops_mask_cv.yaml")
+    cv = loaded.recipe
+    assert cv.validation.type == "kfold" and cv.validation.k == 5 and cv.validation.group_by == "group"
+    assert cv.train == holdout.train and cv.data == holdout.data and cv.transforms == holdout.transforms
+    assert loaded.locs[("validation", "type")][0].endswith("kaggle_crops_mask_cv.yaml")
+    assert ("validation", "ratio") not in loaded.locs  # the base's holdout options left with it
+
+
 def test_hard_aug_extends_soft_aug_and_replaces_the_augmentation_list():
     soft, _ = load_dict(REPO / "recipes" / "soft_aug.yaml")
     hard, locs = load_dict(REPO / "recipes" / "hard_aug.yaml")

@@ -1,0 +1,104 @@
+"""k-fold runs scored as one validation set: every item once, by the fold model that did not train on it."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from framework.cli import main
+from framework.compare import kept_record
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """Three fold runs of the tiny recipe, trained once with `recipe run --all-folds` (output kept)."""
+    tmp = tmp_path_factory.mktemp("cv")
+    path = tiny_recipe(tmp, validation={"type": "kfold", "k": 3, "stratify": True, "group_by": "group"},
+                       train={"epochs": 2, "batch_size": 8, "num_workers": 0})
+    result = CliRunner().invoke(main, ["run", str(path), "--all-folds", "--name", "tiny"])
+    assert result.exit_code == 0, result.output
+    return tmp / "runs", result.output
+
+
+def _copy(runs, tmp_path, names=("tiny-fold0", "tiny-fold1", "tiny-fold2")):
+    for n in names:
+        shutil.copytree(runs / n, tmp_path / n)
+    return [tmp_path / n for n in names]
+
+
+def test_all_folds_trains_every_fold_and_scores_them_as_one(folds):
+    runs, output = folds
+    names = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert names == ["tiny-fold0", "tiny-fold1", "tiny-fold2"]
+    vals = []
+    for n in names:
+        with open(runs / n / "split.csv", encoding="utf-8") as f:
+            vals.append({r["path"] for r in csv.DictReader(f) if r["split"] == "val"})
+    assert not (vals[0] & vals[1]) and not (vals[1] & vals[2]) and len(set.union(*vals)) == 36
+
+    result = json.loads((runs / "tiny-cv.json").read_text())
+    val = result["val"]
+    # every labelled item is scored once, and the pooled matrix is the sum of the kept epochs' matrices
+    kept = [kept_record(runs / n, json.loads((runs / n / "summary.json").read_text())["best_epoch"])
+            for n in names]
+    cm = sum(np.array(k["val"]["confusion"]) for k in kept)
+    assert val["confusion"] == cm.tolist() and cm.sum() == 36
+    assert [p["best_epoch"] for p in result["per_fold"]] == [k["epoch"] for k in kept]
+    # per-class F1 of the pooled counts, by hand (not the mean of the folds' F1)
+    tp, pred, true = np.diag(cm), cm.sum(0), cm.sum(1)
+    for i, c in enumerate(["wear", "incorrect", "not_wear"]):
+        p = tp[i] / pred[i] if pred[i] else 0.0
+        r = tp[i] / true[i]
+        assert val["per_class"][c]["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+        assert val["per_class"][c]["support"] == 12
+    assert "cross-validated over 3 folds" in output and "36 items" in output
+    assert f"macro-F1 {val['macro_f1']:.3f}" in output and "tiny-cv.json" in output
+
+
+def test_crossval_command_rescored_from_the_run_folders(folds, tmp_path):
+    runs, _ = folds
+    out = tmp_path / "again.json"
+    result = CliRunner().invoke(main, ["crossval", *map(str, sorted(runs.glob("tiny-fold*"))), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["val"] == json.loads((runs / "tiny-cv.json").read_text())["val"]
+
+
+def _fails(args):
+    result = CliRunner().invoke(main, ["crossval", *map(str, args)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    return result.output
+
+
+def test_a_missing_fold_is_named_with_the_command_that_trains_it(folds, tmp_path):
+    runs, _ = folds
+    out = _fails([runs / "tiny-fold0", runs / "tiny-fold1"])
+    assert "fold(s) 2 of 3 are missing" in out and "validation.fold=2" in out
+
+
+def test_folds_of_different_recipes_are_refused(folds, tmp_path):
+    copies = _copy(folds[0], tmp_path)
+    resolved = copies[1] / "recipe.resolved.yaml"
+    recipe = yaml.safe_load(resolved.read_text())
+    recipe["train"]["seed"] = 7
+    resolved.write_text(yaml.safe_dump(recipe))
+    out = _fails(copies)
+    assert "not folds of one recipe" in out and "train.seed: 0 -> 7" in out
+
+
+def test_an_unfinished_fold_is_named_with_the_resume_command(folds, tmp_path):
+    copies = _copy(folds[0], tmp_path)
+    summary = json.loads((copies[2] / "summary.json").read_text())
+    (copies[2] / "summary.json").write_text(json.dumps(summary | {"status": "interrupted", "epochs_done": 1}))
+    out = _fails(copies)
+    assert "tiny-fold2 is interrupted (epoch 1 of 2)" in out and f"recipe run --resume {copies[2]}" in out
+
+
+def test_a_holdout_run_is_not_a_fold(tmp_path):
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    assert CliRunner().invoke(main, ["run", str(path), "--name", "holdout"]).exit_code == 0
+    out = _fails([tmp_path / "runs" / "holdout"])
+    assert "validated by 'holdout', not by k-fold" in out and "validation: {type: kfold" in out
