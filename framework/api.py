@@ -467,7 +467,8 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     for q, r in prior_report.items():
         report += [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
                    f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
-                   f"{r['macro_f1_shifted']:.4f} after re-weighting to the estimate"]
+                   f"{r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> {r['accuracy_shifted']:.4f}, "
+                   f"log-loss {r['log_loss']:.3f} -> {r['log_loss_shifted']:.3f} after re-weighting to the estimate"]
     (out / "report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
                                       "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
@@ -525,8 +526,18 @@ def _prior_report(run, probs: dict, truth: dict) -> dict:
                   "calibration": c,
                   "l1_train": float(np.abs(train - true).sum()), "l1_estimated": float(np.abs(estimate - true).sum()),
                   "macro_f1": P.macro_f1(truth[q][has], p[has].argmax(1), n),
-                  "macro_f1_shifted": P.macro_f1(truth[q][has], adjusted.argmax(1), n)}
+                  "macro_f1_shifted": P.macro_f1(truth[q][has], adjusted.argmax(1), n),
+                  "accuracy": float((p[has].argmax(1) == truth[q][has]).mean()),
+                  "accuracy_shifted": float((adjusted.argmax(1) == truth[q][has]).mean()),
+                  "log_loss": _log_loss(p[has], truth[q][has]), "log_loss_shifted": _log_loss(adjusted, truth[q][has])}
     return out
+
+
+def _log_loss(probs, truth) -> float:
+    """Mean negative log-probability of the true class (the quality of the probabilities, not only of the argmax)."""
+    import numpy as np
+
+    return float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None)).mean())
 
 
 def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal", images=None, csv_file=None,

@@ -95,6 +95,8 @@ def main() -> None:
     print(f"training priors  {fmt(r['train'])}   L1 {r['l1_train']:.3f}")
     print(f"EM estimate      {fmt(r['estimated'])}   L1 {r['l1_estimated']:.3f}")
     print(f"macro-F1         {r['macro_f1']:.4f} unadjusted -> {r['macro_f1_shifted']:.4f} re-weighted")
+    print(f"accuracy         {r['accuracy']:.4f} unadjusted -> {r['accuracy_shifted']:.4f} re-weighted")
+    print(f"log-loss         {r['log_loss']:.4f} unadjusted -> {r['log_loss_shifted']:.4f} re-weighted")
 
 
 if __name__ == "__main__":

@@ -48,15 +48,19 @@ def test_bias_corrected_temperature_scaling_undoes_a_known_distortion():
 
 
 def test_em_on_a_held_back_real_set_shifted_to_80_percent_not_wear(tmp_path):
-    """Train on some groups of two mask sets; score the other groups resampled to 80% not_wear."""
+    """Train on some groups of two mask sets; score the other groups resampled to 80% not_wear.
+
+    What re-weighting to the right priors must improve is the probability of the true class (log-loss, here about
+    0.43 -> 0.24). Its argmax scores on these 249 images move by a few images either way with the CPU's floating
+    point (macro-F1 0.856 -> 0.884 on one machine, 0.850 -> 0.847 on another), so they are reported, not asserted."""
     r = _experiment().run_experiment(tmp_path, sets=("maskedfacenet_maskon", "chandrikadeb7_mask2"),
                                      backbone="test_resnet", epochs=6, image_size=48)
     assert r["true"]["not_wear"] == pytest.approx(0.8, abs=0.01)
     assert r["l1_estimated"] < r["l1_train"] / 3  # the EM estimate lands far closer than the training mix
-    assert r["macro_f1_shifted"] > r["macro_f1"]  # and re-weighted predictions score higher
+    assert r["log_loss_shifted"] < 0.8 * r["log_loss"]  # re-weighted probabilities put more mass on the truth
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert metrics["prior_shift"]["label"]["calibration"]["temperature"] > 0
-    assert "test priors: true" in r["report"] and "after re-weighting" in r["report"]
+    assert "test priors: true" in r["report"] and "log-loss" in r["report"] and "after re-weighting" in r["report"]
 
 
 @pytest.fixture(scope="module")
