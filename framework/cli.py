@@ -118,7 +118,8 @@ def _source(images, csv_file):
 @click.option("--images", type=click.Path(file_okay=False), help="Folder of images (searched recursively).")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="CSV with a `path` column.")
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--tta", type=click.Choice(["hflip"]), help="Average with the horizontally flipped image.")
+@click.option("--tta", type=click.Choice(["hflip", "none"]),
+              help="hflip: average with the mirror image; none: no TTA (default: the run's eval.tta).")
 @click.option("--proba", is_flag=True, help="Add each class's probability.")
 @click.option("--prior-shift", metavar="em|FILE",
               help="Re-weight probabilities to the test set's class priors: `em` estimates them from the unlabeled "
@@ -145,7 +146,7 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift):
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False),
               help="A manifest: `path` plus the run's label columns.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>).")
-@click.option("--tta", type=click.Choice(["hflip"]))
+@click.option("--tta", type=click.Choice(["hflip", "none"]), help="Default: the run's eval.tta.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")
 def evaluate(run, recipe_data, csv_file, out, tta, overrides):
@@ -171,7 +172,7 @@ def evaluate(run, recipe_data, csv_file, out, tta, overrides):
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False))
 @click.option("--out", default="ensemble.csv", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--composite", help="Questions that form the composite answer, e.g. mask,gender,age.")
-@click.option("--tta", type=click.Choice(["hflip"]))
+@click.option("--tta", type=click.Choice(["hflip", "none"]), help="Default: the run's eval.tta.")
 @click.option("--proba", is_flag=True)
 @click.option("--prior-shift", metavar="em|FILE", help="Re-weight to the test set's class priors (see predict).")
 def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift):

@@ -146,8 +146,12 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
                   progress: bool = False, values: dict | None = None, boxes: list | None = None):
     """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures.
     A `values` dict receives the predicted numbers of regression tasks (N_ok,). `boxes` (one face box or None
-    per image) feed a face-cropping resize stage; images without one get the face detector's box."""
+    per image) feed a face-cropping resize stage; images without one get the face detector's box. `tta` None
+    means the run's own `eval.tta` (what its validation figures were measured with); "none" turns it off."""
     from framework.data.dataset import prepare
+
+    if tta is None:
+        tta = run.recipe.eval.tta
 
     rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
     detect = run.recipe.transforms.resize.face_margin is not None

@@ -209,3 +209,29 @@ def test_evaluate_leaves_out_labels_the_run_does_not_have(tmp_path):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["images"] == 8
     assert set(metrics["distribution"]["label"]) == {"wear", "not_wear"}
+
+
+def test_eval_tta_validates_on_the_mirror_average_and_is_the_runs_default_for_predict(tmp_path):
+    """With eval.tta: hflip the run's validation figures (and so its `best`) are those of the mirror-averaged
+    outputs, and predict / evaluate use them unless told `--tta none`."""
+    from framework import predict as P
+    from framework.compare import kept_record
+    from framework.engine.metrics import confusion
+
+    path = tiny_recipe(tmp_path, eval={"tta": "hflip"}, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    run = api.run(path, name="tta", log=lambda *_: None)
+    with open(run / "split.csv", encoding="utf-8") as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    loaded = P.load_run(run)
+    classes = loaded.tasks["label"]["classes"]
+    paths, truth = [r["path"] for r in val], np.array([classes.index(r["label"]) for r in val])
+    default, _, _ = P.predict_tasks(loaded, paths)
+    hflip, _, _ = P.predict_tasks(loaded, paths, "hflip")
+    plain, _, _ = P.predict_tasks(loaded, paths, "none")
+    assert np.array_equal(default["label"], hflip["label"])
+    assert np.abs(default["label"] - plain["label"]).max() > 1e-4  # the mirror image changes the outputs
+    recorded = kept_record(run, 1)["val"]["confusion"]
+    assert confusion(truth, default["label"].argmax(1), len(classes)).tolist() == recorded
+    result = CliRunner().invoke(main, ["predict", str(run), "--csv", str(tmp_path / "tiny.csv"), "--tta", "none",
+                                       "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output

@@ -406,19 +406,24 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, heads: dict, progress: bool = False) -> dict:
+def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tta: str | None = None) -> dict:
     """Loss, band predictions and probabilities over the whole loader; each sample counted exactly once.
     Also the raw anomaly scores and the predicted and true numbers of regression tasks.
 
     The loss is the sum over tasks of the task's mean loss on the samples that have its label (cross-entropy for
-    classification, L1 for regression, binary cross-entropy for ordinal and anomaly heads)."""
+    classification, L1 for regression, binary cross-entropy for ordinal and anomaly heads). With tta "hflip" the
+    outputs are the mean of the image's and its mirror image's (as `recipe predict --tta hflip` computes them)."""
     model.eval()
     targets, probs, scores, values = [], {}, {}, {}
     loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
     summed = {t: torch.nn.L1Loss(reduction="sum") if h.kind == "regression" else
               torch.nn.CrossEntropyLoss(reduction="sum") for t, h in heads.items()}
     for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
-        out, labels = accelerator.gather_for_metrics((model(images), labels))
+        out = model(images)
+        if tta == "hflip":
+            flipped = model(torch.flip(images, dims=[3]))  # (N, 3, H, W): mirror left-right
+            out = {t: (v + flipped[t]) / 2 for t, v in out.items()}
+        out, labels = accelerator.gather_for_metrics((out, labels))
         targets.append(labels.cpu())
         for j, (task, head) in enumerate(heads.items()):
             v, col = out[task].float(), labels[:, j]
@@ -574,7 +579,7 @@ def _epoch(s: Setup, recipe, plan, run_dir: Path, epoch: int, best: dict, stop, 
               "train": summarize(t_stats["y_true"], t_stats["y_pred"], labels, t_stats["loss"])
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     if epoch % recipe.eval.every == 0 or epoch == tr.epochs:
-        v_stats = evaluate(acc, s.eval_model, s.val_loader, s.heads, recipe.logging.progress)
+        v_stats = evaluate(acc, s.eval_model, s.val_loader, s.heads, recipe.logging.progress, recipe.eval.tta)
         thresholds = choose_thresholds(s.heads, v_stats)
         extras = regression_extras(s.heads, v_stats)
         for task, t in thresholds.items():

@@ -411,6 +411,9 @@ class TaskSpec(TargetSpec):
 class EvalSection(_Section):
     every: int = Field(1, ge=1, description="Validate every N epochs (and always after the last).")
     batch_size: int | None = Field(None, ge=1, description="Default: 2x the training batch size.")
+    tta: Literal["hflip"] | None = Field(None, description="hflip: score each image by the average of its outputs "
+                                                        "and its mirror image's, in validation (so also when "
+                                                        "choosing `best`) and, by default, in predict / evaluate.")
 
 
 class CheckpointSection(_Section):
