@@ -31,9 +31,9 @@ def pooled(runs: list[Path]) -> dict:
     _check_same_recipe(folds)
     seen = [f["fold"] for f in folds]
     if len(set(seen)) != len(seen):
-        twice = sorted({i for i in seen if seen.count(i) > 1})
-        raise RunError(Issue(f"fold {twice[0]} is given twice ({', '.join(f['run'].name for f in folds if f['fold'] == twice[0])}).",
-                             field="RUNS", fix="give each fold's run once."))
+        twice = next(i for i in seen if seen.count(i) > 1)
+        names = ", ".join(f["run"].name for f in folds if f["fold"] == twice)
+        raise RunError(Issue(f"fold {twice} is given twice ({names}).", field="RUNS", fix="give each fold's run once."))
     missing = sorted(set(range(k)) - set(seen))
     if missing:
         raise RunError(Issue(f"fold(s) {', '.join(map(str, missing))} of {k} are missing: the pooled scores need "

@@ -79,6 +79,13 @@ def test_a_missing_fold_is_named_with_the_command_that_trains_it(folds, tmp_path
     assert "fold(s) 2 of 3 are missing" in out and "validation.fold=2" in out
 
 
+def test_a_fold_given_twice_is_refused(folds, tmp_path):
+    runs, _ = folds
+    shutil.copytree(runs / "tiny-fold0", tmp_path / "again-fold0")
+    out = _fails([runs / "tiny-fold0", tmp_path / "again-fold0", runs / "tiny-fold1", runs / "tiny-fold2"])
+    assert "fold 0 is given twice (tiny-fold0, again-fold0)" in out
+
+
 def test_folds_of_different_recipes_are_refused(folds, tmp_path):
     copies = _copy(folds[0], tmp_path)
     resolved = copies[1] / "recipe.resolved.yaml"
