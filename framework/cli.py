@@ -205,15 +205,16 @@ def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "md", "html"]), default="table", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of the terminal.")
 def compare(runs, baseline, sort_key, fmt, out):
-    """The experiment sheet of RUNS (run folders, or folders of runs; default: runs/)."""
+    """The experiment sheet of RUNS (run folders, folders of runs, or NAME-cv.json files of `--all-folds`; default:
+    runs/). A cross-validation is one more row: its folds pooled."""
     from pathlib import Path
 
-    from framework.compare import find_runs, render, sheet
+    from framework.compare import find_crossvals, find_runs, render, sheet
 
-    found = find_runs(list(runs) or ["runs"])
-    if not found:
+    found, crossvals = find_runs(list(runs) or ["runs"]), find_crossvals(list(runs) or ["runs"])
+    if not found and not crossvals:
         raise click.UsageError(f"no run folders in {', '.join(runs) or 'runs'} (a run folder has summary.json).")
-    cols, rows = sheet(found, Path(baseline) if baseline else None, sort_key)
+    cols, rows = sheet(found, Path(baseline) if baseline else None, sort_key, crossvals)
     text = render(cols, rows, fmt)
     if out:
         Path(out).write_text(text, encoding="utf-8")

@@ -121,14 +121,16 @@ def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
     """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
     every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,
     all from the same epoch, never the best of each metric over different epochs."""
+    chosen = kept_record(run, best_epoch)
+    return {} if chosen is None else {"best_epoch": chosen["epoch"]} | _val_scores(chosen["val"])
+
+
+def _val_scores(val: dict) -> dict[str, float]:
+    """`val/...` columns of one validation record: overall, per task and every class's F1."""
     from framework.engine.runner import _flat
 
-    chosen = kept_record(run, best_epoch)
-    if chosen is None:
-        return {}
-    scores = {"best_epoch": chosen["epoch"]}
-    scores |= {k: v for k, v in _flat(chosen).items() if k.startswith("val/") and not k.endswith("threshold")}
-    val = chosen["val"]
+    scores = {k: v for k, v in _flat({"lr": None, "val": val}).items()
+              if k.startswith("val/") and not k.endswith("threshold")}
     parts = {"": val} if "per_class" in val else {f"{t}/": sc for t, sc in val.get("tasks", {}).items()}
     for prefix, sc in parts.items():
         for c, m in sc.get("per_class", {}).items():
@@ -137,27 +139,52 @@ def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
     return scores
 
 
-def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = None) -> tuple[list[str], list[dict]]:
-    """Columns and rows of the experiment sheet."""
-    if not runs:
+def find_crossvals(paths: list[str | Path]) -> list[Path]:
+    """Cross-validation results among `paths` (`NAME-cv.json`, written by `recipe run --all-folds`)."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_file() and p.name.endswith("-cv.json"):
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(p.glob("*-cv.json"))
+    return found
+
+
+def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = None,
+          crossvals: list[Path] = ()) -> tuple[list[str], list[dict]]:
+    """Columns and rows of the experiment sheet: one row per run, and one per cross-validation (its folds pooled,
+    described by its first fold's run)."""
+    entries = [(run, run.name, None) for run in runs]
+    for path in crossvals:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        first = path.parent / result["runs"][0]
+        if (first / "summary.json").is_file():
+            entries.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
+    if not entries:
         return [], []
-    base = baseline or min(runs, key=lambda r: json.loads((r / "summary.json").read_text()).get("started", ""))
+    base = baseline or min((e[0] for e in entries),
+                           key=lambda r: json.loads((r / "summary.json").read_text()).get("started", ""))
     base_recipe = _recipe(base) if (base / "recipe.resolved.yaml").exists() else {}
     rows, metric_cols = [], []
-    for run in runs:
+    for run, name, pooled in entries:
         s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
         recipe = _recipe(run) if (run / "recipe.resolved.yaml").exists() else {}
-        scores = _best_scores(run, s.get("best_epoch"))
+        scores = _best_scores(run, s.get("best_epoch")) if pooled is None else _val_scores(pooled["val"])
         for k in scores:
             if k not in metric_cols:
                 metric_cols.append(k)
+        diff = changed(recipe, base_recipe)
+        if pooled is not None:  # the pooled row stands for every fold
+            diff = [d for d in diff if not d.startswith("validation.fold:")]
         rows.append({
-            "run": run.name, "date": s.get("started", "")[:16].replace("T", " "), "status": s.get("status", "?"),
+            "run": name, "date": s.get("started", "")[:16].replace("T", " "), "status": s.get("status", "?"),
             "backbone": s.get("backbone", recipe.get("model.backbone", "")),
             "image_size": "x".join(map(str, s.get("image_size", []))) or str(recipe.get("transforms.image_size", "")),
             "recipe": Path(s.get("recipe", "")).name, "epochs": f"{s.get('epochs_done', 0)}/{recipe.get('train.epochs', '?')}",
-            **{k: scores.get(k) for k in metric_cols}, "wall_s": s.get("wall_seconds"),
-            "notes": s.get("notes", ""), "changed": "baseline" if run == base else "; ".join(changed(recipe, base_recipe)),
+            **{k: scores.get(k) for k in metric_cols},
+            "wall_s": s.get("wall_seconds") if pooled is None else pooled.get("wall_seconds"),
+            "notes": s.get("notes", ""),
+            "changed": "baseline" if run == base and pooled is None else "; ".join(diff),
         })
     order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
     metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k.count("/"),

@@ -109,3 +109,18 @@ def test_a_holdout_run_is_not_a_fold(tmp_path):
     assert CliRunner().invoke(main, ["run", str(path), "--name", "holdout"]).exit_code == 0
     out = _fails([tmp_path / "runs" / "holdout"])
     assert "validated by 'holdout', not by k-fold" in out and "validation: {type: kfold" in out
+
+
+def test_compare_shows_the_pooled_folds_as_one_more_row(folds):
+    runs, _ = folds
+    result = CliRunner().invoke(main, ["compare", str(runs), "--format", "csv", "--baseline", str(runs / "tiny-fold1")])
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in csv.DictReader(result.output.splitlines())}
+    assert set(rows) == {"tiny-fold0", "tiny-fold1", "tiny-fold2", "tiny-cv (3 folds pooled)"}
+    pooled = json.loads((runs / "tiny-cv.json").read_text())
+    row = rows["tiny-cv (3 folds pooled)"]
+    assert float(row["val/macro_f1"]) == pytest.approx(pooled["val"]["macro_f1"])
+    assert float(row["val/f1/incorrect"]) == pytest.approx(pooled["val"]["per_class"]["incorrect"]["f1"])
+    assert row["best_epoch"] == "" and float(row["wall_s"]) == pytest.approx(pooled["wall_seconds"])
+    assert rows["tiny-fold0"]["changed"] == "validation.fold: 1 -> 0"
+    assert row["changed"] == ""  # the pooled row stands for every fold: the same recipe as the baseline fold
