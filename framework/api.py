@@ -264,10 +264,12 @@ def cross_validate(runs: list[str | Path], out: str | Path | None = None) -> dic
     """Pool the kept epochs of all k fold runs into one out-of-fold score (framework.crossval); written to `out`
     (JSON) when given. Returns the result with `out` set."""
     from framework import crossval
+    from framework.engine.checkpoint import write_json
 
     result = crossval.pooled([Path(r) for r in runs])
     if out is not None:
-        result["out"] = str(crossval.write(result, Path(out)))
+        write_json(Path(out), result)
+        result["out"] = str(out)
     return result
 
 

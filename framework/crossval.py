@@ -125,9 +125,3 @@ def report(result: dict) -> str:
                  + f"; mean {f['mean']:.3f} +/- {f['std']:.3f}")
     return "\n".join(lines)
 
-
-def write(result: dict, path: Path) -> Path:
-    from framework.engine.checkpoint import write_json
-
-    write_json(path, result)
-    return path

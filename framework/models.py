@@ -47,6 +47,16 @@ class Classifier(nn.Module):
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
+def outputs(model: nn.Module, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
+    """Each task's logits for a (N, 3, H, W) uint8 batch; with tta "hflip" the mean of the batch's and its mirror
+    image's (the one definition validation, predict and evaluate share)."""
+    out = model(images)
+    if tta == "hflip":
+        flipped = model(torch.flip(images, dims=[3]))  # mirror left-right; never up-down (faces)
+        out = {t: (v + flipped[t]) / 2 for t, v in out.items()}
+    return out
+
+
 def _plugin_backbone(name: str):
     from framework.registry import BACKBONES
 

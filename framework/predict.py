@@ -149,6 +149,7 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
     per image) feed a face-cropping resize stage; images without one get the face detector's box. `tta` None
     means the run's own `eval.tta` (what its validation figures were measured with); "none" turns it off."""
     from framework.data.dataset import prepare
+    from framework.models import outputs
 
     if tta is None:
         tta = run.recipe.eval.tta
@@ -163,10 +164,7 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
         for start in range(0, len(ok), batch_size):
             batch = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)
                                  for i in ok[start:start + batch_size]])  # (N, 3, H, W) uint8
-            out = run.model(batch)
-            if tta == "hflip":  # average the network outputs of the image and its mirror image
-                flipped = run.model(torch.flip(batch, dims=[3]))
-                out = {t: (v + flipped[t]) / 2 for t, v in out.items()}
+            out = outputs(run.model, batch, tta)
             probs = {t: run.heads[t].probs(v) for t, v in out.items()}
             for t, p in probs.items():
                 raw.setdefault(t, []).append(p.numpy())

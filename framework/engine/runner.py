@@ -26,7 +26,7 @@ from framework.engine.metrics import confusion, scores
 from framework.errors import DataError, FieldError, Interrupted, Issue, did_you_mean
 from framework.losses import MultiTaskLoss, build_loss
 from framework.tasks import best_threshold, build_heads
-from framework.models import backbone_defaults, build_model
+from framework.models import backbone_defaults, build_model, outputs
 
 def monitor_names(labels: dict) -> list[str]:
     """Metrics `checkpoint.monitor` can name: overall, per task, and the composite of all tasks."""
@@ -419,11 +419,7 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tt
     summed = {t: torch.nn.L1Loss(reduction="sum") if h.kind == "regression" else
               torch.nn.CrossEntropyLoss(reduction="sum") for t, h in heads.items()}
     for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
-        out = model(images)
-        if tta == "hflip":
-            flipped = model(torch.flip(images, dims=[3]))  # (N, 3, H, W): mirror left-right
-            out = {t: (v + flipped[t]) / 2 for t, v in out.items()}
-        out, labels = accelerator.gather_for_metrics((out, labels))
+        out, labels = accelerator.gather_for_metrics((outputs(model, images, tta), labels))
         targets.append(labels.cpu())
         for j, (task, head) in enumerate(heads.items()):
             v, col = out[task].float(), labels[:, j]
