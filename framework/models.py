@@ -101,17 +101,24 @@ def build_model(model_cfg, heads: dict[str, int], mean, std) -> tuple[Classifier
     entry = _plugin_backbone(model_cfg.backbone)
     notes: list[str] = []
     if entry is not None:
+        if model_cfg.args:
+            raise FieldError(("model", "args"), f"model.args are timm options; the plugin backbone "
+                             f"{model_cfg.backbone!r} ({entry.origin}) takes none.",
+                             "remove model.args, or build the options into the plugin.")
         features, size = entry.load()(), entry.meta["feature_size"]
         notes.append(f"backbone {model_cfg.backbone} from {entry.origin}")
     else:
         kwargs = dict(num_classes=0, drop_rate=model_cfg.drop_rate)  # num_classes=0: features, no classifier
         if model_cfg.drop_path_rate:
             kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+        kwargs.update(model_cfg.args)
         try:
             features = timm.create_model(model_cfg.backbone, pretrained=model_cfg.pretrained, **kwargs)
         except TypeError as e:
-            raise FieldError(("model",), f"{model_cfg.backbone} does not accept these options: {e}.",
-                             "remove drop_path_rate (not every backbone has it).") from None
+            where = ("model", "args") if any(k in str(e) for k in model_cfg.args) else ("model",)
+            raise FieldError(where, f"{model_cfg.backbone} does not accept these options: {e}.",
+                             "remove drop_path_rate or the model.args key named (not every backbone has "
+                             "them; timm's model page lists what it takes).") from None
         except Exception as e:  # hub download failed (offline), or the backbone has no hub weights
             if not model_cfg.pretrained:
                 raise

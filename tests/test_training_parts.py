@@ -43,15 +43,18 @@ def test_soft_f1_loss_is_lower_for_better_predictions():
     assert loss(good, target) < loss(bad, target)
 
 
-def test_balanced_sampler_draws_rare_classes_as_often_and_resumes_by_epoch():
+def test_balanced_and_sqrt_samplers_draw_rare_classes_more_often_and_resume_by_epoch():
     labels = [0] * 90 + [1] * 10
-    s = EpochSampler(labels, seed=3, balanced=True)
+    s = EpochSampler(labels, seed=3, mode="balanced")
     s.set_epoch(1)
     drawn = [labels[i] for _, i in s]
     assert 0.35 < np.mean(drawn) < 0.65
-    again = EpochSampler(labels, seed=3, balanced=True)
+    again = EpochSampler(labels, seed=3, mode="balanced")
     again.set_epoch(1)
     assert list(again) == list(s)  # depends only on (seed, epoch)
+    sqrt = EpochSampler(labels, seed=3, mode="sqrt")  # class shares sqrt(90) : sqrt(10) = 0.75 : 0.25
+    sqrt.set_epoch(1)
+    assert 0.15 < np.mean([labels[i] for _, i in sqrt]) < 0.35
     plain = EpochSampler(labels, seed=3)
     plain.set_epoch(2)
     assert sorted(i for _, i in plain) == list(range(100)) and {e for e, _ in plain} == {2}
@@ -97,3 +100,20 @@ def test_ema_update_averages_floats_copies_counts_and_warms_up():
     assert not any(p.requires_grad for p in ema.parameters())
     ema_update(ema, model, decay=0.999, step=0)  # first step: d = 1/10, the average jumps to the model
     assert torch.allclose(ema.state_dict()["0.weight"], 0.1 * now["0.weight"] + 0.9 * m["0.weight"])
+
+
+def test_model_args_reach_timm_and_a_wrong_one_names_the_field():
+    from framework.errors import FieldError
+    from framework.models import build_model
+    from framework.recipe.schema import ModelSection
+
+    x = torch.zeros(1, 3, 64, 64)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    plain, _ = build_model(ModelSection(backbone="resnet10t"), {"mask": 3}, mean, std)
+    finer, _ = build_model(ModelSection(backbone="resnet10t", args={"output_stride": 16}), {"mask": 3}, mean, std)
+    assert plain.net.features.forward_features(x).shape[-1] == 2
+    assert finer.net.features.forward_features(x).shape[-1] == 4  # last stage dilated instead of strided
+    with pytest.raises(FieldError) as e:
+        build_model(ModelSection(backbone="resnet10t", args={"no_such_option": 1}), {"mask": 3}, mean, std)
+    (where, message, fix), = e.value.items
+    assert where == ("model", "args") and "no_such_option" in message and "model.args" in fix

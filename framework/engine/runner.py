@@ -40,12 +40,18 @@ def monitor_names(labels: dict) -> list[str]:
 
 
 class EpochSampler(Sampler):
-    """Random order (or class-balanced draws) that depends only on (seed, epoch): resumable by construction."""
+    """Random order, or class-weighted draws, that depend only on (seed, epoch): resumable by construction.
 
-    def __init__(self, labels: list[int], seed: int, balanced: bool = False):
-        self.labels, self.seed, self.balanced, self.epoch = labels, seed, balanced, 0
-        counts = np.bincount(labels)
-        self.weights = torch.tensor([1.0 / counts[t] for t in labels], dtype=torch.double)
+    mode "balanced" draws every class equally often; "sqrt" draws a class in proportion to the square root of its
+    size (a middle ground: the rare class is drawn more often than its share, its few images repeated less)."""
+
+    def __init__(self, labels: list[int], seed: int, mode: str = "random"):
+        if mode not in ("random", "balanced", "sqrt"):
+            raise ValueError(f"unknown sampler mode {mode!r}: random, balanced or sqrt")
+        self.labels, self.seed, self.mode, self.epoch = labels, seed, mode, 0
+        counts = np.bincount(labels).astype(float)
+        power = {"random": 0.0, "balanced": 1.0, "sqrt": 0.5}[mode]  # item weight = class size ** -power
+        self.weights = torch.tensor([counts[t] ** -power for t in labels], dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,7 +60,7 @@ class EpochSampler(Sampler):
         """Yields (epoch, index): the epoch travels with each index, so (persistent) loader workers seed the
         augmentation of the right epoch without sharing state with the main process."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.balanced:
+        if self.mode != "random":
             order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g).tolist()
         else:
             order = torch.randperm(len(self.labels), generator=g).tolist()
@@ -257,7 +263,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
                             [boxes[i] for i in idx] if images is not None else None, seed=tr.seed)
 
     train_ds, val_ds = subset(tr_idx, augment if augment.transforms else None), subset(va_idx, None)
-    sampler = EpochSampler([strata[i] for i in tr_idx], tr.seed, balanced=tr.sampler == "balanced")
+    sampler = EpochSampler([strata[i] for i in tr_idx], tr.seed, mode=tr.sampler)
     workers = num_workers(tr.num_workers)
     common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=not cpu)
     train_loader = DataLoader(train_ds, batch_size=tr.batch_size, sampler=sampler, drop_last=False, **common)

@@ -284,6 +284,9 @@ class ModelSection(_Section):
                                                   "too. A head that does not match is re-initialised.")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, "
+                                                                   "e.g. {output_stride: 16} to keep twice the "
+                                                                   "spatial detail in the last stage.")
     channels_last: bool = Field(False, description="Use the channels-last memory format (faster on some GPUs).")
     compile: bool = Field(False, description="torch.compile the model (faster steps on a GPU after a slow first one).")
 
@@ -370,8 +373,9 @@ class TrainSection(_Section):
     optimizer: Optimizer = Field(default_factory=lambda: AdamW(name="adamw"))
     scheduler: Scheduler = Field(default_factory=lambda: Cosine(name="cosine"))
     loss: LossSpec = Field(default_factory=LossSpec)
-    sampler: Literal["random", "balanced"] = Field(
-        "random", description="balanced: draw classes equally often (with replacement) each epoch.")
+    sampler: Literal["random", "balanced", "sqrt"] = Field(
+        "random", description="balanced: draw classes equally often (with replacement) each epoch; sqrt: draw each "
+                              "class in proportion to the square root of its size (rare classes oversampled less).")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
     grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
