@@ -352,7 +352,7 @@ def predict(run: str | Path, images: str | Path | None = None, csv_file: str | P
     train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in PS.train_counts(loaded).items()}
     estimated = adjusted = None
     if prior_shift:
-        adjusted, estimated = PS.shift(probs, prior_shift, classes, PS.calibration(loaded))
+        adjusted, estimated = PS.shift(probs, prior_shift, classes, PS.calibration(loaded, tta))
     final = adjusted or probs
     order = loaded.composite_order()
     composite = PS.composite_shares(loaded, {q: p.argmax(1) for q, p in final.items()}, order) if order and ok else None
@@ -465,7 +465,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
                    "class distribution (true -> predicted): " + ", ".join(
                        f"{c} {d['true']}->{d['predicted']}" for c, d in distribution[task].items())]
     probs = P.questions_of(loaded, task_probs)
-    prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok))
+    prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok), tta)
     for q, r in prior_report.items():
         report += [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
                    f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
@@ -502,7 +502,7 @@ def _fmt(shares: dict) -> str:
     return "/".join(f"{v:.2f}" for v in shares.values())
 
 
-def _prior_report(run, probs: dict, truth: dict) -> dict:
+def _prior_report(run, probs: dict, truth: dict, tta: str | None = None) -> dict:
     """How far the EM estimate of the test priors lands from the true ones (and the training priors), and what
     re-weighting does to macro-F1 - on labelled data, where the truth is known."""
     import numpy as np
@@ -512,7 +512,7 @@ def _prior_report(run, probs: dict, truth: dict) -> dict:
 
     classes, counts, out = run.questions(), PS.train_counts(run), {}
     moved = {t for t, s in run.recipe.task_specs().items() if s.kind == "regression"}  # bands may differ from training
-    calib = PS.calibration(run) if set(probs) - moved else {}
+    calib = PS.calibration(run, tta) if set(probs) - moved else {}
     for q, p in probs.items():
         has = truth[q] >= 0
         if not has.any() or q not in calib or q in moved:
@@ -559,7 +559,7 @@ def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal
     member_values = [{q: v[[o[1].index(i) for i in ok]] for q, v in mv.items()} for mv, o in zip(member_values, outputs)]
     estimated = None
     if prior_shift:
-        member_probs, estimated = _shift_members(members, member_probs, w, prior_shift)
+        member_probs, estimated = _shift_members(members, member_probs, w, prior_shift, tta)
     probs, picks, classes = P.combine(members, member_probs, method, w, member_values)
     order = P.composite_order_of(members, list(classes), composite)
     out = Path(out)
@@ -573,7 +573,8 @@ def ensemble(runs: list[str | Path], method: str = "soft", weights: str = "equal
     return result
 
 
-def _shift_members(members, member_probs: list[dict], weights: list[float], how: str):
+def _shift_members(members, member_probs: list[dict], weights: list[float], how: str,
+                   tta: str | None = None):
     """Prior shift for an ensemble: each member's probabilities calibrated on its own validation split; the test
     priors estimated once by EM on their weighted average (starting from the members' average prior), or given;
     then every member re-weighted from its own prior to them, so hard and soft voting both use them."""
@@ -581,7 +582,7 @@ def _shift_members(members, member_probs: list[dict], weights: list[float], how:
 
     from framework import priors as PS
 
-    calibs = [PS.calibration(m) for m in members]
+    calibs = [PS.calibration(m, tta) for m in members]
     classes = {q: c for m in members for q, c in m.questions().items()}
     targets = PS.known_priors(how, classes) if how != "em" else {}
     calibrated = [{q: PS.calibrate(p, c[q]["temperature"], c[q]["bias"]) if q in c else p for q, p in mp.items()}

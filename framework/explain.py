@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from framework.errors import Issue, RecipeError, RunError
+from framework.errors import Issue, RunError
 
 
 class _TaskOutput(nn.Module):
@@ -141,17 +141,6 @@ def face_view(run, image: np.ndarray, box=None) -> np.ndarray:
     return image[region[1]:region[3], region[0]:region[2]] if region else image
 
 
-def _data_boxes(run) -> dict:
-    """Face boxes of the run's own data, by resolved path (images of its sets need no detector)."""
-    from framework.data.readers import read_sources
-
-    try:
-        rows = read_sources(run.recipe.data)
-    except RecipeError:  # the data moved: the detector finds the faces instead
-        return {}
-    return {str(Path(r["path"]).resolve()): r["box"] for r in rows if r.get("box")}
-
-
 def _input_size(run) -> tuple[int, int]:
     from framework.engine.runner import model_inputs
 
@@ -221,7 +210,7 @@ def explain(run_path, images: list[str], out: str | Path, task=None, target=None
     if not paths:
         raise RunError(Issue("no images to explain.", field="IMAGES", fix="give image files, folders or CSVs."))
     if run.recipe.transforms.resize.face_margin is not None and not all(boxes):
-        known = _data_boxes(run)
+        known = P.data_boxes(run)
         boxes = [b or known.get(str(Path(p).resolve())) for p, b in zip(paths, boxes)]
     items = cams(run, paths, task, target, layer, boxes)
     out = Path(out)

@@ -142,6 +142,26 @@ def box_columns_in(run: LoadedRun, header) -> list[str] | None:
     return next((c for c in names if c and set(c) <= set(header)), None)
 
 
+def resolve_tta(run: LoadedRun, tta: str | None) -> str | None:
+    """The test-time augmentation in effect: None = the run's own `eval.tta`; "none" = off (returned as None)."""
+    if tta is None:
+        tta = run.recipe.eval.tta
+    return None if tta in (None, "none") else tta
+
+
+def data_boxes(run: LoadedRun) -> dict:
+    """Face boxes of the run's own data, by resolved path: the boxes its training and validation cropped with
+    (images of its sets need no detector). Empty when the data has moved (the detector then finds the faces)."""
+    from framework.data.readers import read_sources
+    from framework.errors import RecipeError
+
+    try:
+        rows = read_sources(run.recipe.data)
+    except RecipeError:
+        return {}
+    return {str(Path(r["path"]).resolve()): r["box"] for r in rows if r.get("box")}
+
+
 def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
                   progress: bool = False, values: dict | None = None, boxes: list | None = None):
     """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures.
@@ -151,9 +171,7 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batc
     from framework.data.dataset import prepare
     from framework.models import outputs
 
-    if tta is None:
-        tta = run.recipe.eval.tta
-
+    tta = resolve_tta(run, tta)
     rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
     detect = run.recipe.transforms.resize.face_margin is not None
     images, _, failures = prepare(rows, run.resize, progress=progress, desc="decode", detect=detect)

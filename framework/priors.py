@@ -69,23 +69,29 @@ def fit_bcts(probs: np.ndarray, y: np.ndarray) -> tuple[float, list[float]]:
     return float(log_t.detach().exp()), [float(b) for b in bias.detach()]
 
 
-def calibration(run) -> dict[str, dict]:
+def calibration(run, tta: str | None = None) -> dict[str, dict]:
     """Per question: BCTS parameters fitted on the run's own validation split, and that split's class shares
-    (the prior the calibrated probabilities carry). Cached in the run folder, per checkpoint.
+    (the prior the calibrated probabilities carry). Fitted on the same outputs as those it calibrates: with the
+    test-time augmentation `tta` (None: the run's default, "none": off) and, for a face-cropping run, the faces
+    cropped by the data's boxes as in validation. Cached in the run folder, per checkpoint and TTA.
 
     EM needs calibrated probabilities: label smoothing, class weights and balanced sampling all move them away
     from the training priors, and EM then estimates the wrong test priors."""
-    from framework.predict import predict_proba
+    from framework.predict import data_boxes, predict_proba, resolve_tta
 
+    mode = resolve_tta(run, tta)
     path = run.run_dir / "calibration.json"
-    stamp = f"{run.checkpoint.name}:{run.checkpoint.stat().st_mtime_ns}"
+    stamp = f"{run.checkpoint.name}:{run.checkpoint.stat().st_mtime_ns}:tta={mode or 'none'}"
     if path.exists():
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("checkpoint") == stamp:
             return cached["questions"]
     with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    probs, ok, _ = predict_proba(run, [r["path"] for r in val], progress=False)
+    paths = [r["path"] for r in val]
+    known = data_boxes(run) if run.recipe.transforms.resize.face_margin is not None else {}
+    boxes = [known.get(str(Path(p).resolve())) for p in paths] if known else None
+    probs, ok, _ = predict_proba(run, paths, mode or "none", progress=False, boxes=boxes)
     classes, out = run.questions(), {}
     kinds = {t: s.kind for t, s in run.recipe.task_specs().items()}
     for q, p in probs.items():

@@ -5,6 +5,7 @@ crops predicts and evaluates from the same face regions (boxes from a CSV, or th
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -125,6 +126,21 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
     expected = np.mean(with_boxes["label"].argmax(1) == np.array([truth[r["mask_state"]] for r in rows]))
     metrics = api.evaluate(run, csv_file=manifest, out=tmp_path / "eval", progress=False)["metrics"]
     assert metrics["accuracy"] == pytest.approx(expected)
+
+    # prior-shift calibration is fitted on the outputs it calibrates: validation faces cropped by the data's boxes,
+    # with the TTA asked for (each its own cached fit)
+    from framework.priors import calibration, fit_bcts
+
+    with open(run / "split.csv", newline="", encoding="utf-8") as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    val_boxes = [boxes[paths.index(r["path"])] for r in val]
+    y = np.array([truth[r["label"]] for r in val])
+    for tta in ("none", "hflip"):
+        probs, _, _ = P.predict_proba(loaded, [r["path"] for r in val], tta, boxes=val_boxes)
+        t, b = fit_bcts(probs["label"], y)
+        fitted = calibration(loaded, tta)["label"]
+        assert fitted["temperature"] == pytest.approx(t) and fitted["bias"] == pytest.approx(b)
+        assert json.loads((run / "calibration.json").read_text())["checkpoint"].endswith(f"tta={tta}")
 
     # Grad-CAM shows what the model saw: the face region (boxes looked up in the run's own data), not the crop
     from PIL import Image
