@@ -162,6 +162,15 @@ def data_boxes(run: LoadedRun) -> dict:
     return {str(Path(r["path"]).resolve()): r["box"] for r in rows if r.get("box")}
 
 
+def run_boxes(run: LoadedRun, paths: list[str]) -> list | None:
+    """The face boxes the run's own data gives these images, when the run crops to faces (None when it does not):
+    the images of its validation split are then cropped as they were in validation."""
+    if run.recipe.transforms.resize.face_margin is None:
+        return None
+    known = data_boxes(run)
+    return [known.get(str(Path(p).resolve())) for p in paths]
+
+
 def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, batch_size: int = 64,
                   progress: bool = False, values: dict | None = None, boxes: list | None = None):
     """Per task head, probabilities (N_ok, classes) for the readable images; their indices; the failures.

@@ -77,7 +77,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
     EM needs calibrated probabilities: label smoothing, class weights and balanced sampling all move them away
     from the training priors, and EM then estimates the wrong test priors."""
-    from framework.predict import data_boxes, predict_proba, resolve_tta
+    from framework.predict import predict_proba, resolve_tta, run_boxes
 
     mode = resolve_tta(run, tta)
     path = run.run_dir / "calibration.json"
@@ -89,9 +89,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
     with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
     paths = [r["path"] for r in val]
-    known = data_boxes(run) if run.recipe.transforms.resize.face_margin is not None else {}
-    boxes = [known.get(str(Path(p).resolve())) for p in paths] if known else None
-    probs, ok, _ = predict_proba(run, paths, mode or "none", progress=False, boxes=boxes)
+    probs, ok, _ = predict_proba(run, paths, mode or "none", progress=False, boxes=run_boxes(run, paths))
     classes, out = run.questions(), {}
     kinds = {t: s.kind for t, s in run.recipe.task_specs().items()}
     for q, p in probs.items():

@@ -1,6 +1,8 @@
 """k-fold runs scored as one validation set: every item once, by the fold model that did not train on it."""
 import csv
+import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 
 from framework.cli import main
 from framework.compare import kept_record
-from tests.conftest import tiny_recipe
+from tests.conftest import REPO, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,25 @@ def test_compare_shows_the_pooled_folds_as_one_more_row(folds):
     assert row["best_epoch"] == "" and float(row["wall_s"]) == pytest.approx(pooled["wall_seconds"])
     assert rows["tiny-fold0"]["changed"] == "validation.fold: 1 -> 0"
     assert row["changed"] == ""  # the pooled row stands for every fold: the same recipe as the baseline fold
+
+
+def test_errors_by_column_bins_add_up_to_the_pooled_counts(folds, tmp_path):
+    """scripts/errors_by_column.py: each fold scores its own validation images; over all bins the class's found /
+    false alarms / missed are exactly the cross-validation's pooled confusion matrix."""
+    runs, _ = folds
+    with open(runs.parent / "tiny.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    manifest = tmp_path / "sized.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "kb"])
+        w.writeheader()
+        w.writerows({**r, "kb": os.path.getsize(r["path"]) / 1024} for r in rows)
+    spec = importlib.util.spec_from_file_location("errors_by_column", REPO / "scripts" / "errors_by_column.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bins = module.binned(sorted(runs.glob("tiny-fold*")), manifest, "kb", [10, 20], "incorrect")
+    cm = np.array(json.loads((runs / "tiny-cv.json").read_text())["val"]["confusion"])
+    assert sum(b["n"] for b in bins) == 36 and sum(b["support"] for b in bins) == 12
+    assert sum(b["tp"] for b in bins) == cm[1, 1]
+    assert sum(b["fp"] for b in bins) == cm[:, 1].sum() - cm[1, 1]
+    assert sum(b["fn"] for b in bins) == cm[1].sum() - cm[1, 1]
