@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docs/results.md, "One recipe per set": each set's recipe (one after the other, so the wall times are those of a
 # machine doing nothing else), the compare sheet, each model on a set it never saw, and one Grad-CAM sheet per set.
-# About 15 minutes on 2 CPU cores. Run folders of these names must not exist yet.
+# 12-16 minutes on 2 CPU cores. Run folders of these names must not exist yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="maskon_mask chandrikadeb7_mask utk_gender_age kaggle_crops_mask kaggle_crops_mask_utk_pretrained"
