@@ -287,3 +287,23 @@ def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     for key in ("model", "train_model"):
         assert all(torch.allclose(state[key][k].float(), again[key][k].float(), atol=1e-6) for k in state[key])
     assert _metrics(resumed)[-1]["val"]["loss"] == pytest.approx(_metrics(run)[-1]["val"]["loss"], abs=1e-6)
+
+
+def test_mixup_trains_differently_and_resumes_exactly(tmp_path):
+    """train.mixup blends images and losses by draws of (seed, epoch, batch): other weights than without it, and
+    1 epoch + resume gives the same weights as 2 epochs straight."""
+    base = {"epochs": 2, "batch_size": 8, "num_workers": 0}
+    (tmp_path / "p").mkdir()
+    plain = api.run(tiny_recipe(tmp_path / "p", train=base), name="plain", log=lambda *_: None)
+    path = tiny_recipe(tmp_path, train={**base, "mixup": 0.4}, checkpoint={"every": 1})
+    run = api.run(path, name="mix", log=lambda *_: None)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    other = torch.load(plain / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not torch.allclose(state["net.heads.label.weight"], other["net.heads.label.weight"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.copy(resumed / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")
+    api.run(resume=resumed, log=lambda *_: None)
+    again = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(state[k].float(), again[k].float(), atol=1e-6) for k in state)
+    assert 0 <= _metrics(run)[-1]["train"]["accuracy"] <= 1

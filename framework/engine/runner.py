@@ -158,6 +158,7 @@ class Setup:
     cache: dict | None = None
     ema: torch.nn.Module | None = None  # the averaged weights (train.ema), used to validate and to predict
     ema_decay: float = 0.0
+    mixup: float = 0.0  # Beta(a, a) of train.mixup; 0 = off
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -295,7 +296,8 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
     return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
                  size, notes, skipped, heads, no_face, resize=resize, cache=cache,
-                 ema=ema.to(accelerator.device) if ema is not None else None, ema_decay=tr.ema or 0.0)
+                 ema=ema.to(accelerator.device) if ema is not None else None, ema_decay=tr.ema or 0.0,
+                 mixup=tr.mixup)
 
 
 def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -373,8 +375,11 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
         if shard_log:
             shard_log.write(f"{epoch} {' '.join(map(str, index.tolist()))}\n")
         with acc.accumulate(model):
-            logits = model(images)  # task -> (N, C_task)
-            loss = s.loss_fn(logits, labels)
+            if s.mixup:  # training metrics then score each blend against its larger part's labels
+                logits, loss, labels = _mixup_step(s, images, labels, (s.sampler.seed, epoch, done, acc.process_index))
+            else:
+                logits = model(images)  # task -> (N, C_task)
+                loss = s.loss_fn(logits, labels)
             acc.backward(loss)
             if acc.sync_gradients and clip:
                 acc.clip_grad_norm_(model.parameters(), clip)
@@ -409,6 +414,19 @@ def train_epoch(s: Setup, epoch: int, progress: bool, clip: float | None, stop: 
     mean_loss = torch.tensor([loss_sum, seen], dtype=torch.float64, device=acc.device)
     mean_loss = acc.reduce(mean_loss, reduction="sum")
     return out | {"loss": float(mean_loss[0] / mean_loss[1])}
+
+
+def _mixup_step(s: Setup, images: torch.Tensor, labels: torch.Tensor, key: tuple):
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch by a Beta(a, a) weight lam, and the
+    loss blended the same way (any loss, any number of heads). Drawn from `key` (seed, epoch, batch, process), so a
+    resumed run mixes the same pairs. Returns the logits, the loss and the labels of each blend's larger part."""
+    rng = np.random.default_rng(list(key))
+    lam = float(rng.beta(s.mixup, s.mixup))
+    perm = torch.from_numpy(rng.permutation(len(labels))).to(labels.device)
+    mixed = lam * images.float() + (1 - lam) * images[perm].float()  # the model takes 0..255 floats as uint8
+    logits = s.model(mixed)
+    loss = lam * s.loss_fn(logits, labels) + (1 - lam) * s.loss_fn(logits, labels[perm])
+    return logits, loss, labels if lam >= 0.5 else labels[perm]
 
 
 @torch.no_grad()

@@ -379,6 +379,8 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
     grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    mixup: float = Field(0.0, ge=0, description="Mixup: blend each training image (and its loss) with another of "
+                                                "the batch by a Beta(a, a) weight; 0 = off, 0.2-0.4 is usual.")
     ema: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
                                                            "with this decay per optimizer step (e.g. 0.998); "
                                                            "validation, `best` and predictions use the average.")
