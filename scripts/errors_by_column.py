@@ -24,7 +24,17 @@ def binned(runs: list[str | Path], manifest: str | Path, column: str, bins: list
 
     manifest = Path(manifest).resolve()
     with open(manifest, newline="", encoding="utf-8-sig") as f:
-        value = {str((manifest.parent / r["path"]).resolve()): r.get(column, "") for r in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if not {"path", column} <= set(reader.fieldnames or []):
+            raise SystemExit(f"{manifest}: needs the columns 'path' and {column!r} (it has: "
+                             f"{', '.join(reader.fieldnames or [])}). Fix: pass --column with one of those.")
+        value = {}
+        for line, r in enumerate(reader, start=2):
+            try:
+                value[str((manifest.parent / r["path"]).resolve())] = float(r[column]) if r[column] else None
+            except ValueError:
+                raise SystemExit(f"{manifest}:{line}: {column} = {r[column]!r} is not a number. Fix: bin by a "
+                                 "numeric column, or leave the cell empty to leave that image out.") from None
     edges = [float("-inf"), *sorted(bins), float("inf")]
     out = [dict(lo=lo, hi=hi, n=0, support=0, tp=0, fp=0, fn=0) for lo, hi in zip(edges, edges[1:])]
     for run in runs:
@@ -38,10 +48,10 @@ def binned(runs: list[str | Path], manifest: str | Path, column: str, bins: list
         paths = [r["path"] for r in val]
         probs, ok, _ = P.predict_tasks(loaded, paths, boxes=P.run_boxes(loaded, paths))
         for k, i in enumerate(ok):
-            v = value.get(str(Path(val[i]["path"]).resolve()), "")
-            if v == "":
+            v = value.get(str(Path(val[i]["path"]).resolve()))
+            if v is None:
                 continue
-            b = next(b for b in out if b["lo"] <= float(v) < b["hi"])
+            b = next(b for b in out if b["lo"] <= v < b["hi"])
             truth, pred = val[i][name] == cls, classes[probs[name][k].argmax()] == cls
             b["n"] += 1
             b["support"] += truth
