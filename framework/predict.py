@@ -142,6 +142,18 @@ def box_columns_in(run: LoadedRun, header) -> list[str] | None:
     return next((c for c in names if c and set(c) <= set(header)), None)
 
 
+def split_rows(run: LoadedRun, side: str) -> list[dict]:
+    """The rows of the run's split.csv on one side ("train" or "val"), each with every question's class name
+    (empty where the image has none): a composite label such as "wear/male/<30" is read into its parts."""
+    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == side]
+    for task, info in run.tasks.items():
+        for k, part in enumerate(info.get("parts") or ()):
+            for r in rows:
+                r[part] = r[task].split("/")[k] if r.get(task) else ""
+    return rows
+
+
 def resolve_tta(run: LoadedRun, tta: str | None) -> str | None:
     """The test-time augmentation in effect: None = the run's own `eval.tta`; "none" = off (returned as None)."""
     if tta is None:
@@ -371,27 +383,15 @@ def composite_order_of(runs: list[LoadedRun], questions: list[str], requested: s
 
 def truth_from_splits(runs: list[LoadedRun], questions: dict[str, list[str]]):
     """If all members share one validation split: its paths and, per question, the true class index (-1 = none)."""
-    sides = []
-    for r in runs:
-        with open(r.run_dir / "split.csv", newline="", encoding="utf-8") as f:
-            sides.append(list(csv.DictReader(f)))
-    val_sets = [sorted(row["path"] for row in s if row["split"] == "val") for s in sides]
-    if any(v != val_sets[0] for v in val_sets[1:]):
+    sides = [{row["path"]: row for row in split_rows(r, "val")} for r in runs]
+    if any(sorted(s) != sorted(sides[0]) for s in sides[1:]):
         return None
-    paths = val_sets[0]
+    paths = sorted(sides[0])
     truth = {}
     for q, cls in questions.items():
-        for r, rows in zip(runs, sides):
-            by_path = {row["path"]: row for row in rows}
-            if q in rows[0]:
-                truth[q] = np.array([cls.index(by_path[p][q]) if by_path[p][q] else -1 for p in paths])
-                break
-            composite = next((t for t, info in r.tasks.items() if info.get("parts") and q in info["parts"]), None)
-            if composite is not None:
-                k = list(r.tasks[composite]["parts"]).index(q)
-                truth[q] = np.array([cls.index(by_path[p][composite].split("/")[k]) if by_path[p][composite] else -1
-                                     for p in paths])
-                break
+        rows = next((s for s in sides if q in next(iter(s.values()), {})), None)
+        if rows is not None:
+            truth[q] = np.array([cls.index(rows[p][q]) if rows[p][q] else -1 for p in paths])
     return paths, truth
 
 

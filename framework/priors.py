@@ -8,7 +8,6 @@ calibrated on the run's validation split (bias-corrected temperature scaling), s
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
     EM needs calibrated probabilities: label smoothing, class weights and balanced sampling all move them away
     from the training priors, and EM then estimates the wrong test priors."""
-    from framework.predict import predict_proba, resolve_tta, run_boxes
+    from framework.predict import predict_proba, resolve_tta, run_boxes, split_rows
 
     mode = resolve_tta(run, tta)
     path = run.run_dir / "calibration.json"
@@ -86,8 +85,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("checkpoint") == stamp:
             return cached["questions"]
-    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    val = split_rows(run, "val")
     paths = [r["path"] for r in val]
     probs, ok, _ = predict_proba(run, paths, mode or "none", progress=False, boxes=run_boxes(run, paths))
     classes, out = run.questions(), {}
@@ -96,10 +94,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
         task = q if q in run.tasks else next(t for t, i in run.tasks.items() if i.get("parts") and q in i["parts"])
         if kinds.get(task) == "regression":
             continue  # a number, not class probabilities: there is nothing to re-weight
-        k = list(run.tasks[task]["parts"]).index(q) if task != q else None
-        values = [val[i][task] for i in ok]
-        names = [v.split("/")[k] if k is not None and v else v for v in values]
-        y = np.array([classes[q].index(n) if n in classes[q] else -1 for n in names])
+        y = np.array([classes[q].index(val[i][q]) if val[i][q] in classes[q] else -1 for i in ok])
         has = y >= 0
         if has.sum() < 2:
             continue
@@ -112,19 +107,16 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
 def train_counts(run) -> dict[str, dict[str, int]]:
     """Per question, the training split's class counts (from the run's split.csv)."""
-    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    from framework.predict import split_rows
+
+    rows = split_rows(run, "train")
     out: dict[str, dict[str, int]] = {}
-    for task, info in run.tasks.items():
-        parts = info.get("parts") or {task: info["classes"]}
-        for k, (q, classes) in enumerate(parts.items()):
-            counts = dict.fromkeys(classes, 0)
-            for r in rows:
-                value = r.get(task, "")
-                name = value.split("/")[k] if info.get("parts") and value else value
-                if name in counts:  # (a regression task whose cut points were moved has other band names)
-                    counts[name] += 1
-            out[q] = counts
+    for q, classes in run.questions().items():
+        counts = dict.fromkeys(classes, 0)
+        for r in rows:
+            if r.get(q) in counts:  # (a regression task whose cut points were moved has other band names)
+                counts[r[q]] += 1
+        out[q] = counts
     return out
 
 
@@ -169,18 +161,14 @@ def shift(probs: dict[str, np.ndarray], how: str, classes: dict[str, list[str]],
 
 def composite_shares(run, picks: dict[str, np.ndarray], order: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Composite class names, the predicted shares, and the training split's shares (rows with every part)."""
-    from framework.predict import composite_index
+    from framework.predict import composite_index, split_rows
 
     classes = run.questions()
     names = [""]
     for q in order:
         names = [f"{a}/{b}" if a else b for a in names for b in classes[q]]
     predicted = np.bincount(composite_index(picks, order, classes), minlength=len(names)) / max(len(next(iter(picks.values()))), 1)
-    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
-    composite_task = next((t for t, i in run.tasks.items() if i.get("parts")), None)
-    values = [r[composite_task] for r in rows] if composite_task else \
-        ["/".join(r.get(q, "") for q in order) for r in rows if all(r.get(q) for q in order)]
+    values = ["/".join(r[q] for q in order) for r in split_rows(run, "train") if all(r.get(q) for q in order)]
     counts = np.array([values.count(n) for n in names], dtype=float)
     return names, predicted, counts / max(counts.sum(), 1)
 

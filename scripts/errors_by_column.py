@@ -43,8 +43,7 @@ def binned(runs: list[str | Path], manifest: str | Path, column: str, bins: list
         classes = loaded.tasks[name]["classes"]
         if cls not in classes:
             raise SystemExit(f"{run}: {cls!r} is not a class of task {name!r} ({', '.join(classes)}).")
-        with open(Path(run) / "split.csv", newline="", encoding="utf-8") as f:
-            val = [r for r in csv.DictReader(f) if r["split"] == "val" and r.get(name)]
+        val = [r for r in P.split_rows(loaded, "val") if r.get(name)]
         paths = [r["path"] for r in val]
         probs, ok, _ = P.predict_tasks(loaded, paths, boxes=P.run_boxes(loaded, paths))
         for k, i in enumerate(ok):

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from framework import api
 from framework.cli import main
-from framework.predict import composite_index, hard_vote, soft_vote
+from framework.predict import composite_index, hard_vote, load_run, soft_vote, split_rows, truth_from_splits
+from framework.priors import train_counts
 from tests.conftest import DATA, read_manifest, tiny_recipe
 
 QUESTION_COLUMNS = ["path", "mask", "gender", "age", "composite", "composite_index"]
@@ -141,6 +142,18 @@ def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_pa
             assert int(r["composite_index"]) == ["male", "female"].index(r["gender"]) * 3 + \
                 ["<30", "30-59", "60+"].index(r["age"])
     assert headers[0] == headers[1] == ["path", "gender", "age", "composite", "composite_index"]
+    # the composite head's labels ("female/30-59") read into the same parts as the two heads' own columns
+    loaded = [load_run(one_run), load_run(two_run)]
+    for side in ("train", "val"):
+        one_rows, two_rows = (split_rows(r, side) for r in loaded)
+        assert one_rows and [r["path"] for r in one_rows] == [r["path"] for r in two_rows]
+        assert [(r["gender"], r["age"]) for r in one_rows] == [(r["gender"], r["age"]) for r in two_rows]
+        assert [r["label"] for r in one_rows] == [f"{r['gender']}/{r['age']}" for r in two_rows]
+    assert train_counts(loaded[0]) == train_counts(loaded[1])
+    assert sum(train_counts(loaded[0])["age"].values()) == len(split_rows(loaded[0], "train"))
+    paths, truth = truth_from_splits(loaded, loaded[0].questions())
+    assert set(truth) == {"gender", "age"} and len(paths) == len(split_rows(loaded[1], "val"))
+    assert (truth["age"] >= 0).all() and truth["age"].max() <= 2
 
 
 def test_evaluate_on_a_labelled_csv_writes_report_pngs_and_distribution(multitask_run, tmp_path):
