@@ -126,7 +126,8 @@ def build_model(model_cfg, heads: dict[str, int], mean, std) -> tuple[Classifier
                              f"here ({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
                              "download the weights elsewhere and set model.weights: path/to/file.safetensors "
                              "with pretrained: false.") from None
-        size = features.num_features
+        # the pooled features' width: after a conv head (mobilenetv3, lcnet, ghostnet ...) it is not num_features
+        size = getattr(features, "head_hidden_size", None) or features.num_features
         if model_cfg.pretrained:
             notes.append(f"hub weights of {model_cfg.backbone} loaded")
     net = Net(features, size, heads, model_cfg.drop_rate if entry is not None else 0.0)

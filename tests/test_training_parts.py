@@ -117,3 +117,19 @@ def test_model_args_reach_timm_and_a_wrong_one_names_the_field():
         build_model(ModelSection(backbone="resnet10t", args={"no_such_option": 1}), {"mask": 3}, mean, std)
     (where, message, fix), = e.value.items
     assert where == ("model", "args") and "no_such_option" in message and "model.args" in fix
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv3_small_050", "lcnet_050", "resnet10t"])
+def test_heads_fit_the_pooled_features_also_after_a_conv_head(backbone):
+    """mobilenetv3 and lcnet widen their pooled features with a 1x1 conv (576 -> 1024 for mobilenetv3_small):
+    the task heads take that width, not the backbone's num_features."""
+    from framework.models import build_model
+    from framework.recipe.schema import ModelSection
+
+    model, _ = build_model(ModelSection(backbone=backbone), {"mask": 3, "age": 1}, (0.5,) * 3, (0.25,) * 3)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)
+        width = model.net.features(images.float()).shape[1]
+    assert out["mask"].shape == (2, 3) and out["age"].shape == (2, 1)
+    assert model.net.heads["mask"].in_features == width
