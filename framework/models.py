@@ -93,8 +93,18 @@ def backbone_defaults(name: str) -> dict:
     return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
 
-def build_model(model_cfg, heads: dict[str, int], mean, std) -> tuple[Classifier, list[str]]:
-    """The model with one head per task (`heads`: task -> number of classes), and notes about the weights."""
+def fixed_input_size(name: str) -> tuple[int, int] | None:
+    """The one input size (h, w) a timm backbone is built for, when it has one (ViT, Swin ...); else None."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return tuple(cfg.input_size[1:]) if cfg is not None and cfg.fixed_input_size else None
+
+
+def build_model(model_cfg, heads: dict[str, int], mean, std,
+                input_size: tuple[int, int] | None = None) -> tuple[Classifier, list[str]]:
+    """The model with one head per task (`heads`: task -> number of classes), and notes about the weights.
+    A backbone built for one input size only (ViT, Swin, MaxViT ...) is built for `input_size` (h, w)."""
     import timm
 
     backbone_defaults(model_cfg.backbone)  # checks the name, with a did-you-mean
@@ -112,6 +122,11 @@ def build_model(model_cfg, heads: dict[str, int], mean, std) -> tuple[Classifier
         if model_cfg.drop_path_rate:
             kwargs["drop_path_rate"] = model_cfg.drop_path_rate
         kwargs.update(model_cfg.args)
+        native = fixed_input_size(model_cfg.backbone)
+        if native and input_size and tuple(input_size) != native and "img_size" not in model_cfg.args:
+            kwargs["img_size"] = tuple(input_size)  # position embeddings / windows for this size
+            notes.append(f"{model_cfg.backbone} built for {input_size[0]}x{input_size[1]} inputs "
+                         f"(its default is {native[0]}x{native[1]})")
         try:
             features = timm.create_model(model_cfg.backbone, pretrained=model_cfg.pretrained, **kwargs)
         except TypeError as e:

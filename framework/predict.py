@@ -97,7 +97,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     heads = build_heads(recipe, tasks, thresholds=state.get("thresholds"))
     size, mean, std = model_inputs(recipe)
     model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
-    model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std)
+    model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
     model.load_state_dict(state["model"])
     model.eval()
     return LoadedRun(run_dir, recipe, tasks, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)

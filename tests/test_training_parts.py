@@ -133,3 +133,18 @@ def test_heads_fit_the_pooled_features_also_after_a_conv_head(backbone):
         width = model.net.features(images.float()).shape[1]
     assert out["mask"].shape == (2, 3) and out["age"].shape == (2, 1)
     assert model.net.heads["mask"].in_features == width
+
+
+@pytest.mark.parametrize("backbone", ["test_vit3", "test_maxvit", "test_coatnet"])
+def test_a_backbone_of_one_input_size_is_built_for_the_recipes_size(backbone):
+    """ViT-like backbones are built for 160 px here; at 64 px they fail (position embeddings, windows) unless
+    built for that size, which is what a sweep over image sizes needs."""
+    from framework.models import build_model, fixed_input_size
+    from framework.recipe.schema import ModelSection
+
+    assert fixed_input_size(backbone) == (160, 160) and fixed_input_size("resnet10t") is None
+    model, notes = build_model(ModelSection(backbone=backbone), {"mask": 3}, (0.5,) * 3, (0.25,) * 3, (64, 64))
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out["mask"].shape == (2, 3)
+    assert any("built for 64x64 inputs (its default is 160x160)" in n for n in notes)
