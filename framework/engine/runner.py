@@ -1,7 +1,7 @@
 """The training loop on Accelerate: fit() trains a recipe into a run folder; evaluate() scores a loader.
 
-Read it top to bottom: setup (data -> model -> optimizer) in `_Setup`, then `fit` loops over epochs:
-train one epoch, validate every N, log, checkpoint. Randomness is seeded per epoch (and per sample for
+Read it top to bottom: setup (data in `build_data`, then model -> optimizer) in `build_setup`, then `fit` loops
+over epochs: train one epoch, validate every N, log, checkpoint. Randomness is seeded per epoch (and per sample for
 augmentation), so a resumed run continues exactly where the straight run would be.
 """
 from __future__ import annotations
@@ -208,21 +208,25 @@ def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
 
 
-def build_setup(recipe, plan, run_dir: Path) -> Setup:
-    """Accelerator, cached datasets and loaders, model with its heads, loss, optimizer and schedule."""
-    from accelerate import Accelerator
+@dataclass
+class Data:
+    """The training and validation side of a run: cached datasets, the epoch sampler and the loaders."""
 
+    train_ds: ImageDataset
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    resize: object
+    skipped: list[tuple[str, str]]  # (path, why) of the images left out of both sides
+    train_codes: dict[str, list[int]]  # per task, the class index of each training image (-1 = no label)
+    cache: dict
+    no_face: int = 0  # training images without a face box (when something needs one)
+
+
+def build_data(recipe, plan, show_progress: bool, cpu: bool) -> Data:
+    """Decode and resize each used image once (the cache), then the training and validation datasets and loaders."""
     tr = recipe.train
-    monitors = monitor_names(plan.labels)
-    if recipe.checkpoint.monitor not in monitors:
-        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}."
-                         f"{did_you_mean(recipe.checkpoint.monitor, monitors)}", f"use one of: {', '.join(monitors)}.")
-    cpu = not torch.cuda.is_available()
-    extra_trackers = _trackers(recipe.logging.trackers)
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
-                              gradient_accumulation_steps=tr.grad_accum, log_with=extra_trackers or None,
-                              project_dir=str(run_dir))
-    size, mean, std = model_inputs(recipe)
+    size, _, _ = model_inputs(recipe)
     # Face boxes (from the data, else detected once) follow the resize, for box-aware augmentations.
     augs = T.build_augmentations(recipe.transforms)
     use_boxes = T.needs_face_box(augs) or recipe.transforms.resize.face_margin is not None
@@ -241,19 +245,17 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     augment = T.augmentation_stage(augs, with_boxes=T.needs_face_box(augs))
 
     # Decode + resize each image once (cache), or check nothing now and decode on every access.
-    skipped: list[tuple[str, str]] = []
     images = boxes = None
     failures: list[tuple[int, str]] = []
     disk = disk_cache(recipe) if recipe.data.cache == "disk" else None
     if recipe.data.cache in ("memory", "disk"):
         images, boxes, failures = prepare(rows, resize, threads=os.cpu_count() or 2, detect=use_boxes, cache=disk,
-                                          progress=recipe.logging.progress and accelerator.is_main_process)
+                                          progress=recipe.logging.progress and show_progress)
         if failures and recipe.data.bad_images == "error":
             listed = "; ".join(f"{rows[i]['path']} ({why})" for i, why in failures[:5])
             raise FieldError(("data", "bad_images"), f"{len(failures)} image(s) cannot be used: {listed}"
                              + (" ..." if len(failures) > 5 else "") + ".",
                              "remove or replace them, or set data.bad_images: skip to train without them.", DataError)
-        skipped = [(rows[i]["path"], why) for i, why in failures]
     bad = {i for i, _ in failures}  # skipped images leave both sides
     tr_idx = [i for i, s in enumerate(sides) if s == "train" and i not in bad]
     va_idx = [i for i, s in enumerate(sides) if s == "val" and i not in bad]
@@ -269,10 +271,33 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=not cpu)
     train_loader = DataLoader(train_ds, batch_size=tr.batch_size, sampler=sampler, drop_last=False, **common)
     val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
+    no_face = sum(b is None for b in train_ds.boxes) if use_boxes and train_ds.boxes is not None else 0
+    cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
+    skipped = [(rows[i]["path"], why) for i, why in failures]
+    train_codes = {t: [c[i] for i in tr_idx] for t, c in codes.items()}
+    return Data(train_ds, sampler, train_loader, val_loader, resize, skipped, train_codes, cache, no_face)
 
+
+def build_setup(recipe, plan, run_dir: Path) -> Setup:
+    """Accelerator, data (build_data), model with its heads, loss, optimizer and schedule."""
+    from accelerate import Accelerator
+
+    tr = recipe.train
+    monitors = monitor_names(plan.labels)
+    if recipe.checkpoint.monitor not in monitors:
+        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}."
+                         f"{did_you_mean(recipe.checkpoint.monitor, monitors)}", f"use one of: {', '.join(monitors)}.")
+    cpu = not torch.cuda.is_available()
+    extra_trackers = _trackers(recipe.logging.trackers)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
+                              gradient_accumulation_steps=tr.grad_accum, log_with=extra_trackers or None,
+                              project_dir=str(run_dir))
+    d = build_data(recipe, plan, accelerator.is_main_process, cpu)
+
+    size, mean, std = model_inputs(recipe)
     torch.manual_seed(tr.seed)
-    heads = build_heads(recipe, plan.labels, {t: [codes[t][i] for i in tr_idx] for t in codes})
-    model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std)
+    heads = build_heads(recipe, plan.labels, d.train_codes)
+    model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = _ema_copy(model) if tr.ema else None
@@ -280,22 +305,20 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
         model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys
     specs = recipe.task_specs()
     loss_fn = MultiTaskLoss(heads, {task: build_loss(_task_loss(specs[task], tr), len(h.classes),
-                                                     [codes[task][i] for i in tr_idx if codes[task][i] >= 0])
+                                                     [c for c in d.train_codes[task] if c >= 0])
                                     for task, h in heads.items()},
                             {task: specs[task].weight for task in heads})
     optimizer = build_optimizer(model.parameters(), tr.optimizer)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, d.train_loader, d.val_loader)
     loss_fn = loss_fn.to(accelerator.device)  # not prepared: it has no trainable parameters to synchronise
     steps_per_epoch = math.ceil(len(train_loader) / tr.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tr.scheduler, steps_per_epoch, steps_per_epoch * tr.epochs))
-    no_face = sum(b is None for b in train_ds.boxes) if use_boxes and train_ds.boxes is not None else 0
     if recipe.logging.cam_every:
         from framework.explain import _require_gradcam
         _require_gradcam()
-    cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
-    return Setup(accelerator, model, optimizer, scheduler, loss_fn, train_ds, sampler, train_loader, val_loader,
-                 size, notes, skipped, heads, no_face, resize=resize, cache=cache,
+    return Setup(accelerator, model, optimizer, scheduler, loss_fn, d.train_ds, d.sampler, train_loader, val_loader,
+                 size, notes, d.skipped, heads, d.no_face, resize=d.resize, cache=d.cache,
                  ema=ema.to(accelerator.device) if ema is not None else None, ema_decay=tr.ema or 0.0,
                  mixup=tr.mixup)
 
@@ -785,4 +808,4 @@ def _write_skipped(path: Path, skipped) -> None:
     ckpt.atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["fit", "evaluate", "build_setup", "train_epoch", "summarize", "EpochSampler"]
+__all__ = ["fit", "evaluate", "build_data", "build_setup", "train_epoch", "summarize", "EpochSampler"]
