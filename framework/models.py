@@ -146,9 +146,30 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
         if model_cfg.pretrained:
             notes.append(f"hub weights of {model_cfg.backbone} loaded")
     net = Net(features, size, heads, model_cfg.drop_rate if entry is not None else 0.0)
+    if input_size:
+        check_input_size(net, model_cfg.backbone, tuple(input_size))
     if model_cfg.weights:
         notes += load_weights(net, model_cfg.weights)
     return Classifier(net, mean, std), notes
+
+
+def check_input_size(net: Net, backbone: str, size: tuple[int, int]) -> None:
+    """One forward pass of two blank images of this size (eval mode, no gradient: nothing changes), so that a
+    backbone that cannot take it (too small for its kernels, or a size its windows or tokens do not divide) is
+    a located error when the model is built, not a traceback in the first training step."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, 3, *size))
+    except Exception as e:  # whatever the backbone raises: the size is the cause either way
+        native = backbone_defaults(backbone)["input_size"]
+        raise FieldError(("transforms", "image_size"), f"{backbone} cannot take {size[0]}x{size[1]} images "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
+                         f"use a larger image size, e.g. its default {native[0]}x{native[1]} (transforms.image_size: "
+                         "auto), or another backbone.") from None
+    finally:
+        net.train(was_training)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -157,6 +157,17 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["skipped_images"] == 1
 
 
+def test_an_image_size_the_backbone_cannot_take_is_a_located_error(tmp_path):
+    """test_vit3's 16 px patches cannot cut an 8 px image: the recipe's line and a fix, before any training."""
+    path = tiny_recipe(tmp_path, model={"backbone": "test_vit3"}, transforms={"image_size": 8})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "tiny8"])
+    assert result.exit_code == 2, result.output
+    assert "transforms.image_size" in result.output and "test_vit3 cannot take 8x8 images" in result.output
+    assert "tiny.yaml:" in result.output and "default 160x160" in result.output
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "runs").glob("tiny8/checkpoints/*.pt"))
+
+
 def test_empty_class_folder_and_label_only_in_validation(tmp_path, data_root):
     from PIL import Image
 
