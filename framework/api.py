@@ -245,6 +245,70 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     return run_dir
 
 
+def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: str = "", log=print) -> Path:
+    """`run` for one member of a sweep or a cross-validation, so that the same command, run again, completes
+    the set: a member that finished with the same recipe is kept, one that was interrupted is resumed from its
+    last saved epoch, a missing one is trained. A member folder that failed, that another process may still be
+    training, or that holds another recipe stops with the fix (nothing in it is touched)."""
+    dist = _distributed()
+    decision = None
+    if dist.is_main_process:
+        try:
+            decision = _member_state(path, overrides, name)
+        except RunError as e:
+            decision = e
+    if dist.num_processes > 1:  # every process acts on the main process's reading of the folder
+        from accelerate.utils import broadcast_object_list
+        decision, = broadcast_object_list([decision])
+    if isinstance(decision, RunError):
+        raise decision
+    if decision is None:
+        return run(path, overrides, name=name, log=log)
+    how, run_dir = decision
+    if how == "kept":
+        log(f"{name}: finished earlier with the same recipe; kept ({run_dir})")
+        return run_dir
+    log(f"{name}: interrupted earlier; continuing from its last saved epoch")
+    return run(resume=run_dir, log=log)
+
+
+def _member_state(path, overrides, name: str) -> tuple[str, Path] | None:
+    """None: no folder yet; ("kept", dir): finished with this recipe; ("resume", dir): interrupted with it."""
+    from framework.models import backbone_defaults
+
+    loaded = load_recipe(path, overrides)
+    run_dir = Path(loaded.recipe.output.root) / name
+    if not run_dir.exists():
+        return None
+    again = f"remove {run_dir} to train it again, or choose another --name"
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        before = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        raise RunError(Issue(f"run folder {run_dir} already exists, and is not a readable run folder.",
+                             field="--name", fix=f"{again}.")) from None
+    recipe = loaded.recipe.model_copy(deep=True)
+    with loaded.errors_located():
+        if recipe.transforms.image_size == "auto":  # as `run` writes it
+            recipe.transforms.image_size = backbone_defaults(recipe.model.backbone)["input_size"]
+    if before != yaml.safe_load(resolved_yaml(recipe)):
+        raise RunError(Issue(f"run folder {run_dir} already exists and was trained with another recipe.",
+                             field="--name", fix=f"{again} (`recipe compare` shows what changed)."))
+    status = summary.get("status")
+    if status == "finished":
+        return "kept", run_dir
+    if status == "interrupted" and (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume", run_dir
+    if status == "failed":
+        why = f"it failed earlier ({summary.get('error', 'no error recorded')})"
+    elif status == "running":
+        why = ("its summary says it is still running: another process may be training it, or it was killed "
+               f"(then continue it with `recipe run --resume {run_dir}`)")
+    else:
+        why = "it stopped before its first epoch ended"
+    raise RunError(Issue(f"run folder {run_dir} already exists: {why}.", field="--name", fix=f"{again}."))
+
+
 def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str | None = None, log=print) -> list[Path]:
     """Train every fold of a k-fold recipe, as runs named `<name>-fold<i>` (ready for `recipe ensemble`)."""
     loaded = load_recipe(path, overrides)
@@ -253,7 +317,7 @@ def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str
         raise RunError(issue_at(loaded.locs, ("validation",), f"--all-folds needs validation type kfold, not "
                                 f"{policy.type!r}.", "set validation: {type: kfold, k: 5}.", str(path)))
     base = name or f"{Path(path).stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    runs = [run(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
+    runs = [run_or_continue(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
             for k in range(policy.k)]
     if os.environ.get("RANK", "0") == "0":  # one writer when several processes train the folds
         cross_validate(runs, runs[0].parent / f"{base}-cv.json")

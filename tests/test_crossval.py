@@ -69,6 +69,17 @@ def test_crossval_command_rescored_from_the_run_folders(folds, tmp_path):
     assert json.loads(out.read_text())["val"] == json.loads((runs / "tiny-cv.json").read_text())["val"]
 
 
+def test_all_folds_run_again_keeps_the_finished_folds(folds):
+    runs, _ = folds
+    before = {n: (runs / n / "checkpoints" / "best.pt").stat().st_mtime_ns for n in ("tiny-fold0", "tiny-fold2")}
+    scores = json.loads((runs / "tiny-cv.json").read_text())["val"]
+    result = CliRunner().invoke(main, ["run", str(runs.parent / "tiny.yaml"), "--all-folds", "--name", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier with the same recipe; kept") == 3
+    assert {n: (runs / n / "checkpoints" / "best.pt").stat().st_mtime_ns for n in before} == before
+    assert json.loads((runs / "tiny-cv.json").read_text())["val"] == scores
+
+
 def _fails(args):
     result = CliRunner().invoke(main, ["crossval", *map(str, args)])
     assert result.exit_code != 0 and "Traceback" not in result.output

@@ -200,6 +200,46 @@ def test_a_stopped_sweep_stops_and_names_the_members_not_started(tmp_path, monke
     assert lines[-1] == f"sweep stopped; not started: {plan[1]['name']}, {plan[2]['name']}"
 
 
+def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
+    from framework import sweep
+    from framework.engine import runner
+    from framework.errors import Interrupted, Issue
+
+    real = runner.train_epoch
+
+    def stop_40px_in_epoch_2(s, epoch, *a):
+        if s.image_size == (40, 40) and epoch == 2:
+            raise Interrupted(Issue("stopped by SIGTERM in epoch 2 after 0 batches."))
+        return real(s, epoch, *a)
+
+    monkeypatch.setattr(runner, "train_epoch", stop_40px_in_epoch_2)
+    plan = sweep.expand([tiny_recipe(tmp_path, train={**FAST, "epochs": 2})], ["transforms.image_size=32,40"])
+    with pytest.raises(Interrupted):
+        sweep.run_sweep(plan, log=lambda *_: None)
+    done, stopped = (tmp_path / "runs" / m["name"] for m in plan)
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
+    kept_at = (done / "checkpoints" / "best.pt").stat().st_mtime_ns
+
+    monkeypatch.setattr(runner, "train_epoch", real)
+    lines = []
+    results = sweep.run_sweep(plan, log=lines.append)
+    assert [r["status"] for r in results] == ["finished", "finished"]
+    assert f"{plan[0]['name']}: finished earlier with the same recipe; kept ({done})" in lines
+    assert f"{plan[1]['name']}: interrupted earlier; continuing from its last saved epoch" in lines
+    assert (done / "checkpoints" / "best.pt").stat().st_mtime_ns == kept_at  # not trained again
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed_at_epoch"] == 1
+
+    # another recipe under the same names, or a member that failed: named, with the fix, and left as it is
+    other = sweep.run_sweep(plan, base_overrides=["train.optimizer.lr=0.01"], log=lambda *_: None)
+    assert all(r["status"] == "failed" and "trained with another recipe" in r["error"] for r in other)
+    summary.update(status="failed", error="simulated out of memory")
+    (stopped / "summary.json").write_text(json.dumps(summary))
+    again = sweep.run_sweep(plan, log=lambda *_: None)
+    assert again[0]["status"] == "finished" and again[1]["status"] == "failed"
+    assert "it failed earlier (simulated out of memory)" in again[1]["error"] and f"remove {stopped}" in again[1]["error"]
+
+
 def test_compare_shows_the_kept_checkpoints_epoch_with_every_class_f1(tmp_path):
     """The sheet's figures all come from the epoch of `best.pt`, not the best of each metric over epochs."""
     path = tiny_recipe(tmp_path, train={**FAST, "epochs": 3})
