@@ -171,6 +171,9 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         loaded, plan, state, summary = _prepare_resume(run_dir, overrides)
     else:
         loaded, plan = validate(path, overrides)
+        with loaded.errors_located():  # an unknown backbone stops here, before a run folder is made
+            from framework.models import backbone_defaults
+            backbone_defaults(loaded.recipe.model.backbone)
         run_dir, problem = None, None
         if dist.is_main_process:
             try:
