@@ -6,6 +6,7 @@ recipe's), so training, evaluation and `predict` can never disagree about prepro
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail in a second instead of retrying for a minute
@@ -185,9 +186,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FieldError(("model", "weights"), f"cannot read weights from {p}: {str(e).splitlines()[0][:200]}.",
-                         "use a .safetensors file or a state_dict saved with torch.save "
-                         "(pickled objects are refused for safety).") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:  # e.g. torch.save(model): unpickling it would run the code of its classes
+            raise FieldError(("model", "weights"), f"{p} holds pickled Python objects ({found.group(1)}), e.g. a "
+                             "whole model saved with torch.save(model); they are refused, since loading them runs code.",
+                             "save the weights alone where the model was made: torch.save(model.state_dict(), path) "
+                             "or safetensors' save_file.") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if first.startswith("Weights only load failed"):
+            first = "not a PyTorch file"
+        raise FieldError(("model", "weights"), f"cannot read weights from {p} ({first[:160]}): the file is "
+                         "truncated or in another format.",
+                         "copy it again, or give a .safetensors file or a state_dict saved with torch.save.") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

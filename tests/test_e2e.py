@@ -218,6 +218,30 @@ def test_local_weights_load_and_a_mismatched_head_is_reinitialised(tmp_path, suf
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
+def test_unusable_weights_files_are_named_with_the_fix(tmp_path):
+    import timm
+
+    from framework.errors import FieldError
+    from framework.models import read_state_dict
+
+    torch.save(timm.create_model("test_resnet"), tmp_path / "whole_model.pt")  # a model, not its state_dict
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole_model.pt").read_bytes()[:500])
+    (tmp_path / "notes.pt").write_text("not weights")
+    expected = {"whole_model.pt": ("pickled Python objects (timm.models.resnet.ResNet)", "model.state_dict()"),
+                "truncated.pt": ("truncated or in another format", "copy it again"),
+                "notes.pt": ("(not a PyTorch file): the file is truncated", "copy it again"),
+                "missing.pt": ("weights file not found", "checkpoints/best.pt")}
+    for name, (message_part, fix_part) in expected.items():
+        with pytest.raises(FieldError) as e:
+            read_state_dict(tmp_path / name)
+        (where, message, fix), = e.value.items
+        assert where == ("model", "weights") and name in message
+        assert message_part in message and fix_part in fix, (message, fix)
+    path = tiny_recipe(tmp_path, model={"backbone": "test_resnet", "weights": str(tmp_path / "truncated.pt")})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "bad-weights"])
+    assert result.exit_code == 2 and "model.weights" in result.output and "Traceback" not in result.output
+
+
 def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
     import importlib.util
 
