@@ -268,6 +268,8 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
     if decision is None:
         return run(path, overrides, name=name, log=log)
     how, run_dir = decision
+    if not dist.is_main_process:
+        log = _silent
     if how == "kept":
         log(f"{name}: finished earlier with the same recipe; kept ({run_dir})")
         return run_dir
