@@ -171,9 +171,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         loaded, plan, state, summary = _prepare_resume(run_dir, overrides)
     else:
         loaded, plan = validate(path, overrides)
-        with loaded.errors_located():  # an unknown backbone stops here, before a run folder is made
-            from framework.models import backbone_defaults
-            backbone_defaults(loaded.recipe.model.backbone)
+        _concrete_image_size(loaded)  # (an unknown backbone stops here, before a run folder is made)
         run_dir, problem = None, None
         if dist.is_main_process:
             try:
@@ -191,11 +189,6 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     for w in loaded.warnings:
         log("warning: " + w.format())
     recipe = loaded.recipe
-    with loaded.errors_located():
-        from framework.models import backbone_defaults
-
-        if recipe.transforms.image_size == "auto":  # write the concrete size, so the run folder reruns as is
-            recipe.transforms.image_size = backbone_defaults(recipe.model.backbone)["input_size"]
     if state is not None and overrides:
         ckpt.atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe))
     if state is None and dist.is_main_process:
@@ -248,6 +241,16 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     return run_dir
 
 
+def _concrete_image_size(loaded: LoadedRecipe) -> None:
+    """`transforms.image_size: auto` becomes the backbone's own size, so that the run folder reruns as is."""
+    from framework.models import backbone_defaults
+
+    with loaded.errors_located():
+        size = backbone_defaults(loaded.recipe.model.backbone)["input_size"]  # checks the name too
+        if loaded.recipe.transforms.image_size == "auto":
+            loaded.recipe.transforms.image_size = size
+
+
 def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: str = "", log=print) -> Path:
     """`run` for one member of a sweep or a cross-validation, so that the same command, run again, completes
     the set: a member that finished with the same recipe is kept, one that was interrupted is resumed from its
@@ -279,8 +282,6 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
 
 def _member_state(path, overrides, name: str) -> tuple[str, Path] | None:
     """None: no folder yet; ("kept", dir): finished with this recipe; ("resume", dir): interrupted with it."""
-    from framework.models import backbone_defaults
-
     loaded = load_recipe(path, overrides)
     run_dir = Path(loaded.recipe.output.root) / name
     if not run_dir.exists():
@@ -292,11 +293,8 @@ def _member_state(path, overrides, name: str) -> tuple[str, Path] | None:
     except (OSError, ValueError, yaml.YAMLError):
         raise RunError(Issue(f"run folder {run_dir} already exists, and is not a readable run folder.",
                              field="--name", fix=f"{again}.")) from None
-    recipe = loaded.recipe.model_copy(deep=True)
-    with loaded.errors_located():
-        if recipe.transforms.image_size == "auto":  # as `run` writes it
-            recipe.transforms.image_size = backbone_defaults(recipe.model.backbone)["input_size"]
-    if before != yaml.safe_load(resolved_yaml(recipe)):
+    _concrete_image_size(loaded)  # as `run` writes it
+    if before != yaml.safe_load(resolved_yaml(loaded.recipe)):
         raise RunError(Issue(f"run folder {run_dir} already exists and was trained with another recipe.",
                              field="--name", fix=f"{again} (`recipe compare` shows what changed)."))
     status = summary.get("status")
