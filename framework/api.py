@@ -212,6 +212,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     log("images per class (train / val): " + plan.describe())
     if plan.indices("unused"):
         log(f"left out: {len(plan.indices('unused'))} image(s) of train_only sources whose group is in validation")
+    summary["process"] = {"host": platform.node(), "pid": os.getpid()}  # who trains it (see _member_state)
     started = time.perf_counter()
     before = summary.get("wall_seconds", 0.0)
     try:
@@ -298,6 +299,8 @@ def _member_state(path, overrides, name: str) -> tuple[str, Path] | None:
         raise RunError(Issue(f"run folder {run_dir} already exists and was trained with another recipe.",
                              field="--name", fix=f"{again} (`recipe compare` shows what changed)."))
     status = summary.get("status")
+    if status == "running" and _process_gone(summary.get("process")):
+        status = "interrupted"  # killed (out of memory, SIGKILL, a lost session) before it could say so
     if status == "finished":
         return "kept", run_dir
     if status == "interrupted" and (run_dir / "checkpoints" / "last.pt").is_file():
@@ -305,11 +308,25 @@ def _member_state(path, overrides, name: str) -> tuple[str, Path] | None:
     if status == "failed":
         why = f"it failed earlier ({summary.get('error', 'no error recorded')})"
     elif status == "running":
-        why = ("its summary says it is still running: another process may be training it, or it was killed "
-               f"(then continue it with `recipe run --resume {run_dir}`)")
+        why = ("its summary says it is still running, and its process may be training it (on another machine, "
+               f"or here as pid {(summary.get('process') or {}).get('pid', '?')}); if it is not, continue it with "
+               f"`recipe run --resume {run_dir}`")
     else:
         why = "it stopped before its first epoch ended"
     raise RunError(Issue(f"run folder {run_dir} already exists: {why}.", field="--name", fix=f"{again}."))
+
+
+def _process_gone(process: dict | None) -> bool:
+    """Whether the process a run's summary names (host, pid) has ended, as far as this machine can tell."""
+    if not process or process.get("host") != platform.node():
+        return False  # another machine's (or an older run's) process: cannot tell
+    try:
+        os.kill(int(process["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False
 
 
 def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str | None = None, log=print) -> list[Path]:

@@ -1,6 +1,10 @@
 """Review tools on runs the tests train on the real data: explain, inspect, compare and sweep."""
 import csv
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -221,6 +225,15 @@ def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interru
     kept_at = (done / "checkpoints" / "best.pt").stat().st_mtime_ns
 
     monkeypatch.setattr(runner, "train_epoch", real)
+    # a summary that still says "running": resumed only when its process is gone (killed before it could say so)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["process"] == {"host": platform.node(), "pid": os.getpid()}
+    (stopped / "summary.json").write_text(json.dumps({**summary, "status": "running"}))  # and this process lives
+    alive = sweep.run_sweep(plan, log=lambda *_: None)
+    assert [r["status"] for r in alive] == ["finished", "failed"] and "still running" in alive[1]["error"]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = {"host": platform.node(), "pid": int(ended.stdout)}
+    (stopped / "summary.json").write_text(json.dumps({**summary, "status": "running", "process": gone}))
     lines = []
     results = sweep.run_sweep(plan, log=lines.append)
     assert [r["status"] for r in results] == ["finished", "finished"]
