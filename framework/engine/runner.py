@@ -1,6 +1,6 @@
 """The training loop on Accelerate: fit() trains a recipe into a run folder; evaluate() scores a loader.
 
-Read it top to bottom: setup (data in `build_data`, then model -> optimizer) in `build_setup`, then `fit` loops
+Read it top to bottom: setup (data in `build_loaders`, then model -> optimizer) in `build_setup`, then `fit` loops
 over epochs: train one epoch, validate every N, log, checkpoint. Randomness is seeded per epoch (and per sample for
 augmentation), so a resumed run continues exactly where the straight run would be.
 """
@@ -209,7 +209,7 @@ def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
 
 
 @dataclass
-class Data:
+class Loaders:
     """The training and validation side of a run: cached datasets, the epoch sampler and the loaders."""
 
     train_ds: ImageDataset
@@ -223,7 +223,7 @@ class Data:
     no_face: int = 0  # training images without a face box (when something needs one)
 
 
-def build_data(recipe, plan, show_progress: bool, cpu: bool) -> Data:
+def build_loaders(recipe, plan, show_progress: bool, cpu: bool) -> Loaders:
     """Decode and resize each used image once (the cache), then the training and validation datasets and loaders."""
     tr = recipe.train
     size, _, _ = model_inputs(recipe)
@@ -275,11 +275,11 @@ def build_data(recipe, plan, show_progress: bool, cpu: bool) -> Data:
     cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
     skipped = [(rows[i]["path"], why) for i, why in failures]
     train_codes = {t: [c[i] for i in tr_idx] for t, c in codes.items()}
-    return Data(train_ds, sampler, train_loader, val_loader, resize, skipped, train_codes, cache, no_face)
+    return Loaders(train_ds, sampler, train_loader, val_loader, resize, skipped, train_codes, cache, no_face)
 
 
 def build_setup(recipe, plan, run_dir: Path) -> Setup:
-    """Accelerator, data (build_data), model with its heads, loss, optimizer and schedule."""
+    """Accelerator, data (build_loaders), model with its heads, loss, optimizer and schedule."""
     from accelerate import Accelerator
 
     tr = recipe.train
@@ -292,7 +292,7 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
                               gradient_accumulation_steps=tr.grad_accum, log_with=extra_trackers or None,
                               project_dir=str(run_dir))
-    d = build_data(recipe, plan, accelerator.is_main_process, cpu)
+    d = build_loaders(recipe, plan, accelerator.is_main_process, cpu)
 
     size, mean, std = model_inputs(recipe)
     torch.manual_seed(tr.seed)
@@ -808,4 +808,4 @@ def _write_skipped(path: Path, skipped) -> None:
     ckpt.atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["fit", "evaluate", "build_data", "build_setup", "train_epoch", "summarize", "EpochSampler"]
+__all__ = ["fit", "evaluate", "build_loaders", "build_setup", "train_epoch", "summarize", "EpochSampler"]
