@@ -200,6 +200,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         _write_labels(run_dir, plan.labels)
         summary = {"name": run_dir.name, "recipe": str(Path(path).resolve()), "status": "running",
                    "started": _dt.datetime.now().isoformat(timespec="seconds"), "notes": recipe.notes,
+                   "overrides": list(overrides),
                    "backbone": recipe.model.backbone,
                    "classes": {t: lab.classes for t, lab in plan.labels.items()},
                    "counts": plan.counts(), "dropped_rows": plan.dropped, "unused_rows": len(plan.indices("unused")),

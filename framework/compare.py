@@ -183,7 +183,7 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             "recipe": Path(s.get("recipe", "")).name, "epochs": f"{s.get('epochs_done', 0)}/{recipe.get('train.epochs', '?')}",
             **{k: scores.get(k) for k in metric_cols},
             "wall_s": s.get("wall_seconds") if pooled is None else pooled.get("wall_seconds"),
-            "notes": s.get("notes", ""),
+            "notes": _notes(s),
             "changed": "baseline" if run == base and pooled is None else "; ".join(diff),
         })
     order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
@@ -198,6 +198,15 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     if key:
         rows.sort(key=lambda r: (r.get(key) is None, -(r.get(key) or 0) if "loss" not in key else (r.get(key) or 0)))
     return cols, rows
+
+
+def _notes(summary: dict) -> str:
+    """The recipe's notes, then the command-line overrides the run was started with: a sweep over backbones from a
+    recipe whose notes name its backbone must not read as if every run had that one."""
+    notes, overrides = summary.get("notes") or "", summary.get("overrides") or []
+    if not overrides:
+        return notes
+    return f"{notes} [--set {' '.join(overrides)}]" if notes else f"[--set {' '.join(overrides)}]"
 
 
 def _cell(v) -> str:

@@ -113,7 +113,7 @@ def test_inspect_lists_images_that_fail_to_decode(tmp_path):
 
 
 def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path):
-    path = tiny_recipe(tmp_path, train=FAST)
+    path = tiny_recipe(tmp_path, train=FAST, notes="tiny")
     base = api.run(path, name="base", log=lambda *_: None)
     other = api.run(path, ["train.optimizer.lr=0.01", "transforms.image_size=40"], name="other",
                     log=lambda *_: None)
@@ -122,6 +122,9 @@ def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path
     assert by_name["base"]["changed"] == "baseline"
     assert by_name["other"]["changed"] == "train.optimizer.lr: 0.001 -> 0.01; transforms.image_size: 32 -> 40"
     assert by_name["other"]["image_size"] == "40x40" and by_name["other"]["status"] == "finished"
+    # the notes say how each run was started: the recipe's own notes, then its command-line overrides
+    assert by_name["base"]["notes"] == "tiny"
+    assert by_name["other"]["notes"] == "tiny [--set train.optimizer.lr=0.01 transforms.image_size=40]"
     assert {"run", "date", "status", "backbone", "recipe", "epochs", "val/macro_f1", "wall_s", "notes",
             "changed"} <= set(cols)
     for fmt in ("table", "csv", "md", "html"):
