@@ -81,6 +81,7 @@ def run(recipe, overrides, name, resume, all_folds, processes):
     import json
 
     from framework import api
+    from framework.compare import kept_classes
 
     try:
         if all_folds:
@@ -97,6 +98,8 @@ def run(recipe, overrides, name, resume, all_folds, processes):
         summary = json.loads((run_dir / "summary.json").read_text())
         click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
                    f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+        for line in kept_classes(run_dir, summary.get("best_epoch")):
+            click.echo("  " + line)
     if all_folds:
         from framework import crossval
 

@@ -117,6 +117,29 @@ def kept_record(run: Path, best_epoch: int | None) -> dict | None:
     return next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
 
 
+def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
+    """Lines for the end of a run: every class's F1 (and validation count) at the kept epoch, and a warning for a
+    class none of whose validation images were found, which the overall accuracy hides."""
+    chosen = kept_record(run, best_epoch)
+    if chosen is None:
+        return []
+    val = chosen["val"]
+    parts = {"": val} if "per_class" in val else {f"{t}: ": sc for t, sc in val.get("tasks", {}).items()}
+    lines = []
+    for prefix, sc in parts.items():
+        per = {c: m for c, m in sc.get("per_class", {}).items() if "f1" in m}
+        if not per:
+            continue
+        cells = ", ".join(f"{c} {m['f1']:.3f} ({m.get('support', '?')})" for c, m in per.items())
+        lines.append(f"{prefix}F1 per class at epoch {chosen['epoch']} (validation images): {cells}")
+        lost = [f"{c} ({m['support']})" for c, m in per.items() if m.get("support") and m.get("recall") == 0]
+        if lost:
+            lines.append(f"warning: {prefix}none of the validation images of {', '.join(lost)} was found (F1 0), "
+                         f"though accuracy is {sc['accuracy']:.3f}. A rare class usually needs "
+                         "`train.sampler: balanced` (or `train.loss.class_weights: auto`).")
+    return lines
+
+
 def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
     """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
     every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,

@@ -58,6 +58,13 @@ def test_all_folds_trains_every_fold_and_scores_them_as_one(folds):
         assert val["per_class"][c]["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
         assert val["per_class"][c]["support"] == 12
     assert "cross-validated over 3 folds" in output and "36 items" in output
+    # each fold's run ends with every class's F1 at its kept epoch and the class's validation count
+    for n, k in zip(names, kept):
+        counts = json.loads((runs / n / "summary.json").read_text())["counts"]["val"]["label"]
+        f1 = k["val"]["per_class"]
+        line = f"F1 per class at epoch {k['epoch']} (validation images): " + ", ".join(
+            f"{c} {f1[c]['f1']:.3f} ({counts[c]})" for c in ["wear", "incorrect", "not_wear"])
+        assert line in output
     assert f"macro-F1 {val['macro_f1']:.3f}" in output and "tiny-cv.json" in output
 
 

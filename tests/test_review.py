@@ -136,6 +136,31 @@ def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path
     assert html.startswith("<!doctype html>") and "sortBy(" in html and "<script" in html and "http" not in html
 
 
+def test_a_class_never_found_is_named_at_the_end_of_a_run(tmp_path):
+    from framework.compare import kept_classes
+
+    def val(found_incorrect):
+        per = {"wear": {"f1": 0.97, "recall": 1.0, "support": 90},
+               "incorrect": {"f1": 0.5 if found_incorrect else 0.0, "recall": 0.5 if found_incorrect else 0.0,
+                             "support": 4},
+               "not_wear": {"f1": 0.9, "recall": 0.9, "support": 6}}
+        return {"accuracy": 0.95, "macro_f1": 0.62, "per_class": per}
+
+    records = [{"epoch": 1, "val": val(True)}, {"epoch": 2, "val": val(False)}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert kept_classes(tmp_path, 1) == ["F1 per class at epoch 1 (validation images): wear 0.970 (90), "
+                                         "incorrect 0.500 (4), not_wear 0.900 (6)"]
+    line, warning = kept_classes(tmp_path, 2)
+    assert line.startswith("F1 per class at epoch 2") and "incorrect 0.000 (4)" in line
+    assert warning.startswith("warning: none of the validation images of incorrect (4) was found (F1 0), though "
+                              "accuracy is 0.950") and "train.sampler: balanced" in warning
+    # several heads: one line per task, named
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(
+        {"epoch": 3, "val": {"accuracy": 0.9, "macro_f1": 0.7, "tasks": {"mask": val(True), "age": val(False)}}}))
+    lines = kept_classes(tmp_path, 3)
+    assert [ln.split(" ")[0] for ln in lines] == ["mask:", "age:", "warning:"] and "age: none of" in lines[2]
+
+
 def test_changed_and_flatten_by_hand():
     a = flatten({"train": {"lr": 1, "epochs": 3}, "model": {"backbone": "x"}, "output": {"root": "a"}})
     b = flatten({"train": {"lr": 2, "epochs": 3}, "model": {"backbone": "y"}, "output": {"root": "b"}, "new": [1]})
