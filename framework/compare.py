@@ -123,10 +123,9 @@ def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
     chosen = kept_record(run, best_epoch)
     if chosen is None:
         return []
-    val = chosen["val"]
-    parts = {"": val} if "per_class" in val else {f"{t}: ": sc for t, sc in val.get("tasks", {}).items()}
     lines = []
-    for prefix, sc in parts.items():
+    for task, sc in _per_task(chosen["val"]).items():
+        prefix = f"{task}: " if task else ""
         per = {c: m for c, m in sc.get("per_class", {}).items() if "f1" in m}
         if not per:
             continue
@@ -135,8 +134,8 @@ def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
         lost = [f"{c} ({m['support']})" for c, m in per.items() if m.get("support") and m.get("recall") == 0]
         if lost:
             lines.append(f"warning: {prefix}none of the validation images of {', '.join(lost)} was found (F1 0), "
-                         f"though accuracy is {sc['accuracy']:.3f}. A rare class usually needs "
-                         "`train.sampler: balanced` (or `train.loss.class_weights: auto`).")
+                         f"though accuracy is {sc['accuracy']:.3f}. For a rare class see `train.sampler: "
+                         "balanced` and `train.loss.class_weights: auto`.")
     return lines
 
 
@@ -154,12 +153,17 @@ def _val_scores(val: dict) -> dict[str, float]:
 
     scores = {k: v for k, v in _flat({"lr": None, "val": val}).items()
               if k.startswith("val/") and not k.endswith("threshold")}
-    parts = {"": val} if "per_class" in val else {f"{t}/": sc for t, sc in val.get("tasks", {}).items()}
-    for prefix, sc in parts.items():
+    for task, sc in _per_task(val).items():
+        prefix = f"{task}/" if task else ""
         for c, m in sc.get("per_class", {}).items():
             if "f1" in m:
                 scores[f"val/{prefix}f1/{c}"] = m["f1"]
     return scores
+
+
+def _per_task(val: dict) -> dict[str, dict]:
+    """A validation record's scores by task name ("" for a single-task run)."""
+    return {"": val} if "per_class" in val else dict(val.get("tasks", {}))
 
 
 def find_crossvals(paths: list[str | Path]) -> list[Path]:
@@ -226,10 +230,9 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
 def _notes(summary: dict) -> str:
     """The recipe's notes, then the command-line overrides the run was started with: a sweep over backbones from a
     recipe whose notes name its backbone must not read as if every run had that one."""
-    notes, overrides = summary.get("notes") or "", summary.get("overrides") or []
-    if not overrides:
-        return notes
-    return f"{notes} [--set {' '.join(overrides)}]" if notes else f"[--set {' '.join(overrides)}]"
+    overrides = summary.get("overrides") or []
+    tail = f"[--set {' '.join(overrides)}]" if overrides else ""
+    return " ".join(part for part in (summary.get("notes") or "", tail) if part)
 
 
 def _cell(v) -> str:
