@@ -39,10 +39,16 @@ class Classifier(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.memory_format = torch.contiguous_format  # channels_last_(): the inputs' layout too
+
+    def channels_last_(self) -> "Classifier":
+        """Weights and inputs in the channels-last memory format (`model.channels_last`)."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (images.float() - self.mean) / self.std  # (N, 3, H, W), uint8 0..255 in
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -151,7 +157,8 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
         check_input_size(net, model_cfg.backbone, tuple(input_size))
     if model_cfg.weights:
         notes += load_weights(net, model_cfg.weights)
-    return Classifier(net, mean, std), notes
+    model = Classifier(net, mean, std)
+    return (model.channels_last_() if model_cfg.channels_last else model), notes
 
 
 def check_input_size(net: Net, backbone: str, size: tuple[int, int]) -> None:

@@ -266,6 +266,28 @@ def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
     model.load_state_dict(state)
 
 
+def test_channels_last_reaches_weights_and_inputs_in_training_and_prediction(tmp_path):
+    import copy
+
+    from framework import predict as P
+
+    run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "channels_last": True},
+                                  train={"epochs": 1, "batch_size": 8, "num_workers": 0}), name="cl", log=lambda *_: None)
+    model = P.load_run(run_dir).model
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)["label"]
+        assert seen == [True]
+        # the same weights in the default layout: the same logits, up to rounding
+        plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        plain.memory_format = torch.contiguous_format
+        assert torch.allclose(plain(images)["label"], out, atol=1e-5) and seen == [True, False]
+
+
 def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, data_root):
     """A second, train_only source: its images train, never validate; one that shares a group with a validation
     image of the first source is left out (not decoded, counted in the summary, `unused` in split.csv)."""

@@ -298,8 +298,6 @@ def build_setup(recipe, plan, run_dir: Path) -> Setup:
     torch.manual_seed(tr.seed)
     heads = build_heads(recipe, plan.labels, d.train_codes)
     model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
-    if recipe.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     ema = _ema_copy(model) if tr.ema else None
     if recipe.model.compile:
         model.net.forward = torch.compile(model.net.forward)  # compiles the computation, keeps the state_dict keys

@@ -287,7 +287,9 @@ class ModelSection(_Section):
     args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, "
                                                                    "e.g. {output_stride: 16} to keep twice the "
                                                                    "spatial detail in the last stage.")
-    channels_last: bool = Field(False, description="Use the channels-last memory format (faster on some GPUs).")
+    channels_last: bool = Field(False, description="Weights and inputs in the channels-last memory format: faster "
+                                                   "steps for most CNNs on CPU and GPU (measure yours with "
+                                                   "benchmarks/channels_last.py); not bit-identical to the default.")
     compile: bool = Field(False, description="torch.compile the model (faster steps on a GPU after a slow first one).")
 
 
