@@ -6,8 +6,9 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as the `recipe` command does (before torch loads)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RECIPE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -56,28 +57,60 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def parser(description: str):
+    """An argument parser with `--smoke`: tiny sizes and one round, so that CI runs every benchmark (a benchmark
+    nothing runs rots); the figures of a smoke run mean nothing."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true", help="Tiny sizes, one round: checks that the script runs.")
+    return ap
+
+
 def loader_setup(description: str, size: int = 128):
     """Shared set-up of the loader benchmarks: arguments, the contest-sized photos, and recipe's soft pipeline.
 
     Returns (args, folder of photos, rows, labels, resize stage, augmentation stage)."""
-    import argparse
     import tempfile
 
     import torch
 
     from framework import transforms as T
-    from framework.api import load_recipe
+    from framework.recipe.loaded import load_recipe
 
-    ap = argparse.ArgumentParser(description=description)
+    ap = parser(description)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.epochs, size = 16, 1, 32
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="recipe-bench-"))
     photos = contest_sized(real_photos(args.images), tmp / "photos")
     rows, labels = [{"path": p} for p, _ in photos], [(y,) for _, y in photos]
     recipe = load_recipe(REPO / "recipes" / "soft_aug.yaml", [f"transforms.image_size={size}"]).recipe
     resize = T.resize_stage((size, size), recipe.transforms.resize)
-    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms))
+    augment = T.augmentation_stage(T.build_augmentations(recipe.transforms, (size, size)))
     return args, tmp, rows, labels, resize, augment
+
+
+def built_run(recipe_dict: dict):
+    """A recipe's built run (framework.build.build_run) on its data plan, in a throw-away folder."""
+    import tempfile
+
+    from framework.build import build_data, build_run
+    from framework.recipe.schema import Recipe
+
+    recipe = Recipe.model_validate(recipe_dict)
+    return build_run(recipe, build_data(recipe), Path(tempfile.mkdtemp()), [])
+
+
+def utk_gender(backbone: str, size: int, batch: int, **model) -> dict:
+    """The benchmarks' training recipe: UTKFace gender at `size` px, no augmentation, no logging."""
+    return {"data": {"root": str(DATA), "sources": [{"type": "csv", "name": "utk",
+                                                     "manifest": "utkface_subset/manifest.csv", "group_column": "group"}],
+                     "target": {"column": "gender"}},
+            "validation": {"type": "holdout", "ratio": 0.5}, "transforms": {"image_size": size, "train": []},
+            "model": {"backbone": backbone, **model}, "train": {"batch_size": batch, "num_workers": 0, "epochs": 10},
+            "logging": {"trackers": [], "progress": False}}

@@ -1,7 +1,7 @@
 """Data pipeline: training-loader images/s with the decode-and-resize cache against without it, on real photos
 re-encoded at the contest's 384x512 size, with the soft augmentation of recipes/soft_aug.yaml at 128 px.
 
-    python benchmarks/data_pipeline.py [--images 400] [--workers 0]
+    python benchmarks/data_pipeline.py [--images 400] [--workers 0] [--smoke]
 Goal: at least 3x from the second epoch on (the first epoch of the cached loader includes filling the cache).
 """
 import time
@@ -21,12 +21,12 @@ def epoch_rate(loader, epoch: int) -> float:
 
 def main() -> None:
     from framework.data.dataset import DiskCache, ImageDataset, prepare
-    from framework.engine.runner import EpochSampler
+    from framework.data.loaders import EpochSampler
 
     args, tmp, rows, labels, resize, augment = loader_setup(__doc__)
 
     def loader(images=None, boxes=None):
-        ds = ImageDataset(rows, labels, resize, augment, images, boxes, seed=0)
+        ds = ImageDataset(rows, labels, resize, augment, None if images is None else (images, boxes), seed=0)
         return DataLoader(ds, batch_size=64, sampler=EpochSampler([0] * len(rows), 0), num_workers=args.workers,
                           persistent_workers=args.workers > 0)
 

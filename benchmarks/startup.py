@@ -1,13 +1,13 @@
 """Start-up: `recipe --help` against `python -c pass`, alternated, median of 7 each.
 
-    python benchmarks/startup.py
+    python benchmarks/startup.py [--smoke]
 Goal: under 0.5 s more than a bare interpreter.
 """
 import subprocess
 import sys
 import time
 
-from _common import REPO, median
+from _common import REPO, median, parser
 
 
 def wall(cmd) -> float:
@@ -17,8 +17,9 @@ def wall(cmd) -> float:
 
 
 def main() -> None:
+    args = parser(__doc__).parse_args()
     bare, recipe, validate = [], [], []
-    for _ in range(7):  # alternate, so machine noise hits both alike
+    for _ in range(1 if args.smoke else 7):  # alternate, so machine noise hits both alike
         bare.append(wall([sys.executable, "-c", "pass"]))
         recipe.append(wall([sys.executable, "-m", "framework.cli", "--help"]))
         validate.append(wall([sys.executable, "-m", "framework.cli", "validate", str(REPO / "recipes" / "quickstart.yaml")]))

@@ -1,7 +1,7 @@
 """Against timm's own data pipeline (timm.data.create_dataset + create_loader, its training transform) on the same
 real photos at 384x512, the same output size, batch and workers: images/s per epoch.
 
-    python benchmarks/vs_timm.py [--images 400] [--workers 0]
+    python benchmarks/vs_timm.py [--images 400] [--workers 0] [--smoke]
 Goal: ahead. recipe's loader decodes and resizes once (its first epoch includes that), augments the small image and
 leaves normalization to the model (counted here: the benchmark normalizes each batch as the model would).
 """
@@ -28,12 +28,14 @@ def main() -> None:
     import timm.data
 
     from framework.data.dataset import ImageDataset, prepare
-    from framework.engine.runner import EpochSampler
+    from framework.data.loaders import EpochSampler
 
     size = 128
     args, tmp, rows, labels, resize, augment = loader_setup(__doc__, size)
+    size = 32 if args.smoke else size
+    batch = 8 if args.smoke else 64  # timm's training loader drops the last partial batch
     timm_ds = timm.data.create_dataset("", root=str(tmp / "photos"))
-    timm_loader = timm.data.create_loader(timm_ds, input_size=(3, size, size), batch_size=64, is_training=True,
+    timm_loader = timm.data.create_loader(timm_ds, input_size=(3, size, size), batch_size=batch, is_training=True,
                                           use_prefetcher=False, num_workers=args.workers, hflip=0.5, color_jitter=0.15,
                                           persistent_workers=args.workers > 0)
 
@@ -43,7 +45,7 @@ def main() -> None:
     def normalize(x):
         return (x.float() - mean) / std
 
-    print(f"{len(rows)} photos at 384x512 -> {size}x{size}, batch 64, {args.workers} workers, 1 torch thread")
+    print(f"{len(rows)} photos at 384x512 -> {size}x{size}, batch {batch}, {args.workers} workers, 1 torch thread")
     print(f"{'epoch':>5}  {'timm':>10}  {'recipe':>10}  {'recipe/timm':>12}")
     ours = None
     for epoch in range(1, args.epochs + 1):
@@ -51,8 +53,8 @@ def main() -> None:
         start = time.perf_counter()
         if ours is None:  # the first epoch pays for decode + resize once
             images, boxes, _ = prepare(rows, resize, threads=1)
-            ours = torch.utils.data.DataLoader(ImageDataset(rows, labels, resize, augment, images, boxes),
-                                               batch_size=64, sampler=EpochSampler([0] * len(rows), 0),
+            ours = torch.utils.data.DataLoader(ImageDataset(rows, labels, resize, augment, (images, boxes)),
+                                               batch_size=batch, sampler=EpochSampler([0] * len(rows), 0),
                                                num_workers=args.workers, persistent_workers=args.workers > 0)
             fill = time.perf_counter() - start
             r = len(rows) / (fill + len(rows) / rate(ours, epoch, normalize))

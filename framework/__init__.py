@@ -1,16 +1,19 @@
 """recipe: train image classifiers from declarative YAML recipes.
 
-The public API is re-exported here by name; importing it does not import torch.
+The public API, re-exported by name (importing it does not import torch, and changes no environment variable):
+
+    import framework as rf
+    rf.validate(path, overrides)      -> a resolved recipe (every check `recipe validate` runs), or RecipeError
+    rf.run(path, overrides, name=...) -> the run folder
+    rf.predict / evaluate / ensemble / explain / inspect / compare / sweep / run_all_folds / cross_validate
 """
-import os as _os
+from framework.api import (compare, cross_validate, ensemble, evaluate, explain, inspect, predict, registered,
+                           run, run_all_folds, run_or_continue, schema, sweep, validate)
+from framework.errors import DataError, Interrupted, Issue, RecipeError, RunError
+from framework.recipe.loaded import LoadedRecipe, load_recipe, resolved_yaml
+from framework.recipe.schema import Recipe
 
-_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would contact its index on import
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail fast instead of retrying offline
-
-from framework.api import LoadedRecipe, load_recipe, run, validate  # noqa: E402
-from framework.errors import DataError, Issue, RecipeError, RunError  # noqa: E402
-from framework.recipe.schema import Recipe  # noqa: E402
-
-__all__ = ["DataError", "Issue", "LoadedRecipe", "Recipe", "RecipeError", "RunError", "load_recipe", "run",
-           "validate"]
+__all__ = ["DataError", "Interrupted", "Issue", "LoadedRecipe", "Recipe", "RecipeError", "RunError", "compare",
+           "cross_validate", "ensemble", "evaluate", "explain", "inspect", "load_recipe", "predict", "registered",
+           "resolved_yaml", "run", "run_all_folds", "run_or_continue", "schema", "sweep", "validate"]
 __version__ = "0.1.0"

@@ -1,13 +1,20 @@
-"""Builders that turn a validated recipe into data, split and pipelines (no torch needed for the data plan)."""
+"""Builders that turn a resolved recipe into objects: the data plan (rows, labels, split; no torch), then the
+record of everything a run is made of (`Built`: accelerator, loaders, model, heads, loss, optimizer, schedule)."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from framework.data.labels import LabelSet, assign_tasks, task_path
+from framework.data.labels import LabelSet, assign_tasks, numbers, task_path
 from framework.data.readers import read_sources
 from framework.data.splits import audit, build_split
 from framework.errors import DataError, FieldError
+from framework.registry import TASK_KINDS
+
+
+def head_class(kind: str):
+    """The class of a task kind (framework.tasks, or a plugin's), looked up by name."""
+    return TASK_KINDS.get(kind).load()
 
 
 @dataclass
@@ -57,12 +64,11 @@ class DataPlan:
 
 def build_data(recipe) -> DataPlan:
     """Read the sources, label the rows for every task, split them and audit the split for leakage."""
-    rows = read_sources(recipe.data)
     named = recipe.tasks is not None
-    rows, ys, labels, dropped = assign_tasks(rows, recipe.task_specs(), recipe.data.missing_label, named)
+    specs = recipe.task_specs()
+    rows, ys, labels, dropped = label_rows(read_sources(recipe.data), specs, recipe.data.missing_label, named)
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
-    from framework.data.labels import numbers
-    plan.values = {t: numbers(rows, s.column) for t, s in recipe.task_specs().items() if s.kind == "regression"}
+    plan.values = {t: numbers(rows, s.column) for t, s in specs.items() if head_class(s.kind).regression}
     train_only = {s.name for s in recipe.data.sources if getattr(s, "train_only", False)}
     plan.sides = build_split(rows, plan.strata, recipe.validation, train_only)
     group_by = getattr(recipe.validation, "group_by", "group")
@@ -73,6 +79,14 @@ def build_data(recipe) -> DataPlan:
                          "group sits on one side.", DataError)
     check_classes(plan)
     return plan
+
+
+def label_rows(rows: list[dict], specs: dict, missing: str = "drop", named: bool = True):
+    """`assign_tasks`, then each task's labels as its kind learns them (an anomaly task: the rare class vs the rest)."""
+    rows, ys, labels, dropped = assign_tasks(rows, specs, missing, named)
+    for task, spec in specs.items():
+        ys[task], labels[task] = head_class(spec.kind).label_codes(ys[task], labels[task], spec, task_path(named, task))
+    return rows, ys, labels, dropped
 
 
 def check_classes(plan: DataPlan) -> None:
@@ -97,3 +111,69 @@ def check_classes(plan: DataPlan) -> None:
                              "remove them from `classes`, or add their images."))
     if problems:
         raise FieldError.many(problems, DataError)
+
+
+# ------------------------------------------------------------------------------------------- the built run
+@dataclass
+class Built:
+    """Everything a run is made of, built from the recipe: no run state (epochs, best, writers) lives here."""
+
+    recipe: object
+    accelerator: object
+    model: object  # prepared by Accelerate (wrapped under several processes)
+    optimizer: object
+    scheduler: object
+    loss_fn: object
+    heads: dict  # task -> framework.tasks.Head
+    loaders: object  # framework.data.loaders.Loaders (datasets, sampler)
+    train_loader: object  # the prepared (sharded) loaders
+    val_loader: object
+    image_size: tuple[int, int]
+    notes: list[str]  # what was loaded into the model
+    ema: object = None  # the averaged weights (train.ema), used to validate and to predict
+
+    @property
+    def eval_model(self):
+        return self.ema if self.ema is not None else self.model
+
+
+def task_losses(recipe, heads: dict, train_codes: dict):
+    """The total loss: each task's own loss (built with its class weights) times the task's weight."""
+    from framework.losses import MultiTaskLoss, build_loss
+
+    specs = recipe.task_specs()
+    losses = {task: build_loss(type(h).loss_spec(specs[task], recipe.train.loss), len(h.classes),
+                               [c for c in train_codes[task] if c >= 0]) for task, h in heads.items()}
+    return MultiTaskLoss(heads, losses, {task: specs[task].weight for task in heads})
+
+
+def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
+    """Accelerator, loaders, model with its heads, loss, optimizer and schedule, all prepared by Accelerate."""
+    import torch
+    from accelerate import Accelerator
+
+    from framework.data.loaders import build_loaders
+    from framework.models import build_model, resolve_inputs
+    from framework.optim import build_optimizer, build_scheduler, ema_copy
+    from framework.tasks import build_heads
+
+    tr = recipe.train
+    cpu = not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
+                      gradient_accumulation_steps=tr.grad_accum, log_with=trackers or None, project_dir=str(run_dir))
+    size, mean, std = resolve_inputs(recipe)
+    d = build_loaders(recipe, plan, size, acc.is_main_process, cpu)
+    torch.manual_seed(tr.seed)
+    heads = build_heads(recipe, plan.labels, d.train_codes)
+    model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
+    ema = ema_copy(model) if tr.ema else None
+    if recipe.model.compile:  # compiles the computation, keeps the state_dict keys
+        backend = "inductor" if recipe.model.compile is True else recipe.model.compile
+        model.net.forward = torch.compile(model.net.forward, backend=backend)
+    loss_fn = task_losses(recipe, heads, d.train_codes)
+    optimizer = build_optimizer(model.parameters(), tr.optimizer)
+    model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, d.train_loader, d.val_loader)
+    loss_fn = loss_fn.to(acc.device)  # not prepared: it has no trainable parameters to synchronise
+    scheduler = build_scheduler(optimizer, tr, len(train_loader))
+    return Built(recipe, acc, model, optimizer, scheduler, loss_fn, heads, d, train_loader, val_loader, size, notes,
+                 ema.to(acc.device) if ema is not None else None)

@@ -1,43 +1,87 @@
-"""`recipe`: the command line. It parses, calls framework.api and prints; heavy imports happen inside commands."""
+"""`recipe`: the command line. Each command parses, calls one framework.api function and prints; heavy imports
+happen inside commands, so `recipe --help` is instant. A RecipeError becomes its one-paragraph message and exit
+code in one place (`_Group.invoke`); environment defaults are set by the group (before any command imports
+torch), not by importing the library."""
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from framework.errors import RecipeError
 
-SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)."
+# Set before torch or albumentations load (the entry point runs first): no phoning home, hub look-ups that fail at
+# once offline, and OpenMP threads that sleep while waiting instead of spinning (two runs on one machine each
+# keep near full speed; the arithmetic, and so the metrics, are unchanged).
+ENVIRONMENT = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _fail(err: RecipeError) -> None:
-    click.echo(err.format(), err=True)
-    sys.exit(err.exit_code)
+class _Group(click.Group):
+    """Shows a RecipeError (bad recipe, data, run folder) as its message, with its exit code, for every command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RecipeError as e:
+            click.echo(e.format(), err=True)
+            sys.exit(e.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def overrides_option(f):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override a recipe value, e.g. --set train.optimizer.lr=3e-4 (repeatable; values are "
+                             "YAML).")(f)
+
+
+def tta_option(f):
+    return click.option("--tta", type=click.Choice(["hflip", "none"]),
+                        help="hflip: average with the mirror image; none: no TTA (default: the run's eval.tta).")(f)
+
+
+def images_options(f):
+    f = click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="CSV with a `path` column.")(f)
+    return click.option("--images", type=click.Path(file_okay=False), help="Folder of images (searched recursively).")(f)
+
+
+def prior_shift_option(f):
+    return click.option("--prior-shift", metavar="em|FILE",
+                        help="Re-weight probabilities to the test set's class priors: `em` estimates them from the "
+                             "unlabeled images (Saerens et al. 2002); a JSON file gives them, e.g. "
+                             "{\"mask\": {\"wear\": 0.2, ...}}.")(f)
+
+
+def _one_source(images, csv_file):
+    if bool(images) == bool(csv_file):
+        raise click.UsageError("give either --images DIR or --csv FILE.")
+    return images or csv_file
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="recipe-framework", prog_name="recipe")
 def main():
     """Train image classifiers from declarative YAML recipes."""
+    for key, value in ENVIRONMENT.items():  # runs before any command imports torch
+        os.environ.setdefault(key, value)
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@overrides_option
 @click.option("--print", "print_", is_flag=True, help="Print the fully resolved recipe and the classes.")
 def validate(recipe, overrides, print_):
-    """Check RECIPE and its data (sources, labels, split, leakage) without training. Exit 2 on errors."""
+    """Check RECIPE and its data without training: every name, file, size and metric it uses; sources, labels,
+    split, leakage. Exit 2 on errors."""
     from framework import api
+    from framework.recipe.loaded import resolved_yaml
 
-    try:
-        loaded, plan = api.validate(recipe, overrides)
-    except RecipeError as e:
-        _fail(e)
-    for w in loaded.warnings:
+    resolved = api.validate(recipe, overrides)
+    plan = resolved.plan
+    for w in resolved.loaded.warnings:
         click.echo("warning: " + w.format(), err=True)
     if print_:
-        click.echo(api.resolved_yaml(loaded.recipe), nl=False)
+        click.echo(resolved_yaml(resolved.recipe), nl=False)
         for task, labels in plan.labels.items():
             click.echo(f"# {task} classes (index = {labels.formula}):")
             for k, c in enumerate(labels.classes):
@@ -51,7 +95,6 @@ def _launch(processes: int, recipe, overrides, name, resume, all_folds) -> int:
     """Start `processes` copies of this command with torchrun (torch.distributed.run): data parallel."""
     import datetime
     import subprocess
-    from pathlib import Path
 
     args = ["run"] + ([recipe] if recipe else ["--resume", resume])
     if recipe and not name:  # one name for every process
@@ -66,7 +109,7 @@ def _launch(processes: int, recipe, overrides, name, resume, all_folds) -> int:
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@overrides_option
 @click.option("--name", help="Run folder name (default: <recipe>-<date>-<time>); never overwrites a folder.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
 @click.option("--all-folds", is_flag=True, help="Train every fold of a k-fold recipe (runs NAME-fold0 ...).")
@@ -78,22 +121,25 @@ def run(recipe, overrides, name, resume, all_folds, processes):
         raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_launch(processes, recipe, overrides, name, resume, all_folds))
-    import json
-
     from framework import api
-    from framework.compare import kept_classes
 
     try:
         if all_folds:
             run_dirs = api.run_all_folds(recipe, overrides, name=name, log=click.echo)
         else:
             run_dirs = [api.run(recipe, overrides, name=name, resume=resume, log=click.echo)]
-    except RecipeError as e:
-        _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
-    if os.environ.get("RANK", "0") != "0":
-        return  # one line per run, from the main process
+    if os.environ.get("RANK", "0") == "0":  # one report, from the main process
+        _report_runs(run_dirs, all_folds)
+
+
+def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
+    import json
+
+    from framework.review.compare import kept_classes
+    from framework.review import crossval
+
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
@@ -101,41 +147,23 @@ def run(recipe, overrides, name, resume, all_folds, processes):
         for line in kept_classes(run_dir, summary.get("best_epoch")):
             click.echo("  " + line)
     if all_folds:
-        from framework import crossval
-
         cv_file = run_dirs[0].parent / f"{run_dirs[0].name.rsplit('-fold', 1)[0]}-cv.json"
         click.echo(crossval.report(json.loads(cv_file.read_text(encoding="utf-8"))))
         click.echo(f"wrote {cv_file}")
 
 
-from pathlib import Path  # noqa: E402
-
-
-def _source(images, csv_file):
-    if bool(images) == bool(csv_file):
-        raise click.UsageError("give either --images DIR or --csv FILE.")
-
-
 @main.command()
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--images", type=click.Path(file_okay=False), help="Folder of images (searched recursively).")
-@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="CSV with a `path` column.")
+@images_options
 @click.option("--out", default="predictions.csv", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--tta", type=click.Choice(["hflip", "none"]),
-              help="hflip: average with the mirror image; none: no TTA (default: the run's eval.tta).")
+@tta_option
 @click.option("--proba", is_flag=True, help="Add each class's probability.")
-@click.option("--prior-shift", metavar="em|FILE",
-              help="Re-weight probabilities to the test set's class priors: `em` estimates them from the unlabeled "
-                   "images (Saerens et al. 2002); a JSON file gives them, e.g. {\"mask\": {\"wear\": 0.2, ...}}.")
+@prior_shift_option
 def predict(run, images, csv_file, out, tta, proba, prior_shift):
     """Predict images with RUN (a run folder: its best checkpoint; or a checkpoint file)."""
-    _source(images, csv_file)
     from framework import api
 
-    try:
-        result = api.predict(run, images, csv_file, out, tta, proba, prior_shift=prior_shift)
-    except RecipeError as e:
-        _fail(e)
+    result = api.predict(run, _one_source(images, csv_file), out, tta, proba, prior_shift)
     click.echo(result["distribution"])
     click.echo(f"wrote {result['out']}: {result['predicted']} images (class shares in "
                f"{Path(result['out']).stem}.distribution.json)")
@@ -149,7 +177,7 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift):
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False),
               help="A manifest: `path` plus the run's label columns.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>).")
-@click.option("--tta", type=click.Choice(["hflip", "none"]), help="Default: the run's eval.tta.")
+@tta_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")
 def evaluate(run, recipe_data, csv_file, out, tta, overrides):
@@ -158,10 +186,7 @@ def evaluate(run, recipe_data, csv_file, out, tta, overrides):
         raise click.UsageError("give either --recipe-data FILE or --csv FILE.")
     from framework import api
 
-    try:
-        result = api.evaluate(run, recipe_data, csv_file, out, tta, overrides=overrides)
-    except RecipeError as e:
-        _fail(e)
+    result = api.evaluate(run, recipe_data or csv_file, out, tta, overrides)
     click.echo(result["report"])
     click.echo(f"written to {result['out']}")
 
@@ -171,23 +196,19 @@ def evaluate(run, recipe_data, csv_file, out, tta, overrides):
 @click.option("--method", type=click.Choice(["hard", "soft"]), default="soft", show_default=True)
 @click.option("--weights", default="equal", show_default=True,
               help="equal, val:<metric> (each run's best validation value), or w1,w2,...")
-@click.option("--images", type=click.Path(file_okay=False))
-@click.option("--csv", "csv_file", type=click.Path(dir_okay=False))
+@images_options
 @click.option("--out", default="ensemble.csv", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--composite", help="Questions that form the composite answer, e.g. mask,gender,age.")
-@click.option("--tta", type=click.Choice(["hflip", "none"]), help="Default: the run's eval.tta.")
+@tta_option
 @click.option("--proba", is_flag=True)
-@click.option("--prior-shift", metavar="em|FILE", help="Re-weight to the test set's class priors (see predict).")
+@prior_shift_option
 def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift):
     """Combine RUNS by hard or soft voting; per-task runs combine into the composite answer."""
-    _source(images, csv_file)
     from framework import api
+    from framework.inference.ensemble import Voting
 
-    try:
-        result = api.ensemble(list(runs), method, weights, images, csv_file, out, composite, proba, tta,
-                              prior_shift=prior_shift)
-    except RecipeError as e:
-        _fail(e)
+    voting = Voting(method, weights, composite, tta, prior_shift)
+    result = api.ensemble(list(runs), _one_source(images, csv_file), out, voting, proba)
     for q, prior in result["estimated_priors"].items():
         click.echo(f"[{q}] test priors used: " + ", ".join(f"{v:.3f}" for v in prior))
     click.echo(f"wrote {result['out']}: {result['predicted']} images, weights {result['weights']}"
@@ -210,18 +231,12 @@ def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba
 def compare(runs, baseline, sort_key, fmt, out):
     """The experiment sheet of RUNS (run folders, folders of runs, or NAME-cv.json files of `--all-folds`; default:
     runs/). A cross-validation is one more row: its folds pooled."""
-    from pathlib import Path
+    from framework import api
 
-    from framework.compare import find_crossvals, find_runs, render, sheet
-
-    found, crossvals = find_runs(list(runs) or ["runs"]), find_crossvals(list(runs) or ["runs"])
-    if not found and not crossvals:
-        raise click.UsageError(f"no run folders in {', '.join(runs) or 'runs'} (a run folder has summary.json).")
-    cols, rows = sheet(found, Path(baseline) if baseline else None, sort_key, crossvals)
-    text = render(cols, rows, fmt)
+    text, n = api.compare(list(runs) or ["runs"], baseline, sort_key, fmt)
     if out:
         Path(out).write_text(text, encoding="utf-8")
-        click.echo(f"wrote {out} ({len(rows)} runs)")
+        click.echo(f"wrote {out} ({n} runs)")
     else:
         click.echo(text, nl=False)
 
@@ -233,13 +248,9 @@ def crossval(runs, out):
     """Score the fold runs RUNS of a k-fold recipe as one validation set: every item predicted once, by the fold
     model that did not train on it (`recipe run --all-folds` prints and writes this itself)."""
     from framework import api
-    from framework import crossval as cv
+    from framework.review import crossval as cv
 
-    try:
-        result = api.cross_validate(list(runs), out)
-    except RecipeError as e:
-        _fail(e)
-    click.echo(cv.report(result))
+    click.echo(cv.report(api.cross_validate(list(runs), out)))
     if out:
         click.echo(f"wrote {out}")
 
@@ -247,30 +258,26 @@ def crossval(runs, out):
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="A recipe key and its values (repeatable).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@overrides_option
 @click.option("--name", "prefix", help="Run name prefix (default: the recipe's file name).")
 @click.option("--dry-run", is_flag=True, help="Only list the runs.")
 def sweep(recipes, grid, overrides, prefix, dry_run):
     """Run every combination of the --grid values for RECIPES, then print their compare sheet."""
     from framework import api
-    from framework.compare import render, sheet
-    from framework.sweep import expand, run_sweep
+    from framework.errors import Interrupted
 
     try:
-        plan = expand(list(recipes), list(grid), prefix)
-        for member in plan:  # every member must at least validate before anything trains
-            api.load_recipe(member["recipe"], list(overrides) + member["overrides"])
-    except RecipeError as e:
-        _fail(e)
+        results = api.sweep(list(recipes), list(grid), overrides, prefix, dry_run, log=click.echo)
+    except (Interrupted, KeyboardInterrupt) as e:
+        click.echo(e.format() if isinstance(e, Interrupted) else "interrupted.", err=True)
+        sys.exit(130)
     if dry_run:
-        for member in plan:
+        for member in results:
             click.echo(f"{member['name']}: {member['recipe']} " + " ".join(f"--set {o}" for o in member["overrides"]))
         return
-    results = run_sweep(plan, list(overrides), log=click.echo)
     done = [r["run_dir"] for r in results if r.get("run_dir")]
     if done:
-        cols, rows = sheet(done)
-        click.echo(render(cols, rows), nl=False)
+        click.echo(api.compare(done)[0], nl=False)
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         click.echo(f"failed: {r['name']}: {r['error'].splitlines()[0]}", err=True)
@@ -280,17 +287,15 @@ def sweep(recipes, grid, overrides, prefix, dry_run):
 
 @main.command("inspect")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@overrides_option
 @click.option("--out", type=click.Path(file_okay=False), default="inspect", show_default=True,
               help="Folder for report.txt, report.json and augmentations.png.")
 def inspect_cmd(recipe, overrides, out):
     """Look at RECIPE's data without training: counts, leakage, odd files, sizes, augmentation preview."""
-    from framework.audit import format_report, inspect_recipe
+    from framework import api
+    from framework.review.inspect import format_report
 
-    try:
-        report = inspect_recipe(recipe, overrides, out)
-    except RecipeError as e:
-        _fail(e)
+    report = api.inspect(recipe, overrides, out)
     click.echo(format_report(report))
     click.echo(f"\nwritten to {out}/ (augmentation preview: {report['preview']})")
 
@@ -305,29 +310,22 @@ def inspect_cmd(recipe, overrides, out):
 def explain(run, images, task, target, layer, out):
     """Grad-CAM heatmaps of RUN's model over IMAGES (files, folders, or CSVs with a `path` column and, for runs
     that crop to faces, the recipe's box columns), and a contact sheet."""
-    from framework.explain import explain as run_explain
+    from framework import api
 
-    try:
-        result = run_explain(run, list(images), out, task, target, layer)
-    except RecipeError as e:
-        _fail(e)
+    result = api.explain(run, list(images), out, task, target, layer)
     click.echo(f"wrote {len(result['files'])} heatmaps and {result['out']}/contact_sheet.png")
 
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 def plugins(recipe):
-    """List registered transforms, backbones, losses and readers, with where each came from.
+    """List registered transforms, backbones, losses, readers and task kinds, with where each came from.
 
     Installed packages' plugins are always listed; give a RECIPE to include the plugins it names."""
     from framework import api
 
-    try:
-        table = api.registered(recipe)
-    except RecipeError as e:
-        _fail(e)
     extra = {"transforms": "and every albumentations transform", "backbones": "and every timm model"}
-    for kind, entries in table.items():
+    for kind, entries in api.registered(recipe).items():
         click.echo(f"{kind}:")
         width = max([len(n) for n, _ in entries] + [8])
         for name, origin in entries:
@@ -342,12 +340,11 @@ def schema(out):
     """Print the recipe's JSON Schema (for editor completion and checks)."""
     import json
 
-    from framework.recipe.schema import Recipe
+    from framework import api
 
-    text = json.dumps(Recipe.model_json_schema(), indent=2)
+    text = json.dumps(api.schema(), indent=2)
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        Path(out).write_text(text + "\n", encoding="utf-8")
     else:
         click.echo(text)
 

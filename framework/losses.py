@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from framework.errors import FieldError
+from framework.registry import LOSSES
 
 
 def class_weights(spec, train_labels: list[int], num_classes: int) -> torch.Tensor | None:
@@ -60,37 +62,45 @@ class SoftF1Loss(nn.Module):
 
 
 # Loss factories share one signature, the one plugins register too: (spec, num_classes, weight) -> nn.Module.
+@LOSSES.register("cross_entropy")
 def cross_entropy(spec, num_classes: int, weight) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
 
 
+@LOSSES.register("focal")
 def focal(spec, num_classes: int, weight) -> nn.Module:
     return FocalLoss(spec.gamma, weight, spec.label_smoothing)
 
 
+@LOSSES.register("f1")
 def f1(spec, num_classes: int, weight) -> nn.Module:
     return SoftF1Loss(num_classes, weight, spec.label_smoothing)
 
 
-REGRESSION_LOSSES = ("l1", "smooth_l1", "mse")
-
-
+@LOSSES.register("l1")
 def l1(spec, num_classes: int, weight) -> nn.Module:
     return nn.L1Loss()
 
 
+class SmoothL1Args(BaseModel):
+    """`loss.args` of smooth_l1."""
+
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(5.0, gt=0, description="Quadratic below this error, linear above (ages: 5 years).")
+
+
+@LOSSES.register("smooth_l1", args=SmoothL1Args)
 def smooth_l1(spec, num_classes: int, weight) -> nn.Module:
-    return nn.SmoothL1Loss(beta=spec.args.get("beta", 5.0))  # ages: quadratic within 5 years, linear beyond
+    return nn.SmoothL1Loss(beta=SmoothL1Args.model_validate(spec.args).beta)
 
 
+@LOSSES.register("mse")
 def mse(spec, num_classes: int, weight) -> nn.Module:
     return nn.MSELoss()
 
 
 def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
     """The loss named in the recipe (built-in or registered by a plugin), with its class weights."""
-    from framework.registry import LOSSES
-
     weight = class_weights(spec.class_weights, train_labels, num_classes)
     return LOSSES.get(spec.name).load()(spec, num_classes, weight)
 

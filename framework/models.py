@@ -5,11 +5,8 @@ recipe's), so training, evaluation and `predict` can never disagree about prepro
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail in a second instead of retrying for a minute
 
 import torch
 from torch import nn
@@ -100,6 +97,18 @@ def backbone_defaults(name: str) -> dict:
     return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
 
+def resolve_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
+    """Input size (h, w) and normalization mean/std of a recipe's model: the recipe's, else the backbone's own
+    (as timm's `resolve_data_config` does). Training, prediction and review all ask here."""
+    from framework.transforms import image_size_of
+
+    defaults = backbone_defaults(recipe.model.backbone)
+    size = image_size_of(recipe.transforms, defaults["input_size"])
+    norm = recipe.transforms.normalize
+    mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
+    return size, mean, std
+
+
 def fixed_input_size(name: str) -> tuple[int, int] | None:
     """The one input size (h, w) a timm backbone is built for, when it has one (ViT, Swin ...); else None."""
     import timm
@@ -153,31 +162,33 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
         if model_cfg.pretrained:
             notes.append(f"hub weights of {model_cfg.backbone} loaded")
     net = Net(features, size, heads, model_cfg.drop_rate if entry is not None else 0.0)
-    if input_size:
-        check_input_size(net, model_cfg.backbone, tuple(input_size))
     if model_cfg.weights:
         notes += load_weights(net, model_cfg.weights)
     model = Classifier(net, mean, std)
     return (model.channels_last_() if model_cfg.channels_last else model), notes
 
 
-def check_input_size(net: Net, backbone: str, size: tuple[int, int]) -> None:
-    """One forward pass of two blank images of this size (eval mode, no gradient: nothing changes), so that a
-    backbone that cannot take it (too small for its kernels, or a size its windows or tokens do not divide) is
-    a located error when the model is built, not a traceback in the first training step."""
-    was_training = net.training
-    net.eval()
+def check_input_size(model_cfg, size: tuple[int, int]) -> None:
+    """One forward pass of two blank images of this size through the backbone built on the meta device (shapes
+    only: no memory, no arithmetic, no weights), so that a backbone that cannot take it (too small for its
+    kernels, or a size its windows or tokens do not divide) is a located error before anything runs."""
+    cfg = model_cfg.model_copy(update={"weights": None, "pretrained": False, "compile": False, "channels_last": False})
     try:
-        with torch.no_grad():
-            net(torch.zeros(2, 3, *size))
+        with torch.device("meta"):
+            model, _ = build_model(cfg, {"check": 1}, (0.5,) * 3, (0.5,) * 3, size)
+    except FieldError:
+        raise
+    except Exception:  # a plugin backbone that cannot be built on the meta device: the real build will tell
+        return
+    try:
+        with torch.no_grad(), torch.device("meta"):
+            model.eval()(torch.zeros(2, 3, *size, dtype=torch.uint8))
     except Exception as e:  # whatever the backbone raises: the size is the cause either way
-        native = backbone_defaults(backbone)["input_size"]
-        raise FieldError(("transforms", "image_size"), f"{backbone} cannot take {size[0]}x{size[1]} images "
+        native = backbone_defaults(model_cfg.backbone)["input_size"]
+        raise FieldError(("transforms", "image_size"), f"{model_cfg.backbone} cannot take {size[0]}x{size[1]} images "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
                          f"use a larger image size, e.g. its default {native[0]}x{native[1]} (transforms.image_size: "
                          "auto), or another backbone.") from None
-    finally:
-        net.train(was_training)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""One registry mechanism for everything a plugin can add: transforms, backbones, losses and data readers.
+"""One registry mechanism for everything a plugin can add: transforms, backbones, losses, data readers, task
+kinds and weight sources.
 
-Built-ins and plugins register the same way: a decorator (`@LOSSES.register("focal")`) or, for built-ins whose
-modules import torch, a lazy entry (`module:attribute`) that is imported only when used - so `recipe validate`
-stays fast. A name registered twice, or one that shadows an albumentations transform or a timm model, is an
+Built-ins and plugins register the same way, with a decorator where they are defined
+(`@LOSSES.register("focal")`). A registry knows the modules that hold its built-ins and imports them on its first
+look-up, so importing the registry stays cheap and every name is looked up through the one `get`. A name registered twice, or one that shadows an albumentations transform or a timm model, is an
 error naming both origins; a missing name lists the nearest ones.
 """
 from __future__ import annotations
@@ -44,19 +45,27 @@ def origin_of(obj: Any) -> str:
 class Registry:
     """Names -> objects of one kind. `external` says whether a name already belongs to a library (a clash)."""
 
-    def __init__(self, kind: str, external: Callable[[str], str | None] | None = None):
+    def __init__(self, kind: str, external: Callable[[str], str | None] | None = None, builtins: tuple = ()):
         self.kind = kind
         self._external = external
+        self._builtins = tuple(builtins)  # modules whose import registers the built-in entries
         self._entries: dict[str, Entry] = {}
+
+    def _load_builtins(self) -> None:
+        modules, self._builtins = self._builtins, ()
+        for module in modules:
+            importlib.import_module(module)
 
     def register(self, name: str | None = None, **meta):
         """Decorator: `@REGISTRY.register("name", key=value)` (name defaults to the object's __name__)."""
         def add(obj):
-            self.add(name or obj.__name__, obj, origin_of(obj), **meta)
+            builtin = getattr(obj, "__module__", "").startswith("framework.")
+            self.add(name or obj.__name__, obj, "built-in" if builtin else origin_of(obj), **meta)
             return obj
         return add
 
     def add(self, name: str, target: Any, origin: str, **meta) -> Entry:
+        self._load_builtins()  # a plugin's name is checked against the built-ins too
         old = self._entries.get(name)
         if old is not None and old.origin != origin:
             raise RegistryError(f"{self.kind} {name!r} is registered twice: by {old.origin} and by {origin}. "
@@ -70,20 +79,19 @@ class Registry:
         self._entries[name] = entry
         return entry
 
-    def add_lazy(self, name: str, target: str, **meta) -> None:
-        """A built-in that is imported on first use (`module:attribute`)."""
-        self._entries[name] = Entry(name, "built-in", target, meta)
-
     def get(self, name: str) -> Entry:
+        self._load_builtins()
         try:
             return self._entries[name]
         except KeyError:
             raise RegistryError(f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)}") from None
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._entries)
 
     def entries(self) -> list[Entry]:
@@ -95,7 +103,7 @@ class Registry:
 
 
 def _albumentations_has(name: str) -> str | None:
-    from framework.transforms import albumentations
+    from framework.libs import albumentations
 
     return f"albumentations.{name}" if hasattr(albumentations(), name) else None
 
@@ -108,12 +116,9 @@ def _timm_has(name: str) -> str | None:
 
 TRANSFORMS = Registry("transform", external=_albumentations_has)
 BACKBONES = Registry("backbone", external=_timm_has)
-LOSSES = Registry("loss")
-READERS = Registry("reader")
+LOSSES = Registry("loss", builtins=("framework.losses",))
+READERS = Registry("reader", builtins=("framework.data.readers",))
+TASK_KINDS = Registry("task kind", builtins=("framework.tasks",))
 
-for _name in ("cross_entropy", "focal", "f1", "l1", "smooth_l1", "mse"):
-    LOSSES.add_lazy(_name, f"framework.losses:{_name}")
-for _name in ("folder", "csv", "mask_contest", "bundled"):
-    READERS.add_lazy(_name, f"framework.data.readers:read_{_name}")
-
-REGISTRIES = {"transforms": TRANSFORMS, "backbones": BACKBONES, "losses": LOSSES, "readers": READERS}
+REGISTRIES = {"transforms": TRANSFORMS, "backbones": BACKBONES, "losses": LOSSES, "readers": READERS,
+              "task kinds": TASK_KINDS}

@@ -62,19 +62,19 @@ def expand(recipes: list[str | Path], grid: list[str], prefix: str | None = None
     return plan
 
 
-def run_sweep(plan: list[dict], base_overrides: list[str] = (), log=print) -> list[dict]:
-    """Run each member; a failed member is recorded and the sweep goes on. A stop (Ctrl-C, SIGTERM) stops the
-    whole sweep: the interrupted member keeps its resumable checkpoint, and the members not started are named.
-    The same sweep run again completes itself: finished members are kept, the interrupted one is resumed."""
-    from framework import api
+def run_sweep(plan: list[dict], run_member, base_overrides: list[str] = (), log=print) -> list[dict]:
+    """Run each member with `run_member(recipe, overrides, name=, log=)` (framework.api.run_or_continue); a failed
+    member is recorded and the sweep goes on. A stop (Ctrl-C, SIGTERM) stops the whole sweep: the interrupted
+    member keeps its resumable checkpoint, and the members not started are named. The same sweep run again
+    completes itself: finished members are kept, the interrupted one is resumed."""
     from framework.errors import Interrupted
 
     results = []
     for i, member in enumerate(plan, 1):
         log(f"[{i}/{len(plan)}] {member['name']}: {' '.join(member['overrides']) or '(no overrides)'}")
         try:
-            run_dir = api.run_or_continue(member["recipe"], list(base_overrides) + member["overrides"],
-                                          name=member["name"], log=log)
+            run_dir = run_member(member["recipe"], list(base_overrides) + member["overrides"],
+                                 name=member["name"], log=log)
             results.append({**member, "status": "finished", "run_dir": run_dir})
         except Interrupted:
             left = [m["name"] for m in plan[i:]]

@@ -1,105 +1,283 @@
-"""Task heads: how each kind of task turns network outputs into a loss, band probabilities and predictions.
+"""Task kinds: how each kind of head turns network outputs into a loss, band probabilities and predictions.
 
 Labels travel as one float per task and image: the class index for classification, ordinal and anomaly tasks
 (-1 = no label), the number itself for regression (NaN = no label). Every kind predicts a *band* (a class), so
 metrics, prediction files and ensembles treat them alike; regression also predicts its number (and MAE is
 reported), and its bands are just `bins` applied to that number - move the cut points and re-evaluate, no retraining.
+
+A kind is a class registered in `TASK_KINDS` where it is defined; everything that differs between kinds lives in
+its class (no `kind == ...` branches elsewhere). A plugin adds a kind the same way.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from framework.errors import DataError, FieldError
+from framework.registry import TASK_KINDS
+
+REGRESSION_LOSSES = ("l1", "smooth_l1", "mse")
+
 
 class Head:
-    """One task: its kind, band names and bins; output size; loss; band probabilities; predictions."""
+    """One task of the classification kind: one output per class, softmax probabilities, cross-entropy-like loss.
+    The other kinds subclass it and change what differs."""
 
-    def __init__(self, name: str, kind: str, classes: list[str], bins=None, threshold: float = 0.5,
+    kind = "classification"
+    regression = False  # predicts a number (its bands are `bins` applied to it)
+    chooses_threshold = False  # a decision threshold is chosen on each validation and saved with the model
+
+    def __init__(self, name: str, classes: list[str], bins=None, threshold: float = 0.5,
                  pos_weight: float | None = None):
-        self.name, self.kind, self.classes = name, kind, list(classes)
+        self.name, self.classes = name, list(classes)
         self.bins = None if bins is None else torch.tensor(bins, dtype=torch.float32)
         self.threshold, self.pos_weight = threshold, pos_weight
 
+    # ---- the recipe side
+    composite_ok = False  # a composite label (several columns in one head) is a classification task
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        """What the task spec lacks or has too much of for this kind (a sentence), or None."""
+        if spec.anomaly is not None:
+            return "`anomaly` is only for kind anomaly"
+        if spec.composite is not None and not cls.composite_ok:
+            return "a composite label is a classification task"
+        return None
+
+    @classmethod
+    def loss_spec(cls, spec, default):
+        """The loss spec this task trains with: its own, else train.loss; regression losses belong to regression."""
+        loss = spec.loss or default
+        if loss.name in REGRESSION_LOSSES:
+            raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is a regression loss, but this task is "
+                             f"{cls.kind}.", "use cross_entropy, focal or f1.")
+        return loss
+
+    @classmethod
+    def label_codes(cls, codes: list[int], labels, spec, where: tuple):
+        """Class indices (-1 = no label) and the label set as this kind learns them (anomaly: 1 for the rare class,
+        0 for the rest)."""
+        return codes, labels
+
+    # ---- the model side
     @property
     def out_dim(self) -> int:
-        return {"classification": len(self.classes), "ordinal": len(self.classes) - 1}.get(self.kind, 1)
+        return len(self.classes)
 
     def has(self, col: torch.Tensor) -> torch.Tensor:
-        return ~torch.isnan(col) if self.kind == "regression" else col >= 0
+        return col >= 0
 
     def bands(self, col: torch.Tensor) -> torch.Tensor:
         """True band index per image (-1 where there is no label)."""
-        if self.kind != "regression":
-            return col.long()
-        band = torch.bucketize(col.float().contiguous(), self.bins.to(col.device), right=True)
-        return torch.where(torch.isnan(col), torch.full_like(band, -1), band)
+        return col.long()
 
     def loss(self, out: torch.Tensor, col: torch.Tensor, fn) -> torch.Tensor:
+        """The task's loss over the images that have its label (`fn`: the built loss module)."""
         has = self.has(col)
         if not has.any():  # keep the head in the graph (data-parallel training expects every parameter used)
             return out.sum() * 0.0
-        out, col = out[has], col[has]
-        if self.kind == "classification":
-            return fn(out, col.long())
-        if self.kind == "regression":
-            return fn(out[:, 0].float(), col.float())
-        if self.kind == "ordinal":  # target k: "is the band above k"
-            above = (col[:, None] > torch.arange(self.out_dim, device=col.device)).float()
-            return F.binary_cross_entropy_with_logits(out.float(), above)
-        weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=out.device)
-        return F.binary_cross_entropy_with_logits(out[:, 0].float(), col.float(), pos_weight=weight)
+        return self._loss(out[has], col[has], fn)
+
+    def _loss(self, out, col, fn):
+        return fn(out, col.long())
+
+    def eval_loss(self) -> torch.nn.Module:
+        """The validation loss, summed over images (the same for every loss the task may train with)."""
+        return torch.nn.CrossEntropyLoss(reduction="sum")
+
+    def summed_loss(self, out: torch.Tensor, col: torch.Tensor) -> float:
+        """Validation loss of a batch, summed over the images that have the label."""
+        return float(self.loss(out, col, self.eval_loss()))
+
+    def probs(self, out: torch.Tensor) -> torch.Tensor:
+        """Band probabilities (N, C); their argmax is the prediction."""
+        return out.float().softmax(1)
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        return self.probs(out).argmax(1)
+
+    def extra_outputs(self, out: torch.Tensor, col: torch.Tensor) -> torch.Tensor | None:
+        """What validation keeps besides probabilities (anomaly scores; predicted and true numbers), or None."""
+        return None
+
+    def after_validation(self, extra: np.ndarray | None, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+        """Metrics of this kind beyond the bands' (MAE, the chosen threshold); may redo `y_pred` in place."""
+        return {}
+
+
+@TASK_KINDS.register("classification")
+class Classification(Head):
+    """One class per band or value."""
+
+    composite_ok = True
+
+
+@TASK_KINDS.register("regression")
+class Regression(Head):
+    """Predict the number; its bands (`bins`) are the classes of the metrics and predictions."""
+
+    kind, regression = "regression", True
+
+    @classmethod
+    def check_spec(cls, spec):
+        return _needs_bins(cls, spec)
+
+    @classmethod
+    def loss_spec(cls, spec, default):
+        loss = spec.loss or default
+        if loss.name in REGRESSION_LOSSES:
+            return loss
+        if spec.loss is not None:
+            raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is not a regression loss.",
+                             f"use one of: {', '.join(REGRESSION_LOSSES)}.")
+        return loss.model_copy(update={"name": "smooth_l1", "class_weights": "none"})
+
+    @property
+    def out_dim(self) -> int:
+        return 1
+
+    def has(self, col):
+        return ~torch.isnan(col)
+
+    def bands(self, col):
+        band = torch.bucketize(col.float().contiguous(), self.bins.to(col.device), right=True)
+        return torch.where(torch.isnan(col), torch.full_like(band, -1), band)
+
+    def _loss(self, out, col, fn):
+        return fn(out[:, 0].float(), col.float())
+
+    def eval_loss(self):
+        return torch.nn.L1Loss(reduction="sum")
 
     def value(self, out: torch.Tensor) -> torch.Tensor:
-        """The predicted number of a regression task (N,)."""
+        """The predicted number (N,)."""
         return out[:, 0].float()
+
+    def probs(self, out):
+        band = torch.bucketize(self.value(out).contiguous(), self.bins.to(out.device), right=True)
+        return F.one_hot(band, len(self.classes)).float()
+
+    def extra_outputs(self, out, col):
+        return torch.stack([self.value(out), col.float()], 1)  # (N, 2): predicted, true
+
+    def after_validation(self, extra, y_true, y_pred):
+        has = ~np.isnan(extra[:, 1])
+        return {"mae": float(np.abs(extra[has, 0] - extra[has, 1]).mean()) if has.any() else float("nan")}
+
+
+def _needs_bins(cls, spec) -> str | None:
+    if spec.bins is None:
+        return f"a {cls.kind} task needs `bins` (the bands its metrics and predictions use)"
+    return Head.check_spec.__func__(cls, spec)
+
+
+class _Binary(Head):
+    """Heads trained with binary cross-entropy (mean over the images): their summed loss is mean x count."""
+
+    def summed_loss(self, out, col):
+        return float(self.loss(out, col, None)) * int(self.has(col).sum())
+
+
+@TASK_KINDS.register("ordinal")
+class Ordinal(_Binary):
+    """'Is the band above k' heads over ordered `bins`."""
+
+    kind = "ordinal"
+
+    @classmethod
+    def check_spec(cls, spec):
+        return _needs_bins(cls, spec)
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.classes) - 1
+
+    def _loss(self, out, col, fn):
+        above = (col[:, None] > torch.arange(self.out_dim, device=col.device)).float()  # target k: band above k
+        return F.binary_cross_entropy_with_logits(out.float(), above)
+
+    def probs(self, out):
+        above = torch.sigmoid(out.float())  # P(band > k), k = 0 .. C-2
+        ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
+        cum = torch.cat([ones, torch.cummin(above, dim=1).values, zeros], dim=1)  # monotone
+        return (cum[:, :-1] - cum[:, 1:]).clamp(min=0)
+
+
+@TASK_KINDS.register("anomaly")
+class Anomaly(_Binary):
+    """The class named in `anomaly` against the rest, with a threshold chosen on the validation split."""
+
+    kind, chooses_threshold = "anomaly", True
+
+    @classmethod
+    def check_spec(cls, spec):
+        if not spec.anomaly:
+            return "an anomaly task needs `anomaly: <the rare class>`, e.g. anomaly: '60+'"
+        return "a composite label is a classification task" if spec.composite is not None else None
+
+    @classmethod
+    def label_codes(cls, codes, labels, spec, where):
+        from framework.data.labels import LabelSet
+
+        if spec.anomaly not in labels.classes:
+            raise FieldError(where + ("anomaly",), f"{spec.anomaly!r} is not one of the classes {labels.classes}.",
+                             "name one of them, e.g. the last bin's name.", DataError)
+        k = labels.classes.index(spec.anomaly)
+        return [-1 if c < 0 else int(c == k) for c in codes], LabelSet([f"not {spec.anomaly}", spec.anomaly])
+
+    @property
+    def out_dim(self) -> int:
+        return 1
+
+    def _loss(self, out, col, fn):
+        weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=out.device)
+        return F.binary_cross_entropy_with_logits(out[:, 0].float(), col.float(), pos_weight=weight)
 
     def score(self, out: torch.Tensor) -> torch.Tensor:
         """The anomaly score (N,) in 0..1."""
         return torch.sigmoid(out[:, 0].float())
 
-    def probs(self, out: torch.Tensor) -> torch.Tensor:
-        """Band probabilities (N, C); their argmax is the prediction (the anomaly threshold included)."""
-        out = out.float()
-        if self.kind == "classification":
-            return out.softmax(1)
-        if self.kind == "regression":
-            band = torch.bucketize(self.value(out).contiguous(), self.bins.to(out.device), right=True)
-            return F.one_hot(band, len(self.classes)).float()
-        if self.kind == "ordinal":
-            above = torch.sigmoid(out)  # P(band > k), k = 0 .. C-2
-            ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
-            cum = torch.cat([ones, torch.cummin(above, dim=1).values, zeros], dim=1)  # monotone
-            return (cum[:, :-1] - cum[:, 1:]).clamp(min=0)
+    def probs(self, out):
         t = min(max(self.threshold, 1e-6), 1 - 1e-6)
-        s = torch.sigmoid(out[:, 0] - math.log(t / (1 - t)))  # shifted so that 0.5 is the chosen threshold
+        s = torch.sigmoid(out[:, 0].float() - math.log(t / (1 - t)))  # shifted so that 0.5 is the chosen threshold
         return torch.stack([1 - s, s], dim=1)
 
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        return self.probs(out).argmax(1)
+    def extra_outputs(self, out, col):
+        return self.score(out)
+
+    def after_validation(self, extra, y_true, y_pred):
+        """The threshold with the best validation F1 of the anomaly class; the predictions are redone with it."""
+        has = y_true >= 0
+        self.threshold, _ = best_threshold(extra[has], y_true[has])
+        y_pred[:] = (extra > self.threshold).astype(int)
+        return {"threshold": self.threshold}
 
 
-def build_heads(recipe, labels: dict, train_codes: dict | None = None, thresholds: dict | None = None,
-                bins_override: dict | None = None) -> dict[str, Head]:
+def head_class(kind: str) -> type[Head]:
+    return TASK_KINDS.get(kind).load()
+
+
+def build_heads(recipe, labels: dict, train_codes: dict | None = None, thresholds: dict | None = None) -> dict[str, Head]:
     """A Head per task of the recipe (`labels`: task -> LabelSet, or task -> {"classes": [...]})."""
     heads = {}
     for task, spec in recipe.task_specs().items():
         classes = labels[task].classes if hasattr(labels[task], "classes") else labels[task]["classes"]
         pos_weight = None
         loss = spec.loss or recipe.train.loss
-        if spec.kind == "anomaly" and train_codes is not None and loss.class_weights == "auto":
+        if head_class(spec.kind).chooses_threshold and train_codes is not None and loss.class_weights == "auto":
             codes = [c for c in train_codes[task] if c >= 0]
             positives = max(1, sum(codes))
             pos_weight = (len(codes) - positives) / positives
-        heads[task] = Head(task, spec.kind, classes, spec.bins, (thresholds or {}).get(task, 0.5), pos_weight)
+        heads[task] = head_class(spec.kind)(task, classes, spec.bins, (thresholds or {}).get(task, 0.5), pos_weight)
     return heads
 
 
 def best_threshold(scores, labels) -> tuple[float, float]:
     """The threshold on anomaly scores with the best F1 of the anomaly class, and that F1."""
-    import numpy as np
-
     scores, labels = np.asarray(scores, float), np.asarray(labels, int)
     if not labels.any():
         return 0.5, 0.0

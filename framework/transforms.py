@@ -13,30 +13,16 @@ import sys
 from pathlib import Path
 
 from framework.errors import FieldError, did_you_mean
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations 2.0.8 asks its index on every import
+from framework.libs import albumentations
 
 # Transforms that resize: after the resize stage they repeat work (and change the size the model expects).
 _RESIZERS = {"Resize", "LongestMaxSize", "SmallestMaxSize", "RandomScale", "Downscale"}
 _VERTICAL = {"VerticalFlip", "Transpose"}
 _COMPOSITIONS = {"OneOf", "SomeOf", "Sequential"}
+# Crops whose output size must be the image size (subclasses, such as plugins' crops, included).
+_SIZE_BOUND = {"RandomResizedCrop", "RandomSizedCrop", "CenterCrop", "RandomCrop", "RandomSizedBBoxSafeCrop",
+               "CropAndPad", "RandomCropNearBBox", "AtLeastOneBBoxRandomCrop", "BBoxSafeRandomCrop"}
 _INTERP = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3}
-
-
-def albumentations():
-    """Import albumentations without pulling in torch (its optional `albumentations.pytorch` part) unless torch
-    is already loaded, so `recipe validate` stays fast."""
-    if "albumentations" in sys.modules:
-        return sys.modules["albumentations"]
-    blocked = "torch" not in sys.modules and "albumentations.pytorch" not in sys.modules
-    if blocked:
-        sys.modules["albumentations.pytorch"] = None  # type: ignore[assignment]
-    try:
-        import albumentations as A
-    finally:
-        if blocked:
-            del sys.modules["albumentations.pytorch"]
-    return A
 
 
 def transform_names() -> list[str]:
@@ -46,13 +32,14 @@ def transform_names() -> list[str]:
                   and not inspect.isabstract(c) and n not in {"BasicTransform", "DualTransform", "ImageOnlyTransform"})
 
 
-def build_transform(spec: dict, where: tuple):
-    """One albumentations transform from `{name: X, **args}`, with its own argument schema checked strictly."""
+def build_transform(spec: dict, where: tuple, size: tuple[int, int] | None = None):
+    """One albumentations transform from `{name: X, **args}`, with its own argument schema checked strictly.
+    A crop that leaves out its output size (`size`, or `height` and `width`) gets the image size `size` (h, w)."""
     A = albumentations()
     args = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
     if name in _COMPOSITIONS:
-        return _build_composition(A, name, args, where)
+        return _build_composition(A, name, args, where, size)
     from framework.registry import TRANSFORMS
 
     cls = TRANSFORMS.get(name).load() if name in TRANSFORMS else getattr(A, name, None)
@@ -66,6 +53,8 @@ def build_transform(spec: dict, where: tuple):
     if unknown:
         raise FieldError.many([(where + (k,), f"{name} has no argument {k!r}.{did_you_mean(k, params)}",
                                 f"arguments of {name}: {', '.join(params)}.") for k in unknown])
+    if size is not None and _SIZE_BOUND & {c.__name__ for c in cls.__mro__}:
+        args = _with_size(args, params, size)
     try:
         return cls(**args, strict=True) if "strict" in params else cls(**args)
     except Exception as e:  # albumentations wraps its pydantic InitSchema errors in ValueError
@@ -82,7 +71,16 @@ def build_transform(spec: dict, where: tuple):
                          f"check the arguments of {name}.") from None
 
 
-def _build_composition(A, name: str, args: dict, where: tuple):
+def _with_size(args: dict, params: list[str], size: tuple[int, int]) -> dict:
+    """The image size as a crop's output size, where the recipe left it out."""
+    if "size" in params and "size" not in args:
+        return {**args, "size": [int(size[0]), int(size[1])]}
+    if "height" in params and "width" in params and "height" not in args and "width" not in args:
+        return {**args, "height": int(size[0]), "width": int(size[1])}
+    return args
+
+
+def _build_composition(A, name: str, args: dict, where: tuple, size: tuple[int, int] | None = None):
     """OneOf / SomeOf / Sequential with `transforms: [specs]`, built recursively."""
     children = args.pop("transforms", None)
     if not isinstance(children, list) or not children:
@@ -95,7 +93,7 @@ def _build_composition(A, name: str, args: dict, where: tuple):
                              "write {name: GaussianBlur}."))
             continue
         try:
-            built.append(build_transform(child, where + ("transforms", j)))
+            built.append(build_transform(child, where + ("transforms", j), size))
         except FieldError as e:
             problems += e.items
     if problems:
@@ -126,14 +124,15 @@ def load_saved_pipeline(path: str):
     return list(loaded.transforms) if isinstance(loaded, A.Compose) else [loaded]
 
 
-def build_augmentations(tcfg) -> list:
-    """The training augmentations of a transforms section; every problem of every item is reported."""
+def build_augmentations(tcfg, size: tuple[int, int] | None = None) -> list:
+    """The training augmentations of a transforms section; every problem of every item is reported. `size`
+    (h, w) is the image size: the output size of crops that leave theirs out."""
     if tcfg.train_file:
         return load_saved_pipeline(tcfg.train_file)
     out, problems = [], []
     for i, spec in enumerate(tcfg.train):
         try:
-            out.append(build_transform(spec, ("transforms", "train", i)))
+            out.append(build_transform(spec, ("transforms", "train", i), size))
         except FieldError as e:
             problems += e.items
     if problems:
@@ -153,12 +152,24 @@ def lint(transforms: list, image_size=None) -> list[tuple[tuple, str, str]]:
             if name in _RESIZERS:
                 warnings.append((where, f"{name} resizes again after the resize stage (work done twice, and the size "
                                         f"the model sees changes).", "drop it; set transforms.image_size instead."))
-            if name in {"RandomResizedCrop", "RandomSizedCrop", "CenterCrop", "RandomCrop"} and image_size:
-                size = getattr(t, "size", None) or (getattr(t, "height", None), getattr(t, "width", None))
-                if size and tuple(size) != tuple(image_size) and None not in size:
-                    warnings.append((where, f"{name} outputs {tuple(size)} but image_size is {tuple(image_size)}.",
-                                     f"set its size to {list(image_size)}."))
     return warnings
+
+
+def size_errors(transforms: list, image_size: tuple[int, int]) -> list[tuple[tuple, str, str]]:
+    """Crops whose output is not the image size: the batch would mix sizes (a torch `stack` error in the first
+    step) or the model would train at another size than it is validated at."""
+    errors = []
+    for i, top in enumerate(transforms):
+        for t in _flatten(top):
+            if not _SIZE_BOUND & {c.__name__ for c in type(t).__mro__}:
+                continue
+            size = getattr(t, "size", None) or (getattr(t, "height", None), getattr(t, "width", None))
+            if None not in size and tuple(size) != tuple(image_size):
+                errors.append((("transforms", "train", i), f"{type(t).__name__} outputs {tuple(size)}, but the "
+                               f"image size is {tuple(image_size)}.",
+                               f"leave its size out (it then follows transforms.image_size), or set it to "
+                               f"{list(image_size)}."))
+    return errors
 
 
 def _flatten(t) -> list:

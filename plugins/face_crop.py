@@ -9,7 +9,7 @@ Use it in a recipe:
     plugins: [../plugins/face_crop.py]          # relative to the recipe file
     transforms:
       train:
-        - {name: FaceKeepingCrop, size: [64, 64], scale: [0.5, 1.0]}
+        - {name: FaceKeepingCrop, scale: [0.5, 1.0]}
 """
 from __future__ import annotations
 

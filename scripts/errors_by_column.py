@@ -20,7 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 def binned(runs: list[str | Path], manifest: str | Path, column: str, bins: list[float], cls: str,
            task: str | None = None) -> list[dict]:
     """One dict per bin [lo, hi): n, support, tp, fp, fn, f1 of `cls`; images without a value are left out."""
-    from framework import predict as P
+    from framework.inference import predict as P, run as R
 
     manifest = Path(manifest).resolve()
     with open(manifest, newline="", encoding="utf-8-sig") as f:
@@ -38,14 +38,15 @@ def binned(runs: list[str | Path], manifest: str | Path, column: str, bins: list
     edges = [float("-inf"), *sorted(bins), float("inf")]
     out = [dict(lo=lo, hi=hi, n=0, support=0, tp=0, fp=0, fn=0) for lo, hi in zip(edges, edges[1:])]
     for run in runs:
-        loaded = P.load_run(run)
-        name = task or next(iter(loaded.tasks))
-        classes = loaded.tasks[name]["classes"]
+        loaded = R.load_run(run)
+        name = task or next(iter(loaded.labels))
+        classes = loaded.labels[name].classes
         if cls not in classes:
             raise SystemExit(f"{run}: {cls!r} is not a class of task {name!r} ({', '.join(classes)}).")
-        val = [r for r in P.split_rows(loaded, "val") if r.get(name)]
+        val = [r for r in R.split_rows(loaded, "val") if r.get(name)]
         paths = [r["path"] for r in val]
-        probs, ok, _ = P.predict_tasks(loaded, paths, boxes=P.run_boxes(loaded, paths))
+        pred = P.predict_tasks(loaded, paths, boxes=R.run_boxes(loaded, paths))
+        probs, ok = pred.probs, pred.ok
         for k, i in enumerate(ok):
             v = value.get(str(Path(val[i]["path"]).resolve()))
             if v is None:

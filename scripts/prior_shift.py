@@ -77,7 +77,7 @@ def run_experiment(out: Path, sets=tuple(SETS), backbone: str = "resnet10t", epo
     run_dir = out / "runs" / "prior-shift"
     if not (run_dir / "checkpoints" / "best.pt").exists():
         run_dir = api.run(out / "recipe.yaml", name="prior-shift", log=lambda *_: None)
-    result = api.evaluate(run_dir, csv_file=out / "shifted.csv", out=out / "evaluation", progress=False)
+    result = api.evaluate(run_dir, out / "shifted.csv", out=out / "evaluation")
     report = json.loads((out / "evaluation" / "metrics.json").read_text())["prior_shift"]["label"]
     return report | {"images": len(shifted), "run": str(run_dir), "report": result["report"]}
 

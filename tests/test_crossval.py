@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from framework.cli import main
-from framework.compare import kept_record
+from framework.review.compare import kept_record
 from tests.conftest import REPO, tiny_recipe
 
 

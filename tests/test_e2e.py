@@ -255,9 +255,11 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
 
 
 def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
+    """torch.compile with the aot_eager backend: traced and run through AOTAutograd, no C++ build (the inductor
+    default, `compile: true`, takes minutes to build on a 2-core CPU; it shares everything else)."""
     from framework.models import build_model
 
-    run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "compile": True},
+    run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "compile": "aot_eager"},
                                   train={"epochs": 1, "batch_size": 8, "num_workers": 0}), name="c", log=lambda *_: None)
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in state)
@@ -269,11 +271,11 @@ def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
 def test_channels_last_reaches_weights_and_inputs_in_training_and_prediction(tmp_path):
     import copy
 
-    from framework import predict as P
+    from framework.inference import predict as P, run as R
 
     run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "channels_last": True},
                                   train={"epochs": 1, "batch_size": 8, "num_workers": 0}), name="cl", log=lambda *_: None)
-    model = P.load_run(run_dir).model
+    model = R.load_run(run_dir).model
     stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert stem.weight.is_contiguous(memory_format=torch.channels_last)
     seen = []
@@ -326,7 +328,7 @@ def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, da
 def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     """With train.ema the checkpoint's `model` is the average (what validation scored and predictions use) and
     `train_model` the raw weights; 1 epoch + resume gives the same averages as 2 epochs straight."""
-    from framework import predict as P
+    from framework.inference import predict as P, run as R
 
     path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 8, "num_workers": 0, "ema": 0.9},
                        checkpoint={"every": 1})
@@ -335,7 +337,7 @@ def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     raw, avg = state["train_model"], state["model"]
     assert any(not torch.allclose(raw[k].float(), avg[k].float()) for k in raw)
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
-    assert torch.equal(P.load_run(run).model.state_dict()["net.heads.label.weight"], best["net.heads.label.weight"])
+    assert torch.equal(R.load_run(run).model.state_dict()["net.heads.label.weight"], best["net.heads.label.weight"])
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.copy(resumed / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")

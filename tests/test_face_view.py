@@ -76,7 +76,7 @@ def test_resize_stage_without_a_box_uses_the_whole_image(data_root):
 
 
 def test_face_margin_out_of_range_is_a_recipe_error(tmp_path):
-    from framework.api import load_recipe
+    from framework.recipe.loaded import load_recipe
     from framework.errors import RecipeError
 
     path = tiny_recipe(tmp_path, transforms={"image_size": 32, "resize": {"face_margin": -0.1}})
@@ -89,7 +89,7 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
     """Train on kaggle face crops with boxes; `predict --csv` and `evaluate --csv` with the box columns must see the
     face regions (the same probabilities as predicting with the boxes directly), not the whole crops."""
     from framework import api
-    from framework import predict as P
+    from framework.inference import predict as P, run as R
 
     rows = [r for s in ("wear", "incorrect", "not_wear") for r in _kaggle_rows(data_root, 10, s)]
     manifest = tmp_path / "faces.csv"
@@ -106,16 +106,17 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
                                      "train": [{"name": "HorizontalFlip"}]},
                          train={"epochs": 1, "batch_size": 8, "num_workers": 0})
     run = api.run(recipe, name="face")
-    loaded = P.load_run(run)
-    boxes = P.face_boxes(loaded, manifest)
+    loaded = R.load_run(run)
+    boxes = R.face_boxes(loaded, manifest)
     assert boxes is not None and all(b is not None for b in boxes)
-    paths = P.list_images(csv_file=manifest)
-    with_boxes, ok, _ = P.predict_tasks(loaded, paths, boxes=boxes)
-    whole, _, _ = P.predict_tasks(loaded, paths, boxes=[(0, 0, 1e6, 1e6)] * len(paths))  # clipped: whole image
+    paths = R.list_images(csv_file=manifest).paths
+    pred = P.predict_tasks(loaded, paths, boxes=boxes)
+    with_boxes, ok = pred.probs, pred.ok
+    whole = P.predict_tasks(loaded, paths, boxes=[(0, 0, 1e6, 1e6)] * len(paths)).probs  # clipped: whole image
     assert len(ok) == len(paths)
     assert not np.allclose(with_boxes["label"], whole["label"])  # the box changes what the model sees
 
-    result = api.predict(run, csv_file=manifest, out=tmp_path / "pred.csv", proba=True, progress=False)
+    result = api.predict(run, manifest, out=tmp_path / "pred.csv", proba=True)
     assert result["predicted"] == len(paths)
     with open(tmp_path / "pred.csv", newline="", encoding="utf-8") as f:
         written = list(csv.DictReader(f))
@@ -124,19 +125,19 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
 
     truth = {"wear": 0, "incorrect": 1, "not_wear": 2}
     expected = np.mean(with_boxes["label"].argmax(1) == np.array([truth[r["mask_state"]] for r in rows]))
-    metrics = api.evaluate(run, csv_file=manifest, out=tmp_path / "eval", progress=False)["metrics"]
+    metrics = api.evaluate(run, manifest, out=tmp_path / "eval")["metrics"]
     assert metrics["accuracy"] == pytest.approx(expected)
 
     # prior-shift calibration is fitted on the outputs it calibrates: validation faces cropped by the data's boxes,
     # with the TTA asked for (each its own cached fit)
-    from framework.priors import calibration, fit_bcts
+    from framework.inference.priors import calibration, fit_bcts
 
     with open(run / "split.csv", newline="", encoding="utf-8") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
     val_boxes = [boxes[paths.index(r["path"])] for r in val]
     y = np.array([truth[r["label"]] for r in val])
     for tta in ("none", "hflip"):
-        probs, _, _ = P.predict_proba(loaded, [r["path"] for r in val], tta, boxes=val_boxes)
+        probs = P.predict_proba(loaded, [r["path"] for r in val], tta, boxes=val_boxes).probs
         t, b = fit_bcts(probs["label"], y)
         fitted = calibration(loaded, tta)["label"]
         assert fitted["temperature"] == pytest.approx(t) and fitted["bias"] == pytest.approx(b)
@@ -145,7 +146,7 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
     # Grad-CAM shows what the model saw: the face region (boxes looked up in the run's own data), not the crop
     from PIL import Image
 
-    from framework.explain import explain
+    from framework.review.explain import explain
 
     items = explain(run, [paths[0], paths[-1]], tmp_path / "cam")["items"]
     for it, k in zip(items, (0, len(paths) - 1)):

@@ -7,9 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from framework import api
+from framework.inference.ensemble import Voting
 from framework.cli import main
-from framework.predict import composite_index, hard_vote, load_run, soft_vote, split_rows, truth_from_splits
-from framework.priors import train_counts
+from framework.data.labels import LabelSet
+from framework.inference.ensemble import hard_vote, soft_vote, truth_from_splits
+from framework.inference.run import load_run, split_rows
+from framework.inference.priors import train_counts
 from tests.conftest import DATA, read_manifest, tiny_recipe
 
 QUESTION_COLUMNS = ["path", "mask", "gender", "age", "composite", "composite_index"]
@@ -33,10 +36,32 @@ def test_hard_vote_by_hand_with_ties_broken_by_mean_probability():
     assert hard_vote([a[:1], b[:1]], [1, 2]).tolist() == [1]  # weights decide before probabilities
 
 
-def test_composite_formula():
-    classes = {"mask": ["wear", "incorrect", "not_wear"], "gender": ["male", "female"], "age": ["<30", "30-59", "60+"]}
-    picks = {"mask": np.array([0, 1, 2, 2]), "gender": np.array([0, 0, 1, 1]), "age": np.array([0, 2, 1, 2])}
-    assert composite_index(picks, ["mask", "gender", "age"], classes).tolist() == [0, 8, 16, 17]
+def test_the_18_class_label_codec_by_hand():
+    """The contest's composite: index = mask*6 + gender*3 + age, worked out by hand, both ways; marginals of the
+    composite probabilities are the sums over the other parts; the JSON form round-trips."""
+    labels = LabelSet.composite({"mask": ["wear", "incorrect", "not_wear"], "gender": ["male", "female"],
+                                 "age": ["<30", "30-59", "60+"]})
+    assert labels.formula == "mask*6 + gender*3 + age" and len(labels.classes) == 18
+    # (mask, gender, age) -> index: wear/male/<30 = 0, incorrect/male/60+ = 6+0+2 = 8,
+    # not_wear/female/30-59 = 12+3+1 = 16, not_wear/female/60+ = 17
+    codes = labels.encode([np.array([0, 1, 2, 2]), np.array([0, 0, 1, 1]), np.array([0, 2, 1, 2])])
+    assert codes.tolist() == [0, 8, 16, 17]
+    assert [labels.classes[c] for c in codes] == ["wear/male/<30", "incorrect/male/60+", "not_wear/female/30-59",
+                                                  "not_wear/female/60+"]
+    assert labels.encode([1, 1, 0]) == 9 and labels.encode([1, -1, 0]) == -1  # a missing part: no label
+    parts = labels.decode(np.array([0, 8, 16, 17, 9, -1]))
+    assert parts["mask"].tolist() == [0, 1, 2, 2, 1, -1]
+    assert parts["gender"].tolist() == [0, 0, 1, 1, 1, -1]
+    assert parts["age"].tolist() == [0, 2, 1, 2, 0, -1]
+    every = np.arange(18)
+    assert labels.encode(list(labels.decode(every).values())).tolist() == every.tolist()
+    probs = np.zeros((1, 18))
+    probs[0, [9, 10, 0]] = [0.5, 0.3, 0.2]  # incorrect/female/<30, incorrect/female/30-59, wear/male/<30
+    m = labels.marginals(probs)
+    assert m["mask"].tolist() == [[0.2, 0.8, 0.0]]
+    assert m["gender"].tolist() == [[0.2, 0.8]]
+    assert np.allclose(m["age"], [[0.7, 0.3, 0.0]])
+    assert LabelSet.from_json(labels.to_json()) == labels
 
 
 def _mixed_manifest(path, per_class=8):
@@ -135,7 +160,7 @@ def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_pa
     headers = []
     for run_dir in (one_run, two_run):
         out = tmp_path / f"{run_dir.name}.csv"
-        api.predict(run_dir, csv_file=tmp_path / "utk.csv", out=out, progress=False)
+        api.predict(run_dir, tmp_path / "utk.csv", out=out)
         rows = list(csv.DictReader(open(out, encoding="utf-8")))
         headers.append(list(rows[0]))
         for r in rows:
@@ -185,7 +210,7 @@ def test_per_task_runs_combine_into_the_composite_answer(tmp_path):
     assert list(rows[0]) == QUESTION_COLUMNS and len(rows) == 72  # 24 mask + 48 UTKFace images
     # each question's answer is its own member's prediction
     for run_dir, q in zip(runs, TASKS):
-        api.predict(run_dir, csv_file=tmp_path / "mixed.csv", out=tmp_path / f"{q}.csv", progress=False)
+        api.predict(run_dir, tmp_path / "mixed.csv", out=tmp_path / f"{q}.csv")
         alone = list(csv.DictReader(open(tmp_path / f"{q}.csv", encoding="utf-8")))
         assert [r[q] for r in alone] == [r[q] for r in rows]
     # each member dropped the rows without its label, so their validation sets differ: no shared score
@@ -196,8 +221,8 @@ def test_seeds_ensemble_by_hard_and_soft_voting_with_validation_weights(tmp_path
     path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
     runs = [api.run(path, [f"train.seed={s}"], name=f"seed{s}", log=lambda *_: None) for s in (1, 2, 3)]
     for method in ("hard", "soft"):
-        result = api.ensemble(runs, method=method, weights="val:macro_f1", csv_file=tmp_path / "tiny.csv",
-                              out=tmp_path / f"{method}.csv", progress=False)
+        result = api.ensemble(runs, tmp_path / "tiny.csv", out=tmp_path / f"{method}.csv",
+                              voting=Voting(method, "val:macro_f1"))
         scores = [json.loads((r / "summary.json").read_text())["best_value"] for r in runs]
         assert result["weights"] == pytest.approx(scores)
         table = result["validation"]
@@ -227,20 +252,20 @@ def test_evaluate_leaves_out_labels_the_run_does_not_have(tmp_path):
 def test_eval_tta_validates_on_the_mirror_average_and_is_the_runs_default_for_predict(tmp_path):
     """With eval.tta: hflip the run's validation figures (and so its `best`) are those of the mirror-averaged
     outputs, and predict / evaluate use them unless told `--tta none`."""
-    from framework import predict as P
-    from framework.compare import kept_record
+    from framework.inference import predict as P, run as R
+    from framework.review.compare import kept_record
     from framework.engine.metrics import confusion
 
     path = tiny_recipe(tmp_path, eval={"tta": "hflip"}, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
     run = api.run(path, name="tta", log=lambda *_: None)
     with open(run / "split.csv", encoding="utf-8") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    loaded = P.load_run(run)
-    classes = loaded.tasks["label"]["classes"]
+    loaded = R.load_run(run)
+    classes = loaded.labels["label"].classes
     paths, truth = [r["path"] for r in val], np.array([classes.index(r["label"]) for r in val])
-    default, _, _ = P.predict_tasks(loaded, paths)
-    hflip, _, _ = P.predict_tasks(loaded, paths, "hflip")
-    plain, _, _ = P.predict_tasks(loaded, paths, "none")
+    default = P.predict_tasks(loaded, paths).probs
+    hflip = P.predict_tasks(loaded, paths, "hflip").probs
+    plain = P.predict_tasks(loaded, paths, "none").probs
     assert np.array_equal(default["label"], hflip["label"])
     assert np.abs(default["label"] - plain["label"]).max() > 1e-4  # the mirror image changes the outputs
     recorded = kept_record(run, 1)["val"]["confusion"]

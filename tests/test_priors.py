@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from framework import api
+from framework.inference.ensemble import Voting
 from framework.cli import main
-from framework.priors import adjust, calibrate, em_priors, fit_bcts
+from framework.inference.priors import adjust, calibrate, em_priors, fit_bcts
 from tests.conftest import REPO
 
 
@@ -83,8 +84,7 @@ def test_predict_stores_class_shares_and_shifts_priors(shifted_run):
         assert sum(column.values()) == pytest.approx(1.0, abs=1e-6)
     # known priors from a file instead of EM
     (shifted_run / "priors.json").write_text(json.dumps({"label": {"wear": 1, "incorrect": 1, "not_wear": 8}}))
-    out = api.predict(run_dir, csv_file=data, out=shifted_run / "k.csv", prior_shift=str(shifted_run / "priors.json"),
-                      progress=False)
+    out = api.predict(run_dir, data, out=shifted_run / "k.csv", prior_shift=str(shifted_run / "priors.json"))
     assert out["shares"]["label"]["estimated priors"] == pytest.approx({"wear": 0.1, "incorrect": 0.1, "not_wear": 0.8})
     (shifted_run / "bad.json").write_text(json.dumps({"label": {"wear": 1}}))
     bad = CliRunner().invoke(main, ["predict", str(run_dir), "--csv", str(data), "--out", str(shifted_run / "b.csv"),
@@ -94,8 +94,7 @@ def test_predict_stores_class_shares_and_shifts_priors(shifted_run):
 
 def test_ensemble_with_prior_shift(shifted_run):
     run_dir, data = shifted_run / "runs" / "prior-shift", shifted_run / "shifted.csv"
-    result = api.ensemble([run_dir, run_dir], csv_file=data, out=shifted_run / "e.csv", prior_shift="em",
-                          progress=False)
-    single = api.predict(run_dir, csv_file=data, out=shifted_run / "s.csv", prior_shift="em", progress=False)
+    result = api.ensemble([run_dir, run_dir], data, out=shifted_run / "e.csv", voting=Voting(prior_shift="em"))
+    single = api.predict(run_dir, data, out=shifted_run / "s.csv", prior_shift="em")
     assert result["estimated_priors"]["label"] == pytest.approx(
         list(single["shares"]["label"]["estimated priors"].values()), abs=1e-6)

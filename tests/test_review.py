@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from framework import api
 from framework.cli import main
-from framework.compare import changed, flatten, sheet
+from framework.review.compare import changed, flatten, sheet
 from framework.sweep import expand, split_values
 from tests.conftest import DATA, read_manifest, tiny_recipe
 
@@ -53,15 +54,38 @@ def test_explain_needs_a_known_task_class_and_layer(tmp_path):
     assert result.exit_code == 0 and list((tmp_path / "t").glob("*_label_incorrect.png"))
 
 
-def test_cams_of_misclassified_validation_images_go_to_tensorboard(tmp_path):
+def _metric_lines(run_dir):
+    """metrics.jsonl without the timings (which differ between any two runs)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record["train"].pop("images_per_sec"), record["train"].pop("seconds")
+        out.append(record)
+    return out
+
+
+def test_cams_go_to_tensorboard_and_change_nothing_in_training_or_resume(tmp_path):
+    """Grad-CAM logging is a hook wired from outside: with cam_every: 1 the run's metrics are exactly those of the
+    same run without it, and a run resumed after epoch 2 matches the straight one and follows the same images."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = api.run(tiny_recipe(tmp_path, train={**FAST, "epochs": 2},
-                                  logging={"cam_every": 1, "cam_images": 3, "progress": False}),
-                      name="cams", log=lambda *_: None)
+    train = {**FAST, "epochs": 3}
+    cams = {"cam_every": 1, "cam_images": 3, "progress": False}
+    (tmp_path / "plain").mkdir()
+    plain = api.run(tiny_recipe(tmp_path / "plain", train=train), name="plain", log=lambda *_: None)
+    path = tiny_recipe(tmp_path, train=train, logging=cams, checkpoint={"every": 1, "keep_last": 5})
+    run_dir = api.run(path, name="cams", log=lambda *_: None)
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("val/gradcam")] == [1, 2]
+    assert [e.step for e in acc.Images("val/gradcam")] == [1, 2, 3]
+    assert _metric_lines(run_dir) == _metric_lines(plain)  # bit-identical, every epoch
+    chosen = json.loads((run_dir / "cam_images.json").read_text())
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.copy(resumed / "checkpoints" / "epoch_0002.pt", resumed / "checkpoints" / "last.pt")
+    api.run(resume=resumed, log=lambda *_: None)
+    assert _metric_lines(resumed) == _metric_lines(run_dir)
+    assert json.loads((resumed / "cam_images.json").read_text()) == chosen
 
 
 def test_inspect_finds_planted_leakage_and_the_odd_quirks_files(tmp_path):
@@ -137,7 +161,7 @@ def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path
 
 
 def test_a_class_never_found_is_named_at_the_end_of_a_run(tmp_path):
-    from framework.compare import kept_classes
+    from framework.review.compare import kept_classes
 
     def val(found_incorrect):
         per = {"wear": {"f1": 0.97, "recall": 1.0, "support": 90},
@@ -209,7 +233,8 @@ def test_sweep_goes_on_after_a_failed_member(tmp_path, monkeypatch):
         return real(recipe, overrides, name=name, log=log)
 
     monkeypatch.setattr(api, "run", flaky)
-    results = sweep.run_sweep(sweep.expand([path], ["transforms.image_size=32,40,48"]), log=lambda *_: None)
+    plan = sweep.expand([path], ["transforms.image_size=32,40,48"])
+    results = sweep.run_sweep(plan, api.run_or_continue, log=lambda *_: None)
     assert [r["status"] for r in results] == ["finished", "failed", "finished"]
     assert "simulated out of memory" in results[1]["error"]
 
@@ -227,7 +252,7 @@ def test_a_stopped_sweep_stops_and_names_the_members_not_started(tmp_path, monke
     monkeypatch.setattr(api, "run", stopped)
     plan = sweep.expand([tiny_recipe(tmp_path, train=FAST)], ["transforms.image_size=32,40,48"])
     with pytest.raises(Interrupted):
-        sweep.run_sweep(plan, log=lines.append)
+        sweep.run_sweep(plan, api.run_or_continue, log=lines.append)
     assert started == [plan[0]["name"]]
     assert lines[-1] == f"sweep stopped; not started: {plan[1]['name']}, {plan[2]['name']}"
 
@@ -247,7 +272,7 @@ def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interru
     monkeypatch.setattr(runner, "train_epoch", stop_40px_in_epoch_2)
     plan = sweep.expand([tiny_recipe(tmp_path, train={**FAST, "epochs": 2})], ["transforms.image_size=32,40"])
     with pytest.raises(Interrupted):
-        sweep.run_sweep(plan, log=lambda *_: None)
+        sweep.run_sweep(plan, api.run_or_continue, log=lambda *_: None)
     done, stopped = (tmp_path / "runs" / m["name"] for m in plan)
     assert json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
     kept_at = (done / "checkpoints" / "best.pt").stat().st_mtime_ns
@@ -257,13 +282,13 @@ def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interru
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["process"] == {"host": platform.node(), "pid": os.getpid()}
     (stopped / "summary.json").write_text(json.dumps({**summary, "status": "running"}))  # and this process lives
-    alive = sweep.run_sweep(plan, log=lambda *_: None)
+    alive = sweep.run_sweep(plan, api.run_or_continue, log=lambda *_: None)
     assert [r["status"] for r in alive] == ["finished", "failed"] and "still running" in alive[1]["error"]
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = {"host": platform.node(), "pid": int(ended.stdout)}
     (stopped / "summary.json").write_text(json.dumps({**summary, "status": "running", "process": gone}))
     lines = []
-    results = sweep.run_sweep(plan, log=lines.append)
+    results = sweep.run_sweep(plan, api.run_or_continue, log=lines.append)
     assert [r["status"] for r in results] == ["finished", "finished"]
     assert f"{plan[0]['name']}: finished earlier with the same recipe; kept ({done})" in lines
     assert f"{plan[1]['name']}: interrupted earlier; continuing from its last saved epoch" in lines
@@ -272,11 +297,11 @@ def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interru
     assert summary["status"] == "finished" and summary["resumed_at_epoch"] == 1
 
     # another recipe under the same names, or a member that failed: named, with the fix, and left as it is
-    other = sweep.run_sweep(plan, base_overrides=["train.optimizer.lr=0.01"], log=lambda *_: None)
+    other = sweep.run_sweep(plan, api.run_or_continue, base_overrides=["train.optimizer.lr=0.01"], log=lambda *_: None)
     assert all(r["status"] == "failed" and "trained with another recipe" in r["error"] for r in other)
     summary.update(status="failed", error="simulated out of memory")
     (stopped / "summary.json").write_text(json.dumps(summary))
-    again = sweep.run_sweep(plan, log=lambda *_: None)
+    again = sweep.run_sweep(plan, api.run_or_continue, log=lambda *_: None)
     assert again[0]["status"] == "finished" and again[1]["status"] == "failed"
     assert "it failed earlier (simulated out of memory)" in again[1]["error"] and f"remove {stopped}" in again[1]["error"]
 

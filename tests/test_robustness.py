@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from framework import api
 from framework.cli import main
-from framework.engine import runner
+from framework.engine import signals
 from framework.errors import Interrupted
 from tests.conftest import REPO, tiny_recipe
 
@@ -30,8 +30,8 @@ def _metrics(run_dir):
 
 
 def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_path):
-    from framework import predict as P
-    from framework.engine.runner import summarize
+    from framework.inference import predict as P, run as R
+    from framework.engine.metrics import summarize
 
     path = tiny_recipe(tmp_path, validation={"type": "holdout", "ratio": 1 / 3},
                        train={"epochs": 2, "batch_size": 4, "num_workers": 0})
@@ -53,11 +53,12 @@ def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_p
         a, b = seen[(epoch, 0)], seen[(epoch, 1)]
         assert not set(a) & set(b) and sorted(a + b) == list(range(24))  # 24 training images, split in two
     # validation metrics gathered from 2 processes == one process evaluating the same checkpoint
-    run = P.load_run(run_dir, checkpoint="last")
+    run = R.load_run(run_dir, checkpoint="last")
     with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
         val = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    probs, ok, _ = P.predict_tasks(run, [r["path"] for r in val])
-    classes = run.tasks["label"]["classes"]
+    pred = P.predict_tasks(run, [r["path"] for r in val])
+    probs, ok = pred.probs, pred.ok
+    classes = run.labels["label"].classes
     y_true = np.array([[classes.index(r["label"])] for r in val])
     single = summarize(y_true, probs["label"].argmax(1)[:, None], {"label": type("L", (), {"classes": classes})})
     logged = _metrics(run_dir)[-1]["val"]
@@ -69,7 +70,7 @@ def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, m
     path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 4, "num_workers": 0})
     straight = api.run(path, name="straight", log=lambda *_: None)
     calls = {"n": 0}
-    real = runner.StopSignal.should_stop
+    real = signals.StopSignal.should_stop
 
     def signal_in_epoch_2(self, acc):  # epoch 1 has 7 batches (27 images / 4): step 10 is epoch 2, batch 3
         calls["n"] += 1
@@ -77,7 +78,7 @@ def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, m
             self.received = "SIGINT"
         return real(self, acc)
 
-    monkeypatch.setattr(runner.StopSignal, "should_stop", signal_in_epoch_2)
+    monkeypatch.setattr(signals.StopSignal, "should_stop", signal_in_epoch_2)
     with pytest.raises(Interrupted) as e:
         api.run(path, name="cut", log=lambda *_: None)
     assert "stopped by SIGINT in epoch 2 after 3 batches" in str(e.value) and "--resume" in str(e.value)
@@ -85,7 +86,7 @@ def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, m
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["partial"]["batches"] == 3
-    monkeypatch.setattr(runner.StopSignal, "should_stop", real)
+    monkeypatch.setattr(signals.StopSignal, "should_stop", real)
     api.run(resume=run_dir, log=lambda *_: None)
     a, b = _metrics(straight)[-1], _metrics(run_dir)[-1]
     assert b["epoch"] == 2 and len(_metrics(run_dir)) == 2
@@ -133,7 +134,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_with_a_loadable_best(tmp_path):
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from framework.engine import checkpoint as ckpt
+    from framework import io as ckpt  # where every atomic write goes through
 
     path = tiny_recipe(tmp_path, train={"epochs": 3, "batch_size": 8, "num_workers": 0})
     real = ckpt.os.fsync
@@ -155,7 +156,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
 
 
 def test_broken_metrics_line_from_a_crash_is_dropped_on_resume(tmp_path):
-    from framework.engine.runner import _trim_metrics
+    from framework.engine.logging import trim_metrics as _trim_metrics
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')

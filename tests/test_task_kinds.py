@@ -8,24 +8,25 @@ import torch
 from click.testing import CliRunner
 
 from framework import api
+from framework.inference.ensemble import Voting
 from framework.cli import main
-from framework.compare import sheet
-from framework.tasks import Head, best_threshold
+from framework.review.compare import sheet
+from framework.tasks import best_threshold, head_class
 from tests.conftest import DATA, read_manifest, tiny_recipe
 
 FAST = {"epochs": 2, "batch_size": 16, "num_workers": 0, "optimizer": {"name": "adamw", "lr": 0.003}}
 
 
 def test_heads_by_hand():
-    reg = Head("age", "regression", ["<30", "30-59", "60+"], [30, 60])
+    reg = head_class("regression")("age", ["<30", "30-59", "60+"], [30, 60])
     assert reg.bands(torch.tensor([12.0, 30.0, 59.9, 60.0, float("nan")])).tolist() == [0, 1, 1, 2, -1]
     assert reg.predict(torch.tensor([[29.0], [61.0]])).tolist() == [0, 2]
-    ordinal = Head("age", "ordinal", ["<30", "30-59", "60+"])
+    ordinal = head_class("ordinal")("age", ["<30", "30-59", "60+"])
     p = ordinal.probs(torch.tensor([[5.0, -5.0], [5.0, 5.0], [-5.0, -5.0]]))  # logits of "above band 0/1"
     assert p.argmax(1).tolist() == [1, 2, 0] and p.sum(1) == pytest.approx(torch.ones(3), abs=1e-6)
     target = torch.tensor([2.0, 0.0])
     assert ordinal.loss(torch.tensor([[9.0, 9.0], [-9.0, -9.0]]), target, None) < 0.01  # right answers, low loss
-    anomaly = Head("age", "anomaly", ["not 60+", "60+"], threshold=0.2)
+    anomaly = head_class("anomaly")("age", ["not 60+", "60+"], threshold=0.2)
     assert anomaly.predict(torch.tensor([[-1.0], [-2.0]])).tolist() == [1, 0]  # sigmoid 0.27 > 0.2 > 0.12
     t, f1 = best_threshold([0.9, 0.8, 0.3, 0.2, 0.1], [1, 1, 0, 1, 0])
     assert 0.1 < t < 0.2 and f1 == pytest.approx(2 * 3 / (4 + 3))
@@ -104,18 +105,18 @@ def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
     assert 0 <= val["per_class"]["60+"]["f1"] <= 1
     state = torch.load(runs["anomaly"] / "checkpoints" / "best.pt", weights_only=True)
     assert 0 < state["thresholds"]["age"] < 1
-    out = api.predict(runs["anomaly"], csv_file=tmp / "utk.csv", out=tmp / "anom.csv", progress=False)
+    out = api.predict(runs["anomaly"], tmp / "utk.csv", out=tmp / "anom.csv")
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert {r["age"] for r in rows} <= {"not 60+", "60+"}
 
 
 def test_regression_predictions_and_ensembles_use_bands(age_runs):
     tmp, runs = age_runs
-    out = api.predict(runs["regression"], csv_file=tmp / "utk.csv", out=tmp / "reg.csv", progress=False)
+    out = api.predict(runs["regression"], tmp / "utk.csv", out=tmp / "reg.csv")
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert {r["age"] for r in rows} <= {"<30", "30-59", "60+"}
-    result = api.ensemble([runs["classification"], runs["regression"], runs["ordinal"]], method="hard",
-                          csv_file=tmp / "utk.csv", out=tmp / "ens.csv", progress=False)
+    result = api.ensemble([runs["classification"], runs["regression"], runs["ordinal"]], tmp / "utk.csv",
+                          out=tmp / "ens.csv", voting=Voting("hard"))
     assert set(result["validation"]) == {"classification", "regression", "ordinal", "ensemble"}
     assert np.isfinite(result["validation"]["ensemble"]["age"])
 
@@ -129,7 +130,7 @@ def test_a_regression_head_among_classification_heads(tmp_path):
     run_dir = api.run(_mixed_recipe(tmp_path, tasks), name="mixed-kinds", log=lambda *_: None)
     val = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val"]
     assert set(val["tasks"]) == {"mask", "gender", "age"} and val["tasks"]["age"]["mae"] > 0
-    out = api.predict(run_dir, csv_file=tmp_path / "mixed.csv", out=tmp_path / "p.csv", progress=False)
+    out = api.predict(run_dir, tmp_path / "mixed.csv", out=tmp_path / "p.csv")
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert list(rows[0])[:6] == ["path", "mask", "gender", "age", "composite", "composite_index"]
 
@@ -137,12 +138,11 @@ def test_a_regression_head_among_classification_heads(tmp_path):
 def test_regression_members_average_their_numbers(age_runs):
     tmp, runs = age_runs
     other = api.run(tmp / "regression.yaml", ["train.seed=5"], name="regression-seed5", log=lambda *_: None)
-    outs = [api.predict(r, csv_file=tmp / "utk.csv", out=tmp / f"{r.name}.csv", progress=False)
+    outs = [api.predict(r, tmp / "utk.csv", out=tmp / f"{r.name}.csv")
             for r in (runs["regression"], other)]
     numbers = [np.array([float(r["age_value"]) for r in csv.DictReader(open(o["out"], encoding="utf-8"))])
                for o in outs]
-    api.ensemble([runs["regression"], other], method="hard", csv_file=tmp / "utk.csv", out=tmp / "mean.csv",
-                 progress=False)
+    api.ensemble([runs["regression"], other], tmp / "utk.csv", out=tmp / "mean.csv", voting=Voting("hard"))
     bands = [r["age"] for r in csv.DictReader(open(tmp / "mean.csv", encoding="utf-8"))]
     mean = (numbers[0] + numbers[1]) / 2
     expected = ["<30" if m < 30 else "30-59" if m < 60 else "60+" for m in mean]

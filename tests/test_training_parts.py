@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from framework.engine.metrics import confusion, scores
-from framework.engine.runner import EpochSampler, _prune, lr_lambda
+from framework.data.loaders import EpochSampler
+from framework.engine.checkpoint import prune as _prune
+from framework.optim import lr_lambda
 from framework.losses import FocalLoss, SoftF1Loss, class_weights
 from framework.recipe.schema import Cosine, LossSpec, StepLR
 
@@ -83,7 +85,7 @@ def test_loss_spec_names_come_from_the_registry():
 
 
 def test_ema_update_averages_floats_copies_counts_and_warms_up():
-    from framework.engine.runner import _ema_copy, ema_update
+    from framework.optim import ema_copy as _ema_copy, ema_update
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = _ema_copy(model)

@@ -176,10 +176,11 @@ class CachedImages:
         return CachedImages(self.cache, [self.keys[i] for i in idx])
 
 
-def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, desc: str = "decode+resize",
-            detect: bool = False, cache: DiskCache | None = None):
+def prepare(rows: list[dict], resize, threads: int = 4, progress: str | None = None, detect: bool = False,
+            cache: DiskCache | None = None):
     """Decode and resize every row once (and, with `detect`, find a face box where the data has none), keeping the
-    result in memory, or in `cache` on disk (hits are not decoded at all).
+    result in memory, or in `cache` on disk (hits are not decoded at all). `progress`: the description of a
+    progress bar, shown in a terminal only (None: no bar).
     Returns (images, boxes, failures) where failures is [(index, reason)]."""
     images: list = [None] * len(rows)
     boxes: list = [None] * len(rows)
@@ -211,7 +212,7 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: bool = False, 
     it = range(len(rows))
     if progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=desc, unit="img", leave=False)
+        it = tqdm(it, desc=progress, unit="img", leave=False)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(work, it))
     if cache is not None:
@@ -228,10 +229,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageDataset:
     """Samples for the loader: (uint8 tensor C x H x W, label). Cached images, or decode on every access."""
 
-    def __init__(self, rows, labels, resize, augment=None, images=None, boxes=None, seed: int = 0):
+    def __init__(self, rows, labels, resize, augment=None, cached: tuple | None = None, seed: int = 0):
+        """`cached`: (images, boxes) from `prepare`, else each image is decoded and resized on every access."""
         self.rows, self.labels = rows, list(labels)
         self.resize, self.augment = resize, augment
-        self.images, self.boxes = images, boxes
+        self.images, self.boxes = cached if cached is not None else (None, None)
         self.seed = seed
 
     def __len__(self) -> int:

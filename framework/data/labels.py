@@ -9,22 +9,72 @@ from framework.errors import DataError, FieldError, did_you_mean
 
 @dataclass(frozen=True)
 class LabelSet:
-    """Class names of the target and, for a composite target, the parts it is made of."""
+    """The classes of one task and, for a composite label, the parts it is made of: the one codec of composite
+    indices (mixed radix in part order, e.g. index = mask*6 + gender*3 + age for 3 x 2 x 3 classes)."""
 
     classes: list[str]
     parts: dict[str, list[str]] | None = None  # composite: part name -> its classes, in index order
+
+    @classmethod
+    def composite(cls, parts: dict[str, list[str]]) -> "LabelSet":
+        """The label set whose classes are every combination of the parts' classes ('wear/male/<30', ...)."""
+        names = [""]
+        for classes in parts.values():
+            names = [f"{a}/{b}" if a else b for a in names for b in classes]
+        return cls(names, {p: list(c) for p, c in parts.items()})
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in (self.parts or {"": self.classes}).values()]
+
+    def encode(self, part_codes: list):
+        """Composite index from each part's class index, in part order (ints, or equal-length numpy arrays);
+        -1 (no label) in any part gives -1."""
+        import numpy as np
+
+        arrays = [np.asarray(c, dtype=np.int64) for c in part_codes]
+        code = np.zeros_like(arrays[0])
+        for a, n in zip(arrays, self.sizes):
+            code = code * n + a
+        missing = np.any([a < 0 for a in arrays], axis=0)
+        code = np.where(missing, -1, code)
+        return int(code) if code.ndim == 0 else code
+
+    def decode(self, codes) -> dict:
+        """Each part's class index from composite indices (-1 stays -1 in every part)."""
+        import numpy as np
+
+        codes = np.asarray(codes, dtype=np.int64)
+        out, rest = {}, codes.copy()
+        for name, n in reversed(list(zip(self.parts, self.sizes))):
+            out[name] = np.where(codes >= 0, rest % n, -1)
+            rest = rest // n
+        return {name: out[name] for name in self.parts}
+
+    def marginals(self, probs) -> dict:
+        """Each part's probabilities (N, n_part) from the composite's (N, C): summed over the other parts."""
+        joint = probs.reshape(len(probs), *self.sizes)
+        axes = range(1, len(self.sizes) + 1)
+        return {name: joint.sum(axis=tuple(a for a in axes if a != k + 1)) for k, name in enumerate(self.parts)}
 
     @property
     def formula(self) -> str:
         """How a composite index is computed, written out (e.g. `mask*6 + gender*3 + age`)."""
         if not self.parts:
             return "index of the class in `classes`"
-        sizes = [len(c) for c in self.parts.values()]
+        sizes = self.sizes
         terms = []
         for i, name in enumerate(self.parts):
             stride = math.prod(sizes[i + 1:])
             terms.append(f"{name}*{stride}" if stride > 1 else name)
         return " + ".join(terms)
+
+    def to_json(self) -> dict:
+        return {"classes": self.classes, "parts": self.parts, "formula": self.formula}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LabelSet":
+        return cls(list(data["classes"]), data.get("parts"))
 
 
 def bin_names(bins: list[float]) -> list[str]:
@@ -99,22 +149,10 @@ def encode(rows: list[dict], target, where: tuple, lenient: bool = False) -> tup
                              f"classes {declared}.", "add them to `classes`, or rename them with `map`.", DataError)
         part_classes[name] = declared
     index = {n: {c: k for k, c in enumerate(cl)} for n, cl in part_classes.items()}
-    sizes = [len(part_classes[n]) for n in parts]
-    codes: list[int | None] = []
-    for i in range(len(rows)):
-        if not present[i]:
-            codes.append(None)
-            continue
-        code = 0
-        for n, size in zip(parts, sizes):
-            code = code * size + index[n][part_values[n][i]]
-        codes.append(code)
-    if target.composite:
-        names = [""]
-        for n in parts:
-            names = [f"{a}/{b}" if a else b for a in names for b in part_classes[n]]
-        return codes, LabelSet(names, dict(part_classes))
-    return codes, LabelSet(part_classes[""])
+    labels = LabelSet.composite(part_classes) if target.composite else LabelSet(part_classes[""])
+    part_codes = [[index[n].get(v, -1) if v is not None else -1 for v in part_values[n]] for n in parts]
+    codes = labels.encode(part_codes) if rows else []
+    return [int(c) if c >= 0 else None for c in codes], labels
 
 
 def task_path(recipe_has_tasks: bool, name: str) -> tuple:
@@ -128,8 +166,6 @@ def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bo
     codes, labels = {}, {}
     for name, spec in tasks.items():
         codes[name], labels[name] = encode(rows, spec, task_path(named, name), lenient=named)
-        if getattr(spec, "kind", "classification") == "anomaly":
-            codes[name], labels[name] = _anomaly(codes[name], labels[name], spec, task_path(named, name))
     keep = [i for i in range(len(rows)) if any(codes[t][i] is not None for t in tasks)]
     dropped = len(rows) - len(keep)
     if dropped and missing == "error":
@@ -142,15 +178,6 @@ def assign_tasks(rows: list[dict], tasks: dict, missing: str = "drop", named: bo
                          "check the label column and `map`.", DataError)
     ys = {t: [-1 if codes[t][i] is None else codes[t][i] for i in keep] for t in tasks}
     return [rows[i] for i in keep], ys, labels, dropped
-
-
-def _anomaly(codes, labels: LabelSet, spec, where: tuple):
-    """Class indices -> 1 for the anomaly class, 0 for the rest."""
-    if spec.anomaly not in labels.classes:
-        raise FieldError(where + ("anomaly",), f"{spec.anomaly!r} is not one of the classes {labels.classes}.",
-                         "name one of them, e.g. the last bin's name.", DataError)
-    k = labels.classes.index(spec.anomaly)
-    return [None if c is None else int(c == k) for c in codes], LabelSet([f"not {spec.anomaly}", spec.anomaly])
 
 
 def numbers(rows: list[dict], column: str) -> list[float]:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from framework.errors import DataError, FieldError, did_you_mean
+from framework.registry import READERS, RegistryError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MASK_CONTEST_FILES = {**{f"mask{i}": "wear" for i in range(1, 6)}, "incorrect_mask": "incorrect", "normal": "not_wear"}
@@ -22,8 +23,6 @@ def read_sources(data_cfg) -> list[dict]:
     if not root.is_dir():
         raise FieldError(("data", "root"), f"data root {str(root)!r} is not a folder.",
                          "point data.root at your data, e.g. --set data.root=/path/to/data.", DataError)
-    from framework.registry import READERS, RegistryError
-
     rows: list[dict] = []
     for i, src in enumerate(data_cfg.sources):
         where = ("data", "sources", i)
@@ -66,6 +65,7 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+@READERS.register("folder")
 def read_folder(src, root: Path, where: tuple) -> list[dict]:
     base = _resolve(root, src.path)
     if not base.is_dir():
@@ -85,6 +85,7 @@ def read_folder(src, root: Path, where: tuple) -> list[dict]:
     return rows
 
 
+@READERS.register("csv")
 def read_csv(src, root: Path, where: tuple) -> list[dict]:
     manifest = _resolve(root, src.manifest)
     if not manifest.is_file():
@@ -139,6 +140,7 @@ def row_box(rec: dict, cols) -> tuple[float, float, float, float] | None:
     return box if box[2] > box[0] and box[3] > box[1] else None
 
 
+@READERS.register("mask_contest")
 def read_mask_contest(src, root: Path, where: tuple) -> list[dict]:
     base = _resolve(root, src.path)
     if not base.is_dir():
@@ -160,6 +162,7 @@ def read_mask_contest(src, root: Path, where: tuple) -> list[dict]:
     return rows
 
 
+@READERS.register("bundled")
 def read_bundled(src, root: Path, where: tuple) -> list[dict]:
     """scikit-image's LFW subset or scikit-learn's digits, written once as PNG files (real images, shipped)."""
     cache = Path(src.cache_dir).expanduser() if src.cache_dir else Path.home() / ".cache" / "recipe" / src.dataset

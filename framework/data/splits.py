@@ -201,10 +201,10 @@ def _digest(path: str) -> str:
 
 def write_split(path: Path, plan) -> None:
     """split.csv: every image with its source, group, side and each task's label (empty where it has none)."""
+    from framework.io import write_csv
+
     tasks = list(plan.labels)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "source", "group", "split"] + tasks)
-        for i, (r, s) in enumerate(zip(plan.rows, plan.sides)):
-            w.writerow([r["path"], r["source"], r.get("group", ""), s]
-                       + [plan.labels[t].classes[plan.ys[t][i]] if plan.ys[t][i] >= 0 else "" for t in tasks])
+    write_csv(path, ["path", "source", "group", "split"] + tasks,
+              ([r["path"], r["source"], r.get("group", ""), s]
+               + [plan.labels[t].classes[plan.ys[t][i]] if plan.ys[t][i] >= 0 else "" for t in tasks]
+               for i, (r, s) in enumerate(zip(plan.rows, plan.sides))))

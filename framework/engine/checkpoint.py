@@ -1,45 +1,18 @@
-"""Atomic checkpoint and file writes: a partial write never replaces a good file."""
+"""Checkpoints: what a training state holds, saving it (atomically) by the recipe's policy, and its inverse.
+
+Policy: `last.pt` every epoch, `best.pt` when the monitored metric improves, `epoch_NNNN.pt` every N epochs (the
+newest `keep_last` kept). Restore puts a saved state back into the built objects, so the resumed run continues
+exactly where the straight one would be.
+"""
 from __future__ import annotations
 
-import errno
-import json
-import os
-import tempfile
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            from framework.errors import Issue, RunError
-            raise RunError(Issue(f"no space left on the device while writing {path}; the previous {path.name} "
-                                 "is unchanged.", fix="free some space (or move output.root), then continue "
-                                 "with `recipe run --resume RUN_DIR`.")) from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+from framework.io import atomic_write_bytes, atomic_write_text, write_json  # noqa: F401  (re-exported)
 
 
 def save(path: Path, state: dict) -> None:
@@ -49,3 +22,64 @@ def save(path: Path, state: dict) -> None:
 def load(path: Path) -> dict:
     """A training checkpoint (tensors, numbers, strings and RNG states only; no code is unpickled)."""
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def training_state(built, epoch: int, best: dict) -> dict:
+    """Everything needed to predict with the model (`model`) and to continue training exactly."""
+    acc, recipe = built.accelerator, built.recipe
+    train_model = acc.unwrap_model(built.model)
+    return {"format": 1, "epoch": epoch, "best": best,
+            "classes": {t: h.classes for t, h in built.heads.items()},
+            "thresholds": {t: h.threshold for t, h in built.heads.items() if h.chooses_threshold},
+            "image_size": list(built.image_size),
+            "backbone": recipe.model.backbone,
+            # `model` is what predictions use (the average with train.ema); `train_model` what training resumes
+            "model": (built.ema if built.ema is not None else train_model).state_dict(),
+            "train_model": train_model.state_dict() if built.ema is not None else None,
+            "optimizer": built.optimizer.state_dict(),
+            "scheduler": built.scheduler.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else None,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "numpy": np.random.get_state()[1].tolist()}}
+
+
+def restore(built, state: dict) -> tuple[int, dict, dict | None]:
+    """Put a saved state back into the built objects; returns (first epoch to train, best so far, the partial
+    epoch an interrupted run stopped in)."""
+    acc = built.accelerator
+    acc.unwrap_model(built.model).load_state_dict(state.get("train_model") or state["model"])
+    if built.ema is not None:
+        built.ema.load_state_dict(state["model"])
+    built.optimizer.load_state_dict(state["optimizer"])
+    built.scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    for task, t in state.get("thresholds", {}).items():
+        built.heads[task].threshold = t
+    return state["epoch"] + 1, state["best"], state.get("partial")
+
+
+def save_epoch(folder: Path, state: dict, epoch: int, improved: bool, policy) -> None:
+    """last.pt always; best.pt when the monitored metric improved; epoch_NNNN.pt every `policy.every` epochs."""
+    save(folder / "last.pt", state)
+    if improved:
+        save(folder / "best.pt", state)
+    if policy.every and epoch % policy.every == 0:
+        save(folder / f"epoch_{epoch:04d}.pt", state)
+        prune(folder, policy.keep_last)
+
+
+def prune(folder: Path, keep: int) -> None:
+    numbered = sorted(folder.glob("epoch_*.pt"))
+    for old in numbered[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def improved(value: float | None, best: dict, mode: str) -> bool:
+    """Whether `value` beats the best so far (mode max or min)."""
+    if value is None:
+        return False
+    return best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])
+
+
+__all__ = ["save", "load", "training_state", "restore", "save_epoch", "prune", "improved", "atomic_write_text",
+           "atomic_write_bytes", "write_json"]

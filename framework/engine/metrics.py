@@ -1,4 +1,4 @@
-"""Epoch-level classification metrics from the confusion matrix (never averages of batch averages)."""
+"""Epoch-level metrics from the confusion matrix (never averages of batch averages); no torch."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +37,59 @@ def format_report(s: dict) -> str:
     for c, m in s["per_class"].items():
         lines.append(f"{c:<{name_w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
     return "\n".join(lines)
+
+
+def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float | None = None,
+              extras: dict | None = None) -> dict:
+    """Scores of every task on the samples labelled for it; with several tasks, their mean and the composite
+    label over the samples that have every task (its index: the tasks' LabelSet codec, e.g. mask*6 + gender*3 + age).
+
+    y_true, y_pred: (N, T) class indices, -1 in y_true where a sample has no label for that task."""
+    from framework.data.labels import LabelSet
+
+    per = {}
+    for j, (task, lab) in enumerate(labels.items()):
+        has = y_true[:, j] >= 0
+        per[task] = scores(confusion(y_true[has, j], y_pred[has, j], len(lab.classes)), lab.classes)
+        per[task].update((extras or {}).get(task, {}))  # a regression task's MAE, an anomaly task's threshold
+    if len(per) == 1:
+        out = dict(next(iter(per.values())))
+    else:
+        out = {"accuracy": float(np.mean([p["accuracy"] for p in per.values()])),
+               "macro_f1": float(np.mean([p["macro_f1"] for p in per.values()])), "tasks": per}
+        full = (y_true >= 0).all(1)
+        if full.any():
+            combined = LabelSet.composite({t: lab.classes for t, lab in labels.items()})
+            codes_true = combined.encode([y_true[full, j] for j in range(len(labels))])
+            codes_pred = combined.encode([y_pred[full, j] for j in range(len(labels))])
+            out["composite"] = scores(confusion(codes_true, codes_pred, len(combined.classes)), combined.classes)
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
+def flat_metrics(record: dict) -> dict:
+    """Scalar metrics of a metrics.jsonl record by name: `val/macro_f1`, and per task `val/mask/macro_f1`,
+    `val/composite/accuracy` (the names `checkpoint.monitor`, compare and ensembles use)."""
+    out = {"lr": record["lr"]}
+    for side in ("train", "val"):
+        if side not in record:
+            continue
+        r = record[side]
+        for k in ("loss", "accuracy", "macro_f1", "images_per_sec", "mae", "threshold"):
+            if k in r:
+                out[f"{side}/{k}"] = r[k]
+        parts = dict(r.get("tasks", {}))
+        if "composite" in r:
+            parts["composite"] = r["composite"]
+        for task, sc in parts.items():
+            for k in ("accuracy", "macro_f1", "mae", "threshold"):
+                if k in sc:
+                    out[f"{side}/{task}/{k}"] = sc[k]
+    return out
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
+    """Macro-F1 over `n` classes of the samples that have a label (y_true >= 0)."""
+    has = y_true >= 0
+    return scores(confusion(y_true[has], y_pred[has], n), [str(i) for i in range(n)])["macro_f1"]

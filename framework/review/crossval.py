@@ -51,7 +51,7 @@ def pooled(runs: list[Path]) -> dict:
 
 def _fold(run: Path) -> dict:
     """One fold run: its fold index, k, its resolved recipe (flat) and the validation record of its kept epoch."""
-    from framework.compare import flatten, kept_record
+    from framework.review.compare import flatten, kept_record
 
     recipe_path, summary_path = run / "recipe.resolved.yaml", run / "summary.json"
     if not recipe_path.is_file() or not summary_path.is_file():
@@ -78,7 +78,7 @@ def _fold(run: Path) -> dict:
 
 def _check_same_recipe(folds: list[dict]) -> None:
     """Pooling folds of different recipes (another k, seed, backbone ...) would score no single recipe."""
-    from framework.compare import changed
+    from framework.review.compare import changed
 
     first = folds[0]
     for f in folds[1:]:

@@ -95,10 +95,10 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
 
     from framework.data.dataset import decode
 
-    tasks = [task] if task else list(run.tasks)
-    unknown = [t for t in tasks if t not in run.tasks]
+    tasks = [task] if task else list(run.labels)
+    unknown = [t for t in tasks if t not in run.labels]
     if unknown:
-        raise RunError(Issue(f"the run has no task {unknown[0]!r} (tasks: {', '.join(run.tasks)}).", field="--task",
+        raise RunError(Issue(f"the run has no task {unknown[0]!r} (tasks: {', '.join(run.labels)}).", field="--task",
                              fix="name one of its tasks."))
     h, w = _input_size(run)
     layer, reshape = target_layer(run.model, (h, w), layer_name)
@@ -110,7 +110,7 @@ def cams(run, paths: list[str], task: str | None = None, target: str | None = No
         views.append((original, x.permute(2, 0, 1)[None].float()))  # (1, 3, H, W), 0..255: the model normalizes
     out = []
     for t in tasks:
-        classes = run.tasks[t]["classes"]
+        classes = run.labels[t].classes
         if target is not None and target not in classes:
             raise RunError(Issue(f"{target!r} is not a class of task {t!r} ({', '.join(classes)}).",
                                  field="--target", fix="name one of its classes."))
@@ -142,9 +142,9 @@ def face_view(run, image: np.ndarray, box=None) -> np.ndarray:
 
 
 def _input_size(run) -> tuple[int, int]:
-    from framework.engine.runner import model_inputs
+    from framework.models import resolve_inputs
 
-    size, _, _ = model_inputs(run.recipe)
+    size, _, _ = resolve_inputs(run.recipe)
     return size
 
 
@@ -193,24 +193,24 @@ def contact_sheet(items: list[dict], tile: int = 160, cols: int = 4) -> np.ndarr
 
 def explain(run_path, images: list[str], out: str | Path, task=None, target=None, layer=None) -> dict:
     """Write one overlay PNG per image and task, and contact_sheet.png."""
-    from framework import predict as P
+    from framework.inference import run as R
 
-    run = P.load_run(run_path)
+    run = R.load_run(run_path)
     paths, boxes = [], []
     for item in images:
         p = Path(item)
         if p.suffix.lower() == ".csv":  # a CSV: its `path` column, and face boxes when the run crops to faces
-            listed = P.list_images(csv_file=p)
+            listed = R.list_images(csv_file=p).paths
             paths += listed
-            boxes += P.face_boxes(run, p) or [None] * len(listed)
+            boxes += R.face_boxes(run, p) or [None] * len(listed)
             continue
-        listed = P.list_images(images=p) if p.is_dir() else [str(p)]
+        listed = R.list_images(images=p).paths if p.is_dir() else [str(p)]
         paths += listed
         boxes += [None] * len(listed)
     if not paths:
         raise RunError(Issue("no images to explain.", field="IMAGES", fix="give image files, folders or CSVs."))
     if run.recipe.transforms.resize.face_margin is not None and not all(boxes):
-        known = P.data_boxes(run)
+        known = R.data_boxes(run)
         boxes = [b or known.get(str(Path(p).resolve())) for p, b in zip(paths, boxes)]
     items = cams(run, paths, task, target, layer, boxes)
     out = Path(out)
@@ -223,3 +223,65 @@ def explain(run_path, images: list[str], out: str | Path, task=None, target=None
         written.append(name)
     Image.fromarray(contact_sheet(items)).save(out / "contact_sheet.png")
     return {"out": out, "files": written, "items": items}
+
+
+class CamHook:
+    """`logging.cam_every: N`: every N validations, the Grad-CAMs of a fixed set of misclassified validation images
+    go to TensorBoard. Passed to the engine by the API (the engine never imports review code). It works on a copy
+    of the evaluated model in eval mode, with every RNG stream saved and restored, so the run trains exactly as it
+    would without it; the images it follows are kept in the run folder (cam_images.json), so a resumed run follows
+    the same ones."""
+
+    def __init__(self, every: int, images: int):
+        self.every, self.images = every, images
+        self.chosen: dict | None = None  # {"paths": [...], "boxes": [...]}
+
+    def after_validation(self, ctx) -> None:
+        recipe = ctx.built.recipe
+        done = sum(1 for e in range(1, ctx.epoch + 1) if e % recipe.eval.every == 0 or e == recipe.train.epochs)
+        if done % self.every or ctx.log.writer is None:
+            return
+        chosen = self._chosen(ctx)
+        if not chosen["paths"]:
+            return
+        items = _isolated_cams(ctx.built, chosen["paths"], chosen["boxes"])
+        for it in items:
+            it["overlay"] = overlay(it["image"], it["heat"])
+        ctx.log.image("val/gradcam", contact_sheet(items), ctx.epoch)
+
+    def _chosen(self, ctx) -> dict:
+        """The misclassified validation images of the first time (wrong on some task they have a label for)."""
+        import json
+
+        from framework.io import write_json
+
+        path = ctx.log.run_dir / "cam_images.json"
+        if self.chosen is None and path.is_file():
+            self.chosen = json.loads(path.read_text(encoding="utf-8"))
+        if self.chosen is None:
+            y, p = ctx.v_stats["y_true"], ctx.v_stats["y_pred"]
+            wrong = np.nonzero(((y != p) & (y >= 0)).any(1))[0][: self.images]
+            rows = ctx.built.val_loader.dataset.rows
+            self.chosen = {"paths": [rows[i]["path"] for i in wrong], "boxes": [rows[i].get("box") for i in wrong]}
+            write_json(path, self.chosen)
+        return self.chosen
+
+
+def _isolated_cams(built, paths: list[str], boxes: list) -> list[dict]:
+    """Grad-CAMs computed on a copy of the evaluated model, with the RNG streams restored afterwards."""
+    import copy
+    import random
+    from types import SimpleNamespace
+
+    from framework.data.labels import LabelSet
+
+    model = copy.deepcopy(built.accelerator.unwrap_model(built.eval_model)).eval()
+    run = SimpleNamespace(model=model, resize=built.loaders.resize, recipe=built.recipe,
+                          labels={t: LabelSet(h.classes) for t, h in built.heads.items()})
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return cams(run, paths, boxes=boxes)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)

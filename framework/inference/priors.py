@@ -76,7 +76,8 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
     EM needs calibrated probabilities: label smoothing, class weights and balanced sampling all move them away
     from the training priors, and EM then estimates the wrong test priors."""
-    from framework.predict import predict_proba, resolve_tta, run_boxes, split_rows
+    from framework.inference.predict import predict_proba
+    from framework.inference.run import resolve_tta, run_boxes, split_rows
 
     mode = resolve_tta(run, tta)
     path = run.run_dir / "calibration.json"
@@ -87,12 +88,12 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
             return cached["questions"]
     val = split_rows(run, "val")
     paths = [r["path"] for r in val]
-    probs, ok, _ = predict_proba(run, paths, mode or "none", progress=False, boxes=run_boxes(run, paths))
+    pred = predict_proba(run, paths, mode or "none", run_boxes(run, paths))
+    probs, ok = pred.probs, pred.ok
     classes, out = run.questions(), {}
-    kinds = {t: s.kind for t, s in run.recipe.task_specs().items()}
     for q, p in probs.items():
-        task = q if q in run.tasks else next(t for t, i in run.tasks.items() if i.get("parts") and q in i["parts"])
-        if kinds.get(task) == "regression":
+        task = q if q in run.labels else next(t for t, lab in run.labels.items() if lab.parts and q in lab.parts)
+        if run.heads[task].regression:
             continue  # a number, not class probabilities: there is nothing to re-weight
         y = np.array([classes[q].index(val[i][q]) if val[i][q] in classes[q] else -1 for i in ok])
         has = y >= 0
@@ -101,13 +102,15 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
         t, b = fit_bcts(p[has], y[has])
         prior = np.bincount(y[has], minlength=len(classes[q])) / has.sum()
         out[q] = {"temperature": t, "bias": b, "prior": prior.tolist()}
-    path.write_text(json.dumps({"checkpoint": stamp, "questions": out}, indent=2) + "\n", encoding="utf-8")
+    from framework.io import write_json
+
+    write_json(path, {"checkpoint": stamp, "questions": out})
     return out
 
 
 def train_counts(run) -> dict[str, dict[str, int]]:
     """Per question, the training split's class counts (from the run's split.csv)."""
-    from framework.predict import split_rows
+    from framework.inference.run import split_rows
 
     rows = split_rows(run, "train")
     out: dict[str, dict[str, int]] = {}
@@ -161,13 +164,12 @@ def shift(probs: dict[str, np.ndarray], how: str, classes: dict[str, list[str]],
 
 def composite_shares(run, picks: dict[str, np.ndarray], order: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Composite class names, the predicted shares, and the training split's shares (rows with every part)."""
-    from framework.predict import composite_index, split_rows
+    from framework.inference.predict import composite_of
+    from framework.inference.run import split_rows
 
-    classes = run.questions()
-    names = [""]
-    for q in order:
-        names = [f"{a}/{b}" if a else b for a in names for b in classes[q]]
-    predicted = np.bincount(composite_index(picks, order, classes), minlength=len(names)) / max(len(next(iter(picks.values()))), 1)
+    codec = composite_of(order, run.questions())
+    names = codec.classes
+    predicted = np.bincount(codec.encode([picks[q] for q in order]), minlength=len(names)) / max(len(next(iter(picks.values()))), 1)
     values = ["/".join(r[q] for q in order) for r in split_rows(run, "train") if all(r.get(q) for q in order)]
     counts = np.array([values.count(n) for n in names], dtype=float)
     return names, predicted, counts / max(counts.sum(), 1)
@@ -198,3 +200,37 @@ def distribution_table(classes: dict[str, list[str]], train: dict[str, np.ndarra
             lines.append(f"  {c:<{width - 2}}" + "".join(f"  {v[k]:>21.3f}" for v in cols.values()))
         data[q] = {name: {c: float(v[k]) for k, c in enumerate(cls)} for name, v in cols.items()}
     return "\n".join(lines), data
+
+
+def predict_images(run: str | Path, images, out: str | Path = "predictions.csv", tta: str | None = None,
+            proba: bool = False, prior_shift: str | None = None) -> dict:
+    """Predict `images` (an ImageList: framework.inference.run.list_images) with a run's own evaluation transform; unreadable images are listed, not fatal.
+
+    Also writes `<out>.distribution.json`: per question, the class shares of the training split and of the
+    predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
+    estimated (or given) test priors before classes are chosen."""
+    from framework.inference.predict import Predictions, predict_proba, write_failures, write_predictions
+    from framework.inference.run import face_boxes, load_run
+    from framework.io import write_json
+
+    loaded = load_run(run)
+    pred = predict_proba(loaded, images.paths, tta, face_boxes(loaded, images.csv_file), progress=True)
+    classes, probs = loaded.questions(), pred.probs
+    train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in train_counts(loaded).items()}
+    estimated = adjusted = None
+    if prior_shift:
+        adjusted, estimated = shift(probs, prior_shift, classes, calibration(loaded, tta))
+    final = adjusted or probs
+    order = loaded.composite_order()
+    composite = composite_shares(loaded, {q: p.argmax(1) for q, p in final.items()}, order) if order and pred.ok \
+        else None
+    table, shares = distribution_table(classes, train, probs, estimated, adjusted, composite)
+    out = Path(out)
+    write_predictions(out, Predictions(pred.paths, pred.ok, final, pred.failures, pred.values), classes, order, proba)
+    write_json(out.with_name(out.stem + ".distribution.json"), {"images": len(pred.ok), "prior_shift": prior_shift,
+                                                                 "shares": shares})
+    failed_file = out.with_name(out.stem + ".failed.csv")
+    if pred.failures:
+        write_failures(failed_file, pred.failures)
+    return {"out": out, "predicted": len(pred.ok), "failed": pred.failures,
+            "failed_file": failed_file if pred.failures else None, "distribution": table, "shares": shares}

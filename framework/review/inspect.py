@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from framework.data.dataset import ImageError, decode
+from framework.io import atomic_write_text, write_json
 
 _FORMAT_EXT = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "WEBP": {".webp"}, "BMP": {".bmp"}, "GIF": {".gif"},
                "TIFF": {".tif", ".tiff"}}
@@ -49,46 +50,28 @@ def file_facts(path: str) -> dict:
 def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None, samples: int = 6,
                    draws: int = 5, decode_all: bool = True) -> dict:
     """Everything `recipe inspect` reports, as a dict; writes report.json, report.txt and augmentations.png."""
-    from framework.api import load_recipe
-    from framework.data.labels import assign_tasks
+    from framework.build import label_rows
     from framework.data.readers import read_sources
     from framework.data.splits import audit, build_split
+    from framework.recipe.loaded import load_recipe
 
     loaded = load_recipe(path, overrides)
     recipe = loaded.recipe
     with loaded.errors_located():
         rows = read_sources(recipe.data)
-        rows, ys, labels, dropped = assign_tasks(rows, recipe.task_specs(), recipe.data.missing_label,
-                                                 recipe.tasks is not None)
+        rows, ys, labels, dropped = label_rows(rows, recipe.task_specs(), recipe.data.missing_label,
+                                               recipe.tasks is not None)
         keys = list(zip(*ys.values()))
         strata_ids = {k: n for n, k in enumerate(sorted(set(keys)))}
         sides = build_split(rows, [strata_ids[k] for k in keys], recipe.validation)
-    group_by = getattr(recipe.validation, "group_by", "group")
-    leaks, dupes = audit(rows, sides, group_by)
-    counts: dict = {}
-    for i, (r, side) in enumerate(zip(rows, sides)):
-        for task, lab in labels.items():
-            k = ys[task][i]
-            if k >= 0:
-                c = counts.setdefault(task, {}).setdefault(r["source"], {}).setdefault(side, Counter())
-                c[lab.classes[k]] += 1
+    leaks, dupes = audit(rows, sides, getattr(recipe.validation, "group_by", "group"))
     with ThreadPoolExecutor(8) as pool:
         facts = list(pool.map(file_facts, [r["path"] for r in rows]))
-    unreadable = [(f["path"], f["error"]) for f in facts if "error" in f]
-    if decode_all:
-        def try_decode(p):
-            try:
-                decode(p)
-            except ImageError as e:
-                return p, e.reason
-            return None
-        with ThreadPoolExecutor(4) as pool:
-            decoded = dict(x for x in pool.map(try_decode, [r["path"] for r in rows]) if x)
-        unreadable = sorted((dict(unreadable) | decoded).items())  # one line per file, the decoder's reason
+    unreadable = _unreadable(rows, facts, decode_all)
     sizes = np.array([(f["width"], f["height"]) for f in facts if "width" in f]) if facts else np.zeros((0, 2))
     report = {
         "recipe": str(path), "images": len(rows), "dropped_without_label": dropped,
-        "counts": {t: {s: {side: dict(c) for side, c in v.items()} for s, v in per.items()} for t, per in counts.items()},
+        "counts": _counts(rows, sides, ys, labels),
         "leakage": {"groups_on_both_sides": leaks, "identical_files_on_both_sides": [list(d) for d in dupes]},
         "unreadable": [list(u) for u in unreadable],
         "odd_files": [{"path": f["path"], "odd": f["odd"]} for f in facts if f["odd"]],
@@ -96,9 +79,8 @@ def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None
     }
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (out / "report.txt").write_text(format_report(report) + "\n", encoding="utf-8")
+        write_json(out / "report.json", report)
+        atomic_write_text(out / "report.txt", format_report(report) + "\n")
         ok = [i for i, f in enumerate(facts) if "error" not in f and f["path"] not in dict(unreadable)]
         train_ok = [i for i in ok if sides[i] == "train"] or ok
         picks = [train_ok[int(k)] for k in np.linspace(0, len(train_ok) - 1, min(samples, len(train_ok)))]
@@ -106,6 +88,35 @@ def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None
         Image.fromarray(preview).save(out / "augmentations.png")
         report["preview"] = str(out / "augmentations.png")
     return report
+
+
+def _counts(rows, sides, ys, labels) -> dict:
+    """counts[task][source][side][class]."""
+    counts: dict = {}
+    for i, (r, side) in enumerate(zip(rows, sides)):
+        for task, lab in labels.items():
+            k = ys[task][i]
+            if k >= 0:
+                c = counts.setdefault(task, {}).setdefault(r["source"], {}).setdefault(side, Counter())
+                c[lab.classes[k]] += 1
+    return {t: {s: {side: dict(c) for side, c in v.items()} for s, v in per.items()} for t, per in counts.items()}
+
+
+def _unreadable(rows, facts, decode_all: bool) -> list[tuple[str, str]]:
+    """Files that cannot be opened (and, with `decode_all`, decoded): one line per file, the decoder's reason."""
+    unreadable = [(f["path"], f["error"]) for f in facts if "error" in f]
+    if not decode_all:
+        return unreadable
+
+    def try_decode(p):
+        try:
+            decode(p)
+        except ImageError as e:
+            return p, e.reason
+        return None
+    with ThreadPoolExecutor(4) as pool:
+        decoded = dict(x for x in pool.map(try_decode, [r["path"] for r in rows]) if x)
+    return sorted((dict(unreadable) | decoded).items())
 
 
 def _label(labels, ys, i) -> str:
@@ -157,10 +168,10 @@ def augmentation_preview(recipe, rows: list[dict], names: list[str], draws: int 
 
     from framework import transforms as T
     from framework.data.dataset import resize_one
-    from framework.engine.runner import model_inputs
+    from framework.models import resolve_inputs
 
-    size, _, _ = model_inputs(recipe)
-    augs = T.build_augmentations(recipe.transforms)
+    size, _, _ = resolve_inputs(recipe)
+    augs = T.build_augmentations(recipe.transforms, size)
     boxes = T.needs_face_box(augs)
     resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=boxes or any(r.get("box") for r in rows))
     augment = T.augmentation_stage(augs, with_boxes=boxes)

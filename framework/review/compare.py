@@ -149,9 +149,9 @@ def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
 
 def _val_scores(val: dict) -> dict[str, float]:
     """`val/...` columns of one validation record: overall, per task and every class's F1."""
-    from framework.engine.runner import _flat
+    from framework.engine.metrics import flat_metrics
 
-    scores = {k: v for k, v in _flat({"lr": None, "val": val}).items()
+    scores = {k: v for k, v in flat_metrics({"lr": None, "val": val}).items()
               if k.startswith("val/") and not k.endswith("threshold")}
     for task, sc in _per_task(val).items():
         prefix = f"{task}/" if task else ""

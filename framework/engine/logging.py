@@ -1,0 +1,143 @@
+"""Where a run's progress goes: the console line, metrics.jsonl, TensorBoard and Accelerate's trackers.
+
+Only the main process writes; `RunLog` is built on every process and is silent on the others, so the loop never
+asks "am I the main process?" itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from framework.engine.metrics import flat_metrics
+from framework.io import atomic_write_text, write_csv
+
+
+class RunLog:
+    """The console (`say`), metrics.jsonl, TensorBoard and extra trackers of one run."""
+
+    def __init__(self, built, run_dir: Path, labels: dict, say=print):
+        self.built, self.run_dir, self.labels = built, run_dir, labels
+        self.main = built.accelerator.is_main_process
+        self.say = say if self.main else (lambda *_: None)
+        self.writer = None
+
+    def start(self, start_epoch: int) -> None:
+        """Open TensorBoard (purging steps a resumed run redoes), trim metrics.jsonl, start the trackers."""
+        recipe, acc = self.built.recipe, self.built.accelerator
+        if self.main:
+            if "tensorboard" in recipe.logging.trackers:
+                self.writer = _writer(self.run_dir, self.built, self.labels, start_epoch)
+            trim_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+        if acc.log_with:
+            acc.init_trackers(self.run_dir.name, config=json.loads(recipe.model_dump_json()))
+
+    def epoch(self, record: dict, best: dict) -> None:
+        """The epoch's console line, metrics.jsonl line, TensorBoard scalars and images, tracker values."""
+        if self.main:
+            self.say(console_line(record, best, self.built.recipe.checkpoint.monitor, self.built.recipe.train.epochs))
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            _log_tb(self.writer, record, self.labels)
+        if self.built.accelerator.log_with:
+            flat = flat_metrics(record)
+            self.built.accelerator.log({k: v for k, v in flat.items() if isinstance(v, (int, float))},
+                                       step=record["epoch"])
+
+    def image(self, tag: str, image: np.ndarray, epoch: int) -> None:
+        """An (H, W, 3) uint8 image into TensorBoard (hooks use this)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, epoch, dataformats="HWC")
+            self.writer.flush()
+
+    def skipped(self, skipped: list[tuple[str, str]]) -> None:
+        if self.main and skipped:
+            write_csv(self.run_dir / "skipped.csv", ["path", "reason"], skipped)
+            self.say(f"skipped {len(skipped)} unreadable image(s), listed in {self.run_dir / 'skipped.csv'}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.built.accelerator.log_with:
+            self.built.accelerator.end_training()
+
+
+def console_line(record: dict, best: dict, monitor: str, epochs: int) -> str:
+    t = record["train"]
+    text = (f"epoch {record['epoch']}/{epochs}  train loss {t['loss']:.4f} acc {t['accuracy']:.3f} "
+            f"f1 {t['macro_f1']:.3f}")
+    if "val" in record:
+        v = record["val"]
+        text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
+        if "tasks" in v:
+            text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in v["tasks"].items()) + ")"
+    if best["value"] is not None:
+        text += f" | best {monitor} {best['value']:.4f} @{best['epoch']}"
+    return text + f" | {t['images_per_sec']:.0f} img/s, {t['seconds']:.1f}s"
+
+
+def _writer(run_dir: Path, built, labels: dict, start_epoch: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch if start_epoch > 1 else None)
+    if start_epoch == 1:
+        import yaml
+        text = yaml.safe_dump(json.loads(built.recipe.model_dump_json()), sort_keys=False)
+        writer.add_text("recipe", "    " + text.replace("\n", "\n    "), 0)
+        _sample_grid(writer, built, labels)
+    return writer
+
+
+def _sample_grid(writer, built, labels: dict) -> None:
+    """What the model sees in epoch 1: a grid of augmented training images with their labels."""
+    import torch
+
+    from framework.engine.tb import sample_grid
+
+    ds = built.loaders.train_ds
+    n = min(built.recipe.logging.sample_grid, len(ds))
+    if not n:
+        return
+    picks = np.linspace(0, len(ds) - 1, n).astype(int)
+    items = [ds[(1, int(i))] for i in picks]
+    heads = list(built.heads.values())
+    names = []
+    for _, y, _ in items:
+        bands = [int(h.bands(torch.as_tensor(y, dtype=torch.float32)[None, j])[0]) for j, h in enumerate(heads)]
+        names.append("/".join(lab.classes[k] for lab, k in zip(labels.values(), bands) if k >= 0))
+    writer.add_image("train/augmented_samples", sample_grid([im for im, _, _ in items], names), 0, dataformats="HWC")
+
+
+def _log_tb(writer, record: dict, labels: dict) -> None:
+    if writer is None:
+        return
+    from framework.engine.tb import confusion_image
+
+    epoch = record["epoch"]
+    for k, v in flat_metrics(record).items():
+        writer.add_scalar(k, v, epoch)
+    val = record.get("val")
+    if val is not None:
+        if "tasks" not in val:
+            writer.add_image("val/confusion_matrix", confusion_image(val["confusion"], next(iter(labels.values())).classes),
+                             epoch, dataformats="HWC")
+        parts = list(val.get("tasks", {}).items()) + ([("composite", val["composite"])] if "composite" in val else [])
+        for task, sc in parts:
+            writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
+                             epoch, dataformats="HWC")
+    writer.flush()
+
+
+def trim_metrics(path: Path, start_epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (a crashed run may have written them)."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(ln)["epoch"] < start_epoch:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))

@@ -1,0 +1,187 @@
+"""The loop itself: train one epoch, evaluate a loader. Nothing here knows about run folders, logging or hooks."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framework.models import outputs
+from framework.optim import ema_update
+
+
+@dataclass
+class _Tally:
+    """What one training epoch has seen so far (also the partial epoch an interrupted run saves)."""
+
+    preds: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    loss_sum: float = 0.0
+    seen: int = 0
+    batches: int = 0
+
+    @classmethod
+    def resumed(cls, partial: dict | None) -> "_Tally":
+        if not partial:
+            return cls()
+        return cls([torch.as_tensor(partial["preds"])], [torch.as_tensor(partial["targets"])], partial["loss_sum"],
+                   partial["seen"], partial["batches"])
+
+    def partial(self) -> dict:
+        return {"batches": self.batches, "loss_sum": self.loss_sum, "seen": self.seen, "preds": torch.cat(self.preds),
+                "targets": torch.cat(self.targets), "torch_rng": torch.get_rng_state()}
+
+
+def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None = None) -> dict:
+    """One pass over the training data of the built run `b`; metrics over the whole epoch. With `stop`, it may end
+    early after an optimizer step (`interrupted` is then set); `partial` continues an epoch interrupted that way."""
+    acc = b.accelerator
+    b.model.train()
+    tally, loader = _Tally.resumed(partial), b.train_loader
+    if partial:
+        torch.set_rng_state(partial["torch_rng"])
+        loader = acc.skip_first_batches(loader, tally.batches)
+    start = time.perf_counter()
+    bar = _bar(loader, f"epoch {epoch}", progress and acc.is_main_process)
+    interrupted = False
+    with _shard_log(acc) as shard_log:
+        for images, labels, index in bar:  # labels: (N, T), -1 where a task has no label; index: dataset rows
+            shard_log(f"{epoch} {' '.join(map(str, index.tolist()))}\n")
+            logits, loss, labels = _step(b, images, labels, (b.loaders.sampler.seed, epoch, tally.batches))
+            p, t = acc.gather_for_metrics((_predictions(b.heads, logits).detach(), _bands(b.heads, labels)))
+            tally.preds.append(p.cpu())
+            tally.targets.append(t.cpu())
+            tally.loss_sum += float(loss.detach()) * len(labels)
+            tally.seen += len(labels)
+            tally.batches += 1
+            if hasattr(bar, "set_postfix"):
+                rate = tally.seen / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}", img_s=f"{rate * acc.num_processes:.0f}")
+            if stop is not None and acc.sync_gradients and stop.should_stop(acc):
+                interrupted = True
+                break
+    elapsed = time.perf_counter() - start
+    out = {"images_per_sec": (tally.seen - (partial or {}).get("seen", 0)) / max(elapsed, 1e-9) * acc.num_processes,
+           "seconds": elapsed, "y_true": torch.cat(tally.targets).numpy(), "y_pred": torch.cat(tally.preds).numpy()}
+    if interrupted:
+        return out | {"interrupted": True, "partial": tally.partial()}
+    mean_loss = acc.reduce(torch.tensor([tally.loss_sum, tally.seen], dtype=torch.float64, device=acc.device),
+                           reduction="sum")
+    return out | {"loss": float(mean_loss[0] / mean_loss[1])}
+
+
+def _step(b, images: torch.Tensor, labels: torch.Tensor, key: tuple):
+    """One forward / backward / optimizer step (with gradient accumulation, clipping, schedule and EMA).
+    Returns the logits, the loss and the labels the training metrics score (mixup: each blend's larger part)."""
+    acc, model, tr = b.accelerator, b.model, b.recipe.train
+    with acc.accumulate(model):
+        if tr.mixup:
+            logits, loss, labels = _mixup(b, images, labels, key + (acc.process_index,))
+        else:
+            logits = model(images)  # task -> (N, C_task)
+            loss = b.loss_fn(logits, labels)
+        acc.backward(loss)
+        if acc.sync_gradients and tr.clip_grad_norm:
+            acc.clip_grad_norm_(model.parameters(), tr.clip_grad_norm)
+        b.optimizer.step()
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            b.scheduler.step()
+            if b.ema is not None:
+                ema_update(b.ema, acc.unwrap_model(model), tr.ema, b.scheduler.last_epoch)
+        b.optimizer.zero_grad(set_to_none=True)
+    return logits, loss, labels
+
+
+def _mixup(b, images: torch.Tensor, labels: torch.Tensor, key: tuple):
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch by a Beta(a, a) weight lam, and the
+    loss blended the same way (any loss, any number of heads). Drawn from `key` (seed, epoch, batch, process), so a
+    resumed run mixes the same pairs. Returns the logits, the loss and the labels of each blend's larger part."""
+    rng = np.random.default_rng(list(key))
+    a = b.recipe.train.mixup
+    lam = float(rng.beta(a, a))
+    perm = torch.from_numpy(rng.permutation(len(labels))).to(labels.device)
+    mixed = lam * images.float() + (1 - lam) * images[perm].float()  # the model takes 0..255 floats as uint8
+    logits = b.model(mixed)
+    loss = lam * b.loss_fn(logits, labels) + (1 - lam) * b.loss_fn(logits, labels[perm])
+    return logits, loss, labels if lam >= 0.5 else labels[perm]
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tta: str | None = None) -> dict:
+    """Loss, band predictions and probabilities over the whole loader; each sample counted exactly once; and what
+    each kind keeps besides (`extra`: anomaly scores, predicted and true numbers of regression tasks).
+
+    The loss is the sum over tasks of the task's mean validation loss on the samples that have its label. With tta
+    "hflip" the outputs are the mean of the image's and its mirror image's (as `recipe predict --tta hflip`)."""
+    model.eval()
+    targets, probs, extra = [], {}, {}
+    loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
+    for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
+        out, labels = accelerator.gather_for_metrics((outputs(model, images, tta), labels))
+        targets.append(labels.cpu())
+        for j, (task, head) in enumerate(heads.items()):
+            v, col = out[task].float(), labels[:, j]
+            if head.has(col).any():
+                loss_sums[task] += head.summed_loss(v, col)
+            probs.setdefault(task, []).append(head.probs(v).cpu())
+            kept = head.extra_outputs(v, col)
+            if kept is not None:
+                extra.setdefault(task, []).append(kept.cpu())
+    raw = torch.cat(targets)
+    y_true = torch.stack([h.bands(raw[:, j]) for j, h in enumerate(heads.values())], 1).numpy()
+    prob = {t: torch.cat(p).numpy() for t, p in probs.items()}
+    counts = (y_true >= 0).sum(0)
+    loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(heads))
+    y_pred = np.stack([p.argmax(1) for p in prob.values()], axis=1)
+    return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob,
+            "extra": {t: torch.cat(v).numpy() for t, v in extra.items()}}
+
+
+def after_validation(heads: dict, v_stats: dict) -> dict[str, dict]:
+    """Each kind's own validation step (a regression task's MAE; an anomaly task's threshold, chosen on these
+    predictions, which are redone with it): per task, the metrics it adds."""
+    extras = {}
+    for j, (task, head) in enumerate(heads.items()):
+        added = head.after_validation(v_stats["extra"].get(task), v_stats["y_true"][:, j], v_stats["y_pred"][:, j])
+        if added:
+            extras[task] = added
+    return extras
+
+
+def _predictions(heads: dict, logits: dict) -> torch.Tensor:
+    return torch.stack([h.predict(logits[t]) for t, h in heads.items()], dim=1)  # (N, T) band indices
+
+
+def _bands(heads: dict, labels: torch.Tensor) -> torch.Tensor:
+    return torch.stack([h.bands(labels[:, j]) for j, h in enumerate(heads.values())], dim=1)  # (N, T), -1 = none
+
+
+def _bar(it, desc: str, show: bool):
+    if not show or not sys.stderr.isatty():  # bars only for people watching; logs get the epoch lines
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+class _shard_log:
+    """Diagnostics: with RECIPE_SHARD_LOG=DIR each process appends the training rows it saw to DIR/rank<N>.txt.
+    Used as `with _shard_log(acc) as write: write(line)`; a no-op without the variable."""
+
+    def __init__(self, acc):
+        folder = os.environ.get("RECIPE_SHARD_LOG")
+        self.file = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(folder) / f"rank{acc.process_index}.txt", "a", encoding="utf-8")
+
+    def __enter__(self):
+        return self.file.write if self.file else (lambda _line: None)
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+        return False

@@ -1,0 +1,179 @@
+"""Evaluate a trained run on labelled data it may never have seen: per-task report, confusion matrices, the class
+distribution, and how well the test set's class priors can be estimated (EM) and used."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from framework.errors import FieldError, RunError, Issue
+
+
+def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | None):
+    """Rows of a labelled set, labelled with the run's own task definitions and classes."""
+    from framework.build import label_rows
+    from framework.data.readers import read_sources
+    from framework.recipe.loaded import load_recipe
+    from framework.recipe.schema import DataSection
+
+    if recipe_data is not None:
+        other = load_recipe(recipe_data)
+        data_cfg, where = other.recipe.data, other
+    else:
+        csv_path = Path(csv_file).resolve()
+        from framework.inference.run import box_columns_in
+
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            boxes = box_columns_in(run, next(csv.reader(f), []))  # the face boxes a face-cropping run needs
+        data_cfg = DataSection(root=str(csv_path.parent), sources=[{"type": "csv", "name": "eval",
+                                                                    "manifest": csv_path.name, "box_columns": boxes}])
+        where = None
+    specs = {}
+    for task, spec in run.recipe.task_specs().items():
+        lab = run.labels[task]
+        if spec.composite:
+            parts = {p: s.model_copy(update={"classes": lab.parts[p]}) for p, s in spec.composite.items()}
+            specs[task] = spec.model_copy(update={"composite": parts})
+        else:
+            specs[task] = spec.model_copy(update={"classes": lab.classes})
+    try:
+        rows, outside = _within_classes(read_sources(data_cfg), specs)
+        return (*label_rows(rows, specs, "drop", named=run.recipe.tasks is not None), outside)
+    except FieldError as e:
+        if where is not None:
+            raise where.located(e) from None
+        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file), fix=f) for p, m, f in e.items]) from None
+
+
+def _within_classes(rows: list[dict], specs: dict) -> tuple[list[dict], dict[str, int]]:
+    """Rows whose labels are classes the run knows, and how many images of each other label were left out (a
+    two-class model scored on a three-class set is scored on the two classes it has)."""
+    from framework.data.labels import label_value
+
+    outside: dict[str, int] = {}
+    keep = []
+    plain = [s for s in specs.values() if s.composite is None and s.bins is None and s.classes]
+    for r in rows:
+        unknown = None
+        for spec in plain:
+            value = label_value(r, spec, (), lenient=True)
+            if value is not None and value not in spec.classes:
+                unknown = value
+        if unknown is None:
+            keep.append(r)
+        else:
+            outside[unknown] = outside.get(unknown, 0) + 1
+    return keep, outside
+
+
+def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: str | Path | None = None,
+             out: str | Path | None = None, tta: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Metrics of a trained run on a labelled set (data it may never have seen): per-task report, confusion
+    matrix PNGs and the predicted vs true class distribution, written to `out`."""
+    from framework.engine.metrics import summarize
+    from framework.inference.predict import predict_tasks, questions_of, write_predictions
+    from framework.inference.run import load_run
+    from framework.io import atomic_write_text, write_json
+
+    loaded = load_run(run, overrides=overrides)
+    rows, ys, labels, dropped, outside = _labelled_rows(loaded, recipe_data, csv_file)
+    paths = [r["path"] for r in rows]
+    pred = predict_tasks(loaded, paths, tta, [r.get("box") for r in rows], progress=True)
+    task_probs, ok, failures = pred.probs, pred.ok, pred.failures
+    y_true = np.array([[ys[t][i] for t in loaded.labels] for i in ok]).reshape(len(ok), len(loaded.labels))
+    y_pred = np.stack([task_probs[t].argmax(1) for t in loaded.labels], axis=1)
+    result = summarize(y_true, y_pred, labels)
+    name = Path(recipe_data or csv_file).stem
+    out = Path(out) if out else loaded.run_dir / "evaluations" / name
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {t: result["tasks"][t] for t in loaded.labels} if "tasks" in result else {next(iter(loaded.labels)): result}
+    if "composite" in result:
+        parts["composite"] = result["composite"]
+    report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
+    if outside:
+        report.append("left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items()))
+    distribution = _per_task(parts, out, report)
+    probs = questions_of(loaded, task_probs)
+    prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok), tta)
+    for q, r in prior_report.items():
+        report += [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
+                   f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
+                   f"{r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> {r['accuracy_shifted']:.4f}, "
+                   f"log-loss {r['log_loss']:.3f} -> {r['log_loss_shifted']:.3f} after re-weighting to the estimate"]
+    atomic_write_text(out / "report.txt", "\n".join(report) + "\n")
+    write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
+                                      "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
+                                      "metrics": result, "distribution": distribution, "prior_shift": prior_report})
+    pred.probs = probs
+    write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order())
+    return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def _per_task(parts: dict, out: Path, report: list[str]) -> dict:
+    """Per task (and the composite): its confusion matrix PNG in `out`, its lines in `report`, and its class
+    distribution (true -> predicted), returned."""
+    from PIL import Image
+
+    from framework.engine.metrics import format_report
+    from framework.engine.tb import confusion_image
+
+    distribution = {}
+    for task, sc in parts.items():
+        Image.fromarray(confusion_image(sc["confusion"], list(sc["per_class"]))).save(out / f"confusion_{task}.png")
+        cm = np.asarray(sc["confusion"])
+        distribution[task] = {c: {"true": int(cm[k].sum()), "predicted": int(cm[:, k].sum())}
+                              for k, c in enumerate(sc["per_class"])}
+        report += ["", f"[{task}] accuracy {sc['accuracy']:.4f}  macro-F1 {sc['macro_f1']:.4f}", format_report(sc),
+                   "class distribution (true -> predicted): " + ", ".join(
+                       f"{c} {d['true']}->{d['predicted']}" for c, d in distribution[task].items())]
+    return distribution
+
+
+def _question_truth(run, ys: dict, ok: list[int]) -> dict:
+    """Per question, the true class index of each readable image (-1 = no label); composite heads are split."""
+    truth = {}
+    for task, lab in run.labels.items():
+        codes = np.array([ys[task][i] for i in ok], dtype=np.int64)
+        truth.update(lab.decode(codes) if lab.parts else {task: codes})
+    return truth
+
+
+def _fmt(shares: dict) -> str:
+    return "/".join(f"{v:.2f}" for v in shares.values())
+
+
+def _prior_report(run, probs: dict, truth: dict, tta: str | None = None) -> dict:
+    """How far the EM estimate of the test priors lands from the true ones (and the training priors), and what
+    re-weighting does to macro-F1 - on labelled data, where the truth is known."""
+    from framework.engine.metrics import macro_f1
+    from framework.inference import priors as PS
+
+    classes, counts, out = run.questions(), PS.train_counts(run), {}
+    moved = {t for t, h in run.heads.items() if h.regression}  # bands may differ from training
+    calib = PS.calibration(run, tta) if set(probs) - moved else {}
+    for q, p in probs.items():
+        has = truth[q] >= 0
+        if not has.any() or q not in calib or q in moved:
+            continue
+        n = len(classes[q])
+        true = np.bincount(truth[q][has], minlength=n) / has.sum()
+        train = np.array(list(counts[q].values()), float) / max(1, sum(counts[q].values()))
+        c = calib[q]
+        estimate, adjusted, _ = PS.em_priors(PS.calibrate(p[has], c["temperature"], c["bias"]), np.array(c["prior"]))
+        names = classes[q]
+        out[q] = {"true": dict(zip(names, true.tolist())), "train": dict(zip(names, train.tolist())),
+                  "estimated": dict(zip(names, estimate.tolist())),
+                  "calibration": c,
+                  "l1_train": float(np.abs(train - true).sum()), "l1_estimated": float(np.abs(estimate - true).sum()),
+                  "macro_f1": macro_f1(truth[q][has], p[has].argmax(1), n),
+                  "macro_f1_shifted": macro_f1(truth[q][has], adjusted.argmax(1), n),
+                  "accuracy": float((p[has].argmax(1) == truth[q][has]).mean()),
+                  "accuracy_shifted": float((adjusted.argmax(1) == truth[q][has]).mean()),
+                  "log_loss": _log_loss(p[has], truth[q][has]), "log_loss_shifted": _log_loss(adjusted, truth[q][has])}
+    return out
+
+
+def _log_loss(probs, truth) -> float:
+    """Mean negative log-probability of the true class (the quality of the probabilities, not only of the argmax)."""
+    return float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None)).mean())

@@ -1,0 +1,123 @@
+"""Predict images with a trained run (with test-time augmentation), and the prediction CSV every command writes.
+
+Whenever the questions form a composite, the answer also has `composite` and `composite_index` (the LabelSet codec:
+mixed radix over the parts, e.g. mask*6 + gender*3 + age). A run that learnt one composite head and one with a head
+per question therefore write the same columns, and per-task runs can be ensembled into the composite answer.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framework.data.labels import LabelSet
+from framework.inference.run import LoadedRun, resolve_tta
+
+BATCH = 64
+
+
+@dataclass
+class Predictions:
+    """What a run (or an ensemble) says about a list of images."""
+
+    paths: list[str]
+    ok: list[int]  # indices into `paths` of the readable images
+    probs: dict[str, np.ndarray]  # per task (or question): (len(ok), classes)
+    failures: list[tuple[str, str]]  # (path, why) of the unreadable images
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # regression tasks: the predicted number (len(ok),)
+
+    def subset(self, ok: list[int]) -> "Predictions":
+        """The same predictions for the images `ok` (each in self.ok): members of an ensemble aligned."""
+        rows = [self.ok.index(i) for i in ok]
+        return Predictions(self.paths, list(ok), {q: p[rows] for q, p in self.probs.items()}, self.failures,
+                           {q: v[rows] for q, v in self.values.items()})
+
+
+def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, boxes: list | None = None,
+                  progress: bool = False) -> Predictions:
+    """Per task head, probabilities (N_ok, classes) for the readable images, and each regression task's number.
+    `boxes` (one face box or None per image) feed a face-cropping resize stage; images without one get the face
+    detector's box. `tta` None means the run's own `eval.tta` (what its validation figures were measured with);
+    "none" turns it off."""
+    from framework.data.dataset import prepare
+    from framework.models import outputs
+
+    tta = resolve_tta(run, tta)
+    rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
+    detect = run.recipe.transforms.resize.face_margin is not None
+    images, _, failures = prepare(rows, run.resize, progress="decode" if progress else None, detect=detect)
+    bad = {i for i, _ in failures}
+    ok = [i for i in range(len(paths)) if i not in bad]
+    raw: dict[str, list] = {}
+    values: dict[str, list] = {}
+    with torch.no_grad():
+        for start in range(0, len(ok), BATCH):
+            batch = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)
+                                 for i in ok[start:start + BATCH]])  # (N, 3, H, W) uint8
+            out = outputs(run.model, batch, tta)
+            for t, v in out.items():
+                raw.setdefault(t, []).append(run.heads[t].probs(v).numpy())
+                if run.heads[t].regression:
+                    values.setdefault(t, []).append(run.heads[t].value(v).numpy())
+    probs = {t: np.concatenate(raw[t]) if raw.get(t) else np.zeros((0, len(lab.classes)))
+             for t, lab in run.labels.items()}
+    return Predictions(list(paths), ok, probs, [(paths[i], why) for i, why in failures],
+                       {t: np.concatenate(v) for t, v in values.items()})
+
+
+def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, boxes: list | None = None,
+                  progress: bool = False) -> Predictions:
+    """`predict_tasks`, per question: a composite head's probabilities become its parts' marginals."""
+    pred = predict_tasks(run, paths, tta, boxes, progress)
+    pred.probs = questions_of(run, pred.probs)
+    return pred
+
+
+def questions_of(run: LoadedRun, task_probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Task probabilities -> question probabilities (a composite head is split into its parts' marginals)."""
+    out = {}
+    for task, p in task_probs.items():
+        lab = run.labels[task]
+        out.update(lab.marginals(p) if lab.parts else {task: p})
+    return out
+
+
+def composite_of(order: list[str], classes: dict[str, list[str]]) -> LabelSet:
+    """The composite label set of these questions, in this order."""
+    return LabelSet.composite({q: classes[q] for q in order})
+
+
+def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]], order: list[str] | None,
+                      with_proba: bool = False, picks: dict[str, np.ndarray] | None = None) -> None:
+    """The prediction CSV: path, one column per question, composite and composite_index, the number of each
+    regression question (`<question>_value`), optional probabilities."""
+    probs, values = pred.probs, pred.values
+    picks = picks or {q: p.argmax(1) for q, p in probs.items()}
+    header = ["path"] + list(probs)
+    if order:
+        header += ["composite", "composite_index"]
+        comp = composite_of(order, classes).encode([picks[q] for q in order])
+    header += [f"{q}_value" for q in values]
+    if with_proba:
+        header += [f"{q}:{c}" for q in probs for c in classes[q]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for k, i in enumerate(pred.ok):
+            row = [pred.paths[i]] + [classes[q][picks[q][k]] for q in probs]
+            if order:
+                row += ["/".join(classes[q][picks[q][k]] for q in order), int(comp[k])]
+            row += [f"{values[q][k]:.3f}" for q in values]
+            if with_proba:
+                row += [f"{v:.6f}" for q in probs for v in probs[q][k]]
+            w.writerow(row)
+
+
+def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
+    from framework.io import write_csv
+
+    write_csv(path, ["path", "reason"], failures)

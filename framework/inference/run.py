@@ -1,0 +1,186 @@
+"""A trained run loaded for inference: its recipe, label sets, heads and model (best checkpoint), and the data
+helpers every inference command shares (image lists, face boxes, the run's own split).
+
+Every run answers *questions*: its tasks (mask, gender, age ...), or, for a run that learnt a composite label as one
+head (mask x gender x age = 18 classes), the parts of that label (its probabilities summed over the other parts).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from framework.data.labels import LabelSet
+from framework.errors import Issue, RunError
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    recipe: object
+    labels: dict[str, LabelSet]  # task -> its classes (and a composite's parts)
+    model: torch.nn.Module
+    resize: object
+    checkpoint: Path
+    heads: dict | None = None  # task -> framework.tasks.Head
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def questions(self) -> dict[str, list[str]]:
+        """The questions this run answers, with their classes (parts of a composite head count separately)."""
+        out = {}
+        for task, lab in self.labels.items():
+            out.update(lab.parts or {task: lab.classes})
+        return out
+
+    def composite_order(self) -> list[str] | None:
+        for lab in self.labels.values():
+            if lab.parts:
+                return list(lab.parts)
+        names = list(self.questions())
+        return names if len(names) > 1 else None
+
+
+def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | tuple = ()) -> LoadedRun:
+    """A trained run from its folder (its best checkpoint) or from a checkpoint file inside one.
+
+    `overrides` may move a regression task's cut points (`tasks.age.bins=[30,58]`): its bands are recomputed from
+    the predicted number, without retraining. Nothing else about a trained run can be changed."""
+    from framework.engine import checkpoint as ckpt
+    from framework.models import build_model, resolve_inputs
+    from framework.recipe.loaded import load_recipe
+    from framework import transforms as T
+    from framework.tasks import build_heads, head_class
+
+    path = Path(path)
+    if path.is_file():
+        ckpt_path, run_dir = path, path.parent.parent
+    else:
+        run_dir = path
+        ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+        if not ckpt_path.exists():
+            ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if not (run_dir / "recipe.resolved.yaml").is_file() or not ckpt_path.is_file():
+        raise RunError(Issue(f"{path} is not a trained run (needs recipe.resolved.yaml and checkpoints/*.pt).",
+                             field="RUN", fix="give a folder made by `recipe run`, or a checkpoint inside one."))
+    bad = [o for o in overrides if not (o.startswith("tasks.") and o.split("=")[0].endswith(".bins"))]
+    if bad:
+        raise RunError(Issue(f"--set {bad[0]}: only the bins of regression tasks can change after training.",
+                             field="--set", fix="e.g. --set tasks.age.bins=[30,58]."))
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides).recipe
+    stored = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    state = ckpt.load(ckpt_path)
+    if not all(isinstance(v, dict) for v in stored.values()) or not isinstance(state.get("classes"), dict):
+        raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
+                             field="RUN", fix=f"train it again: recipe run {run_dir / 'recipe.resolved.yaml'}."))
+    labels = {task: LabelSet.from_json(v) for task, v in stored.items()}
+    moved = {o.split(".")[1] for o in overrides}
+    for task, spec in recipe.task_specs().items():
+        if head_class(spec.kind).regression:
+            from framework.data.labels import bin_names
+            labels[task] = LabelSet(bin_names(spec.bins))
+        elif task in moved:
+            raise RunError(Issue(f"task {task!r} is {spec.kind}: its bands are fixed by training.", field="--set",
+                                 fix="only regression tasks can move their cut points."))
+    heads = build_heads(recipe, labels, thresholds=state.get("thresholds"))
+    size, mean, std = resolve_inputs(recipe)
+    model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
+    model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedRun(run_dir, recipe, labels, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)
+
+
+@dataclass
+class ImageList:
+    """Images to predict: their paths, and the CSV they were listed in (whose box columns a face-cropping run
+    reads), if any."""
+
+    paths: list[str]
+    csv_file: Path | None = None
+
+
+def list_images(images: str | Path | None = None, csv_file: str | Path | None = None) -> ImageList:
+    """Image paths from a folder (recursive, sorted) or a CSV's `path` column (relative to the CSV)."""
+    from framework.data.readers import IMAGE_EXTENSIONS
+
+    if images is not None:
+        root = Path(images)
+        if not root.is_dir():
+            raise RunError(Issue(f"image folder not found: {root}.", field="--images", fix="give a folder."))
+        return ImageList([str(p) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS])
+    path = Path(csv_file)
+    if not path.is_file():
+        raise RunError(Issue(f"CSV not found: {path}.", field="--csv", fix="give a CSV with a `path` column."))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise RunError(Issue(f"{path.name} has no `path` column (columns: {reader.fieldnames}).",
+                                 field="--csv", fix="name the image column `path`."))
+        return ImageList([str(p if Path(p).is_absolute() else path.parent / p) for p in (r["path"] for r in reader)],
+                         path)
+
+
+def face_boxes(run: LoadedRun, csv_file: str | Path | None) -> list | None:
+    """Face boxes for a prediction CSV, when the run crops to faces (`transforms.resize.face_margin`) and the CSV
+    has the box columns its recipe's sources name; None otherwise (the detector then finds the faces)."""
+    if csv_file is None or run.recipe.transforms.resize.face_margin is None:
+        return None
+    from framework.data.readers import row_box
+
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = box_columns_in(run, reader.fieldnames or [])
+        return [row_box(r, columns) for r in reader] if columns else None
+
+
+def box_columns_in(run: LoadedRun, header) -> list[str] | None:
+    """The box columns named by one of the run's sources that a CSV with this header has (None: none of them)."""
+    names = [getattr(s, "box_columns", None) for s in run.recipe.data.sources]
+    return next((c for c in names if c and set(c) <= set(header)), None)
+
+
+def split_rows(run: LoadedRun, side: str) -> list[dict]:
+    """The rows of the run's split.csv on one side ("train" or "val"), each with every question's class name
+    (empty where the image has none): a composite label such as "wear/male/<30" is read into its parts."""
+    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == side]
+    for task, lab in run.labels.items():
+        for k, part in enumerate(lab.parts or ()):
+            for r in rows:
+                r[part] = r[task].split("/")[k] if r.get(task) else ""
+    return rows
+
+
+def resolve_tta(run: LoadedRun, tta: str | None) -> str | None:
+    """The test-time augmentation in effect: None = the run's own `eval.tta`; "none" = off (returned as None)."""
+    if tta is None:
+        tta = run.recipe.eval.tta
+    return None if tta in (None, "none") else tta
+
+
+def data_boxes(run: LoadedRun) -> dict:
+    """Face boxes of the run's own data, by resolved path: the boxes its training and validation cropped with
+    (images of its sets need no detector). Empty when the data has moved (the detector then finds the faces)."""
+    from framework.data.readers import read_sources
+    from framework.errors import RecipeError
+
+    try:
+        rows = read_sources(run.recipe.data)
+    except RecipeError:
+        return {}
+    return {str(Path(r["path"]).resolve()): r["box"] for r in rows if r.get("box")}
+
+
+def run_boxes(run: LoadedRun, paths: list[str]) -> list | None:
+    """The face boxes the run's own data gives these images, when the run crops to faces (None when it does not):
+    the images of its validation split are then cropped as they were in validation."""
+    if run.recipe.transforms.resize.face_margin is None:
+        return None
+    known = data_boxes(run)
+    return [known.get(str(Path(p).resolve())) for p in paths]

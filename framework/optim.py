@@ -1,0 +1,56 @@
+"""Optimizer, learning-rate schedule and the weight average (EMA): the recipe's `train` section as objects."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+
+def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
+    if opt_cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay,
+                               nesterov=opt_cfg.nesterov)
+    return torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, betas=opt_cfg.betas)
+
+
+def lr_lambda(sched, steps_per_epoch: int, total_steps: int):
+    """Multiplier of the base learning rate at optimizer step `s` (0-based)."""
+    if sched.name == "constant":
+        return lambda s: 1.0
+    if sched.name == "step":
+        return lambda s: sched.gamma ** ((s // max(1, steps_per_epoch)) // sched.every_epochs)
+    warm = int(sched.warmup_epochs * steps_per_epoch)
+
+    def cosine(s):
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        t = (s - warm) / max(1, total_steps - warm)
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return cosine
+
+
+def build_scheduler(optimizer, train_cfg, batches_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of `train.scheduler`, stepped once per optimizer step."""
+    steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train_cfg.scheduler, steps_per_epoch, steps_per_epoch * train_cfg.epochs))
+
+
+def ema_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, with d = min(decay, (1 + step) / (10 + step)) so that the first steps
+    are not dominated by the random initial weights; integer buffers (batch counts) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m.detach(), 1 - d)
+        else:
+            e.copy_(m)

@@ -1,0 +1,235 @@
+"""The `transforms`, `model`, `train` and `tasks` sections: what is learnt, from what pixels, and how."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from framework.recipe.schema.base import _Section, _default_tag
+from framework.recipe.schema.data import TargetSpec
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+class ResizeSpec(_Section):
+    """The deterministic first stage; it runs once per image (then cached) and never randomly."""
+
+    mode: Literal["stretch", "pad", "crop"] = Field(
+        "pad", description="stretch: resize to the size exactly; pad: keep the aspect ratio and pad; "
+                           "crop: keep the aspect ratio and center-crop.")
+    interpolation: Literal["linear", "area", "cubic", "nearest"] = Field("area", description="Resampling filter.")
+    face_margin: float | None = Field(
+        None, ge=0, le=2, description="Crop each image to its face first: a square of the face box's longer side "
+                                      "grown by this share on every side (0.25 = 25%), clipped to the image. Boxes "
+                                      "come from the data (`box_columns`), else the face detector (once per image); "
+                                      "images without a face are used whole. null = no face crop.")
+
+
+class NormalizeSpec(_Section):
+    mean: tuple[float, float, float] = Field(description="Per-channel mean of 0..1 pixel values.")
+    std: tuple[float, float, float] = Field(description="Per-channel standard deviation.")
+
+
+class TransformsSection(_Section):
+    """Resize first, then the ordered training augmentations; evaluation is resize + normalize only."""
+
+    image_size: int | tuple[int, int] | Literal["auto"] = Field(
+        "auto", description="Input size: an int, [height, width], or `auto` = the backbone's own default size.")
+    resize: ResizeSpec = Field(default_factory=ResizeSpec, description="How the resize stage fits images.")
+    train: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Training augmentations in order: `{name: <albumentations transform>, <its arguments>}`; "
+                    "`p` defaults as in the transform's constructor.")
+    train_file: str | None = Field(None, description="A pipeline saved by albumentations' A.save (YAML/JSON), "
+                                                     "used as the training augmentations instead of `train`.")
+    normalize: NormalizeSpec | None = Field(None, description="Mean/std; default: the backbone's own.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        sizes = (v,) if isinstance(v, int) else (v if isinstance(v, tuple) else ())
+        if any(s < 8 for s in sizes):
+            raise ValueError("image sizes must be at least 8 pixels")
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _named(cls, v):
+        for i, spec in enumerate(v):
+            if not isinstance(spec.get("name"), str):
+                raise ValueError(f"item {i} needs `name: <transform>`, e.g. {{name: HorizontalFlip, p: 0.5}}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_list(self):
+        if self.train and self.train_file:
+            raise ValueError("give the augmentations either as `train` or as `train_file`, not both")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class ModelSection(_Section):
+    """The network: a timm backbone with a fresh classification head."""
+
+    backbone: str = Field(description="Any timm model name, e.g. resnet18, efficientnet_b0, test_resnet.")
+    pretrained: bool = Field(False, description="Download hub weights (fails fast here: no internet). Prefer "
+                                                "`weights` with a local file.")
+    weights: str | None = Field(None, description="Local weights: .safetensors, or .pth/.bin/.pt loaded with "
+                                                  "weights_only=True; a training checkpoint of this framework works "
+                                                  "too. A head that does not match is re-initialised.")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, "
+                                                                   "e.g. {output_stride: 16} to keep twice the "
+                                                                   "spatial detail in the last stage.")
+    channels_last: bool = Field(False, description="Weights and inputs in the channels-last memory format: faster "
+                                                   "steps for most CNNs on CPU and GPU (measure yours with "
+                                                   "benchmarks/channels_last.py); not bit-identical to the default.")
+    compile: bool | Literal["inductor", "aot_eager", "eager", "cudagraphs"] = Field(
+        False, description="torch.compile the model (faster steps on a GPU after a slow first one): true = the "
+                           "default inductor backend (builds C++/Triton kernels), or a backend name; aot_eager "
+                           "traces and runs without building anything.")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+class AdamW(_Section):
+    name: Literal["adamw"]
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SGD(_Section):
+    name: Literal["sgd"]
+    lr: float = Field(0.05, gt=0, description="Learning rate.")
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+
+Optimizer = Annotated[Union[AdamW, SGD], Field(discriminator="name")]
+
+
+class Cosine(_Section):
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr`, stepped every optimizer step."""
+
+    name: Literal["cosine"]
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+
+
+class StepLR(_Section):
+    name: Literal["step"]
+    every_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class Constant(_Section):
+    name: Literal["constant"]
+
+
+Scheduler = Annotated[Union[Cosine, StepLR, Constant], Field(discriminator="name")]
+
+
+class LossSpec(_Section):
+    """Loss and class weighting; the rare 60+ age group is why weights and focal loss exist."""
+
+    name: str = Field(
+        "cross_entropy", description="cross_entropy, focal (down-weights easy samples), f1 (a differentiable "
+                                     "macro-F1, added to cross-entropy), or a loss registered by a plugin.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    gamma: float = Field(2.0, ge=0, description="Focal loss focusing parameter.")
+    class_weights: Literal["none", "auto"] | list[float] = Field(
+        "none", description="none, auto (inverse class frequency of the training split), or one weight per class.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra options for a plugin loss.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v):
+        from framework.registry import LOSSES, RegistryError
+
+        try:
+            LOSSES.get(v)
+        except RegistryError as e:
+            raise ValueError(f"{e} Losses: {', '.join(LOSSES.names())}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _own_args(self):
+        """`args` are checked by the schema the loss registered (`@LOSSES.register(name, args=Model)`)."""
+        from framework.registry import LOSSES
+
+        entry = LOSSES.get(self.name)
+        schema = entry.meta.get("args")
+        if schema is not None:
+            from pydantic import ValidationError
+
+            try:
+                schema.model_validate(self.args)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                where = ".".join(str(x) for x in first["loc"])
+                raise ValueError(f"args.{where}: {first['msg']} (loss {self.name!r})") from None
+        elif self.args and entry.origin == "built-in":
+            raise ValueError(f"loss {self.name!r} takes no args (got {', '.join(map(str, self.args))})")
+        return self
+
+
+class TrainSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _default_choices(cls, data):
+        return _default_tag(_default_tag(data, "optimizer", "name", "adamw"), "scheduler", "name", "cosine")
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="Per process.")
+    optimizer: Optimizer = Field(default_factory=lambda: AdamW(name="adamw"))
+    scheduler: Scheduler = Field(default_factory=lambda: Cosine(name="cosine"))
+    loss: LossSpec = Field(default_factory=LossSpec)
+    sampler: Literal["random", "balanced", "sqrt"] = Field(
+        "random", description="balanced: draw classes equally often (with replacement) each epoch; sqrt: draw each "
+                              "class in proportion to the square root of its size (rare classes oversampled less).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
+    grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    mixup: float = Field(0.0, ge=0, description="Mixup: blend each training image (and its loss) with another of "
+                                                "the batch by a Beta(a, a) weight; 0 = off, 0.2-0.4 is usual.")
+    ema: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
+                                                           "with this decay per optimizer step (e.g. 0.998); "
+                                                           "validation, `best` and predictions use the average.")
+    seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
+    num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
+
+
+class TaskSpec(TargetSpec):
+    """One head of a multi-task model: its label, its kind, its loss and its weight in the total loss."""
+
+    kind: str = Field(
+        "classification", description="classification: one class per band or value; regression: predict the number "
+        "(needs `bins`: its bands are the classes of the metrics and predictions, and can be moved after training); "
+        "ordinal: 'is it above band k' heads over ordered `bins`; anomaly: the class named in `anomaly` against the "
+        "rest, with a threshold chosen on the validation split; or a kind registered by a plugin.")
+    anomaly: str | None = Field(None, description="For kind anomaly: the rare class, e.g. '60+'.")
+    loss: LossSpec | None = Field(None, description="This task's loss (default: train.loss; for regression "
+                                                    "smooth_l1; l1 and mse too).")
+    weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v):
+        from framework.registry import TASK_KINDS, RegistryError
+
+        try:
+            TASK_KINDS.get(v)
+        except RegistryError as e:
+            raise ValueError(f"{e} Task kinds: {', '.join(TASK_KINDS.names())}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _kind_needs(self):
+        """What a kind needs is the kind's own business (framework.tasks: `check_spec`)."""
+        from framework.registry import TASK_KINDS
+
+        problem = TASK_KINDS.get(self.kind).load().check_spec(self)
+        if problem:
+            raise ValueError(problem)
+        return self

@@ -1,0 +1,164 @@
+"""Resolve a loaded recipe: every check that does not need training, shared by `recipe validate` and `recipe run`.
+
+Every name is looked up through its registry (backbone, transforms, loss, reader, task kind), every file the recipe
+points at is opened (weights, images), trackers are imported, the monitored metric is one the tasks produce, and
+size-bound augmentations and the backbone agree with the image size. `run` calls this before it makes a run
+folder, so a recipe that validates does not fail for any of these reasons, and one that would leaves nothing behind.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from framework.build import DataPlan, build_data, head_class
+from framework.errors import DataError, FieldError, Issue, did_you_mean
+from framework.recipe.loaded import LoadedRecipe
+
+
+@dataclass
+class Resolved:
+    """A recipe with every check passed: its concrete image size, its data plan and what `run` needs."""
+
+    loaded: LoadedRecipe
+    plan: DataPlan
+    image_size: tuple[int, int]
+    trackers: list[str]  # Accelerate trackers besides TensorBoard (which the engine writes itself)
+
+    @property
+    def recipe(self):
+        return self.loaded.recipe
+
+
+def resolve(loaded: LoadedRecipe) -> Resolved:
+    """All the checks, in the order a user fixes them: model and augmentations, then the data, then the metric.
+    Problems come back as one RecipeError naming file, line and field; warnings go to `loaded.warnings`."""
+    with loaded.errors_located():
+        size = _model(loaded)
+        _augmentations(loaded, size)
+        trackers = check_trackers(loaded.recipe.logging.trackers)
+        _task_losses(loaded.recipe)
+        _review_hooks(loaded.recipe)
+        plan = build_data(loaded.recipe)
+        check_images(loaded, plan)
+        check_monitor(loaded.recipe, plan)
+    _data_warnings(loaded, plan)
+    return Resolved(loaded, plan, size, trackers)
+
+
+def _model(loaded: LoadedRecipe) -> tuple[int, int]:
+    """The backbone's name and its input size (`image_size: auto` becomes the backbone's own, so that the run folder
+    reruns as is); the weights file; the size checked by a shapes-only forward pass."""
+    from framework.models import check_input_size, read_state_dict, resolve_inputs
+
+    recipe = loaded.recipe
+    size, _, _ = resolve_inputs(recipe)  # checks the backbone name, with a did-you-mean
+    if recipe.transforms.image_size == "auto":
+        recipe.transforms.image_size = size
+    if recipe.model.weights:
+        read_state_dict(recipe.model.weights)  # exists, reads, holds tensors (no code runs)
+    check_input_size(recipe.model, size)
+    return size
+
+
+def _augmentations(loaded: LoadedRecipe, size: tuple[int, int]) -> None:
+    """Every augmentation built with its own argument schema; crops that disagree with the image size are errors,
+    things that are wrong for faces or repeat the resize stage's work are warnings."""
+    from framework import transforms as T
+
+    augs = T.build_augmentations(loaded.recipe.transforms, size)
+    errors = T.size_errors(augs, size)
+    if errors:
+        raise FieldError.many(errors)
+    for path, message, fix in T.lint(augs, size):
+        loaded.warn(path, message, fix)
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """Accelerate trackers besides TensorBoard; each must be known to Accelerate and installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for i, n in enumerate(names):
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise FieldError(("logging", "trackers", i), f"unknown tracker {n!r}.{did_you_mean(n, LOGGER_TYPE_TO_CLASS)}",
+                             f"use tensorboard or one of Accelerate's trackers: {', '.join(LOGGER_TYPE_TO_CLASS)}.")
+        if n != "tensorboard" and importlib.util.find_spec(n) is None:
+            raise FieldError(("logging", "trackers", i), f"tracker {n!r} is not installed.",
+                             f"pip install {n}, or remove it (TensorBoard works with nothing extra).")
+    return [n for n in names if n != "tensorboard"]
+
+
+def _task_losses(recipe) -> None:
+    """Each task's loss suits its kind (a regression loss for a regression task, and only there)."""
+    problems = []
+    for task, spec in recipe.task_specs().items():
+        try:
+            head_class(spec.kind).loss_spec(spec, recipe.train.loss)
+        except FieldError as e:
+            where = ("tasks", task, "loss", "name") if recipe.tasks is not None else ("train", "loss", "name")
+            problems += [(where, m, f) for _, m, f in e.items]
+    if problems:
+        raise FieldError.many(problems)
+
+
+def _review_hooks(recipe) -> None:
+    if recipe.logging.cam_every and importlib.util.find_spec("pytorch_grad_cam") is None:
+        raise FieldError(("logging", "cam_every"), "Grad-CAM logging needs the grad-cam package, which is not "
+                         "installed.", 'pip install -e ".[review]" (or grad-cam), or set logging.cam_every: 0.')
+
+
+def check_images(loaded: LoadedRecipe, plan: DataPlan) -> None:
+    """Every image the run would read is a file: a count and the first few missing, per source. With
+    `data.bad_images: skip` they are a warning (the run leaves them out)."""
+    missing: dict[str, list[str]] = {}
+    for row, side in zip(plan.rows, plan.sides):
+        if side != "unused" and not os.path.isfile(row["path"]):
+            missing.setdefault(row.get("source", "?"), []).append(row["path"])
+    if not missing:
+        return
+    names = [s.name for s in loaded.recipe.data.sources]
+    items = []
+    for source, paths in missing.items():
+        where = ("data", "sources", names.index(source)) if source in names else ("data",)
+        shown = ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
+        items.append((where, f"{len(paths)} image(s) of source {source!r} do not exist: {shown}.",
+                      "fix the paths (relative to data.root), restore the files, or set data.bad_images: skip to "
+                      "train without them."))
+    if loaded.recipe.data.bad_images == "skip":
+        for where, message, _ in items:
+            loaded.warn(where, message + " They will be skipped.")
+        return
+    raise FieldError.many(items, DataError)
+
+
+def monitor_names(recipe, labels: dict) -> list[str]:
+    """Metrics `checkpoint.monitor` can name: overall, per task, the composite of all tasks, and the MAE of
+    regression tasks (use checkpoint.mode: min for those)."""
+    specs = recipe.task_specs()
+    names = []
+    for side in ("val", "train"):
+        names += [f"{side}/{m}" for m in ("macro_f1", "accuracy", "loss")]
+        if len(labels) > 1:
+            names += [f"{side}/{t}/{m}" for t in list(labels) + ["composite"] for m in ("macro_f1", "accuracy")]
+    regression = [t for t in labels if head_class(specs[t].kind).regression]
+    if regression:
+        names += ["val/mae"] + [f"val/{t}/mae" for t in regression]
+    return names
+
+
+def check_monitor(recipe, plan: DataPlan) -> None:
+    monitors = monitor_names(recipe, plan.labels)
+    if recipe.checkpoint.monitor not in monitors:
+        raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}."
+                         f"{did_you_mean(recipe.checkpoint.monitor, monitors)}", f"use one of: {', '.join(monitors)}.")
+
+
+def _data_warnings(loaded: LoadedRecipe, plan: DataPlan) -> None:
+    if plan.dropped:
+        loaded.warn(("data", "missing_label"), f"{plan.dropped} row(s) without a label were dropped.")
+    for train_file, val_file in plan.duplicates[:5]:
+        loaded.warnings.append(Issue(f"byte-identical files on both sides of the split: {train_file} and "
+                                     f"{val_file}.", field="validation", file=str(loaded.path),
+                                     fix="give duplicates the same group id."))
+    if len(plan.duplicates) > 5:
+        loaded.warnings.append(Issue(f"... {len(plan.duplicates) - 5} more byte-identical pairs.", file=str(loaded.path)))

@@ -1,0 +1,122 @@
+"""The shape of the package: the import graph (imports inside functions included) has no cycle and never goes up
+the layer order of docs/architecture.md; modules and functions stay small enough to read in one sitting."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "framework"
+
+# Lower layers never import higher ones (the same table is in docs/architecture.md).
+LAYERS = [
+    ["errors", "io", "libs"],
+    ["registry", "plugins"],
+    ["recipe"],
+    ["data", "transforms", "models", "tasks", "losses", "optim"],
+    ["build", "resolve"],
+    ["engine"],
+    ["inference"],
+    ["review"],
+    ["runs", "api", "sweep"],
+    ["cli", "__init__"],
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every framework module `path` imports, at module level or inside functions (`from framework import api`
+    imports framework.api, not the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("framework")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("framework"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found |= subs or {node.module}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: {i for i in _imports(p, set(files)) if i in files and i != m} for m, p in files.items()}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    return LAYER[top]
+
+
+def test_every_module_has_a_layer():
+    assert all(_layer(m) >= 0 for m in _graph())
+
+
+def test_no_import_goes_up_the_layer_order():
+    upward = [f"{m} (layer {_layer(m)}) imports {i} (layer {_layer(i)})"
+              for m, deps in _graph().items() for i in deps if _layer(i) > _layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_engine_imports_no_review_or_inference_code():
+    engine = {m: deps for m, deps in _graph().items() if m.startswith("framework.engine")}
+    bad = [f"{m} imports {d}" for m, deps in engine.items() for d in deps
+           if d.startswith(("framework.review", "framework.inference", "framework.api", "framework.cli"))]
+    assert not bad, bad
+
+
+def _is_click_command(node) -> bool:
+    return any("command" in ast.unparse(d) or "group" in ast.unparse(d) for d in node.decorator_list)
+
+
+def test_modules_and_functions_are_small():
+    """No module over 400 lines, no function over 50 lines or with more than 6 parameters (click commands, whose
+    parameters are their options, aside)."""
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 400:
+            problems.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or _is_click_command(node):
+                continue
+            size = node.end_lineno - node.lineno + 1
+            a = node.args
+            params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            if size > 50 or len(params) > 6:
+                problems.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {size} lines, "
+                                f"{len(params)} parameters")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_kind_branches_outside_the_task_kinds():
+    """Task kinds are classes (framework.tasks): nobody else asks `kind == "regression"`."""
+    kinds = r"""["'](classification|regression|ordinal|anomaly)["']"""
+    pattern = re.compile(rf"(==|!=)\s*{kinds}|\bin\s*[(\[{{]\s*{kinds}")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py") if p.name != "tasks.py"
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not found, "\n".join(found)

@@ -1,0 +1,98 @@
+"""The resolve stage: every failure that used to come 10-30 s into `recipe run` (and leave a failed run folder) is
+caught by `recipe validate` with exit 2 and a located message, and `recipe run` stops before making a folder."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from framework.cli import main
+from tests.conftest import tiny_recipe
+
+
+def _edit(path, change):
+    recipe = yaml.safe_load(path.read_text())
+    change(recipe)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _missing_image(tmp_path):
+    path = tiny_recipe(tmp_path)
+    manifest = tmp_path / "tiny.csv"
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    rows[3]["path"] = str(tmp_path / "gone" / "face.jpg")
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path, []
+
+
+# (id, make(tmp_path) -> (recipe path, --set overrides), expected field, words the message must contain)
+CASES = [
+    ("unknown-backbone", lambda t: (tiny_recipe(t), ["model.backbone=resnet19"]), "model.backbone",
+     ["unknown backbone 'resnet19'", "Did you mean"]),
+    ("missing-weights", lambda t: (tiny_recipe(t), [f"model.weights={t / 'nowhere.pt'}"]), "model.weights",
+     ["weights file not found", "nowhere.pt"]),
+    ("tracker-not-installed", lambda t: (tiny_recipe(t), ["logging.trackers=[tensorboard,wandb]"]),
+     "logging.trackers[1]", ["'wandb' is not installed", "pip install wandb"]),
+    ("tracker-misspelt", lambda t: (tiny_recipe(t), ["logging.trackers=[tensorbord]"]), "logging.trackers[0]",
+     ["unknown tracker 'tensorbord'", "Did you mean 'tensorboard'"]),
+    ("unknown-monitor", lambda t: (tiny_recipe(t), ["checkpoint.monitor=val/macro_f2"]), "checkpoint.monitor",
+     ["unknown metric 'val/macro_f2'", "Did you mean 'val/macro_f1'"]),
+    ("missing-image", _missing_image, "data.sources[0]", ["1 image(s) of source 'maskon' do not exist",
+                                                         "face.jpg", "bad_images: skip"]),
+    ("oversize-crop", lambda t: (tiny_recipe(t), ["transforms.train=[{name: RandomCrop, height: 48, width: 48}]"]),
+     "transforms.train[0]", ["RandomCrop outputs (48, 48), but the image size is (32, 32)"]),
+    ("size-the-backbone-cannot-take", lambda t: (tiny_recipe(t), ["model.backbone=inception_v3"]),
+     "transforms.image_size", ["inception_v3 cannot take 32x32 images"]),
+    ("regression-loss-on-a-class-task", lambda t: (tiny_recipe(t), ["train.loss.name=mse"]), "train.loss.name",
+     ["'mse' is a regression loss"]),
+]
+
+
+@pytest.mark.parametrize("make,field,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_validate_catches_what_run_would_fail_on_and_run_leaves_no_folder(tmp_path, make, field, words):
+    path, overrides = make(tmp_path)
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = CliRunner().invoke(main, ["validate", str(path), *sets])
+    assert result.exit_code == 2, result.output
+    message = result.output
+    written_by_set = any(field.startswith(o.split("=")[0]) for o in overrides)
+    where = "--set" if written_by_set else f"{path}:"  # where the value was written: the command line, or file:line
+    assert message.startswith(where) and f": {field}:" in message, message
+    for w in words:
+        assert w in message, message
+    assert "Traceback" not in message
+    result = CliRunner().invoke(main, ["run", str(path), *sets, "--name", "late"])
+    assert result.exit_code == 2 and words[0] in result.output, result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_missing_image_with_bad_images_skip_is_a_warning_and_the_run_trains(tmp_path):
+    path, _ = _missing_image(tmp_path)
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", "data.bad_images=skip"])
+    assert result.exit_code == 0 and "do not exist" in result.output and "They will be skipped" in result.output
+
+
+def test_a_crop_without_a_size_follows_the_image_size(tmp_path):
+    """hard_aug.yaml leaves RandomResizedCrop's size out: the README's 96 px sweep member builds 96 px crops."""
+    from framework import api
+
+    path = tiny_recipe(tmp_path, transforms={"image_size": 32, "train": [{"name": "RandomResizedCrop",
+                                                                        "scale": [0.7, 1.0]}]})
+    for size in (32, 48):
+        resolved = api.validate(path, [f"transforms.image_size={size}"])
+        from framework import transforms as T
+        crop = T.build_augmentations(resolved.recipe.transforms, resolved.image_size)[0]
+        assert tuple(crop.size) == (size, size)
+
+
+def test_image_size_auto_is_the_backbones_own_and_is_written_concrete(tmp_path):
+    from framework import api
+
+    resolved = api.validate(tiny_recipe(tmp_path, transforms={"image_size": "auto"}))
+    assert resolved.image_size == (160, 160) and resolved.recipe.transforms.image_size == (160, 160)
