@@ -86,6 +86,14 @@ class Registry:
         except KeyError:
             raise RegistryError(f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)}") from None
 
+    def checked(self, name: str) -> str:
+        """`name` if it is registered; else a ValueError listing the names (for schema validators)."""
+        try:
+            self.get(name)
+        except RegistryError as e:
+            raise ValueError(f"{e} Registered: {', '.join(self.names())}") from None
+        return name
+
     def __contains__(self, name: str) -> bool:
         self._load_builtins()
         return name in self._entries

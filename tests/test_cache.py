@@ -22,6 +22,7 @@ def _cache(tmp_path, **data):
     return {"cache": "disk", "cache_dir": str(tmp_path / "cache"), **data}
 
 
+@pytest.mark.slow
 def test_disk_cache_is_reused_across_runs_and_matches_the_memory_cache(tmp_path):
     path = tiny_recipe(tmp_path, data=_cache(tmp_path), train=FAST)
     first = api.run(path, name="first", log=lambda *_: None)
@@ -76,6 +77,7 @@ def test_size_limit_removes_least_recently_used_entries(tmp_path):
     assert left == ["00key", "03key", "04key"]  # 01 and 02 were the least recently used
 
 
+@pytest.mark.slow
 def test_two_processes_filling_one_cache_at_once(tmp_path, data_root):
     src = sorted((data_root / "utkface_subset" / "images").iterdir())[:40]
     script = f"""

@@ -32,6 +32,7 @@ def _copy(runs, tmp_path, names=("tiny-fold0", "tiny-fold1", "tiny-fold2")):
     return [tmp_path / n for n in names]
 
 
+@pytest.mark.slow
 def test_all_folds_trains_every_fold_and_scores_them_as_one(folds):
     runs, output = folds
     names = sorted(p.name for p in runs.iterdir() if p.is_dir())
@@ -68,6 +69,7 @@ def test_all_folds_trains_every_fold_and_scores_them_as_one(folds):
     assert f"macro-F1 {val['macro_f1']:.3f}" in output and "tiny-cv.json" in output
 
 
+@pytest.mark.slow
 def test_crossval_command_rescored_from_the_run_folders(folds, tmp_path):
     runs, _ = folds
     out = tmp_path / "again.json"
@@ -76,6 +78,7 @@ def test_crossval_command_rescored_from_the_run_folders(folds, tmp_path):
     assert json.loads(out.read_text())["val"] == json.loads((runs / "tiny-cv.json").read_text())["val"]
 
 
+@pytest.mark.slow
 def test_all_folds_run_again_keeps_the_finished_folds(folds):
     runs, _ = folds
     before = {n: (runs / n / "checkpoints" / "best.pt").stat().st_mtime_ns for n in ("tiny-fold0", "tiny-fold2")}
@@ -93,12 +96,14 @@ def _fails(args):
     return result.output
 
 
+@pytest.mark.slow
 def test_a_missing_fold_is_named_with_the_command_that_trains_it(folds, tmp_path):
     runs, _ = folds
     out = _fails([runs / "tiny-fold0", runs / "tiny-fold1"])
     assert "fold(s) 2 of 3 are missing" in out and "validation.fold=2" in out
 
 
+@pytest.mark.slow
 def test_a_fold_given_twice_is_refused(folds, tmp_path):
     runs, _ = folds
     shutil.copytree(runs / "tiny-fold0", tmp_path / "again-fold0")
@@ -106,6 +111,7 @@ def test_a_fold_given_twice_is_refused(folds, tmp_path):
     assert "fold 0 is given twice (tiny-fold0, again-fold0)" in out
 
 
+@pytest.mark.slow
 def test_folds_of_different_recipes_are_refused(folds, tmp_path):
     copies = _copy(folds[0], tmp_path)
     resolved = copies[1] / "recipe.resolved.yaml"
@@ -116,6 +122,7 @@ def test_folds_of_different_recipes_are_refused(folds, tmp_path):
     assert "not folds of one recipe" in out and "train.seed: 0 -> 7" in out
 
 
+@pytest.mark.slow
 def test_an_unfinished_fold_is_named_with_the_resume_command(folds, tmp_path):
     copies = _copy(folds[0], tmp_path)
     summary = json.loads((copies[2] / "summary.json").read_text())
@@ -131,6 +138,7 @@ def test_a_holdout_run_is_not_a_fold(tmp_path):
     assert "validated by 'holdout', not by k-fold" in out and "validation: {type: kfold" in out
 
 
+@pytest.mark.slow
 def test_compare_shows_the_pooled_folds_as_one_more_row(folds):
     runs, _ = folds
     result = CliRunner().invoke(main, ["compare", str(runs), "--format", "csv", "--baseline", str(runs / "tiny-fold1")])
@@ -146,6 +154,7 @@ def test_compare_shows_the_pooled_folds_as_one_more_row(folds):
     assert row["changed"] == ""  # the pooled row stands for every fold: the same recipe as the baseline fold
 
 
+@pytest.mark.slow
 def test_errors_by_column_bins_add_up_to_the_pooled_counts(folds, tmp_path):
     """scripts/errors_by_column.py: each fold scores its own validation images; over all bins the class's found /
     false alarms / missed are exactly the cross-validation's pooled confusion matrix."""

@@ -118,6 +118,7 @@ def test_existing_run_folder_is_never_overwritten(trained):
     assert (trained / "summary.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_crash_mid_run_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     from framework.engine import runner
 
@@ -254,6 +255,7 @@ def test_unknown_or_missing_tracker_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and f"pip install {missing}" in result.output
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
     """torch.compile with the aot_eager backend: traced and run through AOTAutograd, no C++ build (the inductor
     default, `compile: true`, takes minutes to build on a 2-core CPU; it shares everything else)."""
@@ -290,6 +292,7 @@ def test_channels_last_reaches_weights_and_inputs_in_training_and_prediction(tmp
         assert torch.allclose(plain(images)["label"], out, atol=1e-5) and seen == [True, False]
 
 
+@pytest.mark.slow
 def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, data_root):
     """A second, train_only source: its images train, never validate; one that shares a group with a validation
     image of the first source is left out (not decoded, counted in the summary, `unused` in split.csv)."""
@@ -325,6 +328,7 @@ def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, da
     assert {sides[r["path"]] for r in extra[1:]} == {"train"}
 
 
+@pytest.mark.slow
 def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     """With train.ema the checkpoint's `model` is the average (what validation scored and predictions use) and
     `train_model` the raw weights; 1 epoch + resume gives the same averages as 2 epochs straight."""
@@ -348,6 +352,7 @@ def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     assert _metrics(resumed)[-1]["val"]["loss"] == pytest.approx(_metrics(run)[-1]["val"]["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_mixup_trains_differently_and_resumes_exactly(tmp_path):
     """train.mixup blends images and losses by draws of (seed, epoch, batch): other weights than without it, and
     1 epoch + resume gives the same weights as 2 epochs straight."""

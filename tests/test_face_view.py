@@ -85,6 +85,7 @@ def test_face_margin_out_of_range_is_a_recipe_error(tmp_path):
     assert "face_margin" in str(e.value)
 
 
+@pytest.mark.slow
 def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_root):
     """Train on kaggle face crops with boxes; `predict --csv` and `evaluate --csv` with the box columns must see the
     face regions (the same probabilities as predicting with the boxes directly), not the whole crops."""

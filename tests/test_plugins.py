@@ -93,6 +93,7 @@ def test_face_crop_in_a_pipeline_on_real_images_keeps_the_whole_box(face_crop, d
     assert checked > 80
 
 
+@pytest.mark.slow
 def test_recipe_with_plugin_files_trains_end_to_end(tmp_path, data_root):
     manifest = tmp_path / "boxes.csv"
     with open(data_root / "maskedfacenet_maskon" / "manifest.csv", newline="", encoding="utf-8") as f:

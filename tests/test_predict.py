@@ -138,6 +138,7 @@ def test_predict_writes_the_documented_columns_and_lists_unreadable_images(multi
     assert failed[0]["path"].endswith("broken.jpg")
 
 
+@pytest.mark.slow
 def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_path):
     utk = [r for r in read_manifest("utkface_subset") if r["label"]]
     picked, taken = [], {}
@@ -198,6 +199,7 @@ def test_evaluate_on_a_labelled_csv_writes_report_pngs_and_distribution(multitas
     assert sum(d["true"] for d in metrics["distribution"]["mask"].values()) == 9
 
 
+@pytest.mark.slow
 def test_per_task_runs_combine_into_the_composite_answer(tmp_path):
     runs = [api.run(_mixed_recipe(tmp_path, {t: TASKS[t]}, name=f"{t}.yaml"), name=f"{t}-only",
                     log=lambda *_: None) for t in TASKS]
@@ -217,6 +219,7 @@ def test_per_task_runs_combine_into_the_composite_answer(tmp_path):
     assert "validation macro-F1" not in result.output
 
 
+@pytest.mark.slow
 def test_seeds_ensemble_by_hard_and_soft_voting_with_validation_weights(tmp_path):
     path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
     runs = [api.run(path, [f"train.seed={s}"], name=f"seed{s}", log=lambda *_: None) for s in (1, 2, 3)]

@@ -48,6 +48,7 @@ def test_bias_corrected_temperature_scaling_undoes_a_known_distortion():
     assert np.abs(fixed - true).mean() < 0.02 < np.abs(distorted - true).mean()
 
 
+@pytest.mark.slow
 def test_em_on_a_held_back_real_set_shifted_to_80_percent_not_wear(tmp_path):
     """Train on some groups of two mask sets; score the other groups resampled to 80% not_wear.
 
@@ -72,6 +73,7 @@ def shifted_run(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_predict_stores_class_shares_and_shifts_priors(shifted_run):
     run_dir, data = shifted_run / "runs" / "prior-shift", shifted_run / "shifted.csv"
     result = CliRunner().invoke(main, ["predict", str(run_dir), "--csv", str(data), "--out",
@@ -92,6 +94,7 @@ def test_predict_stores_class_shares_and_shifts_priors(shifted_run):
     assert bad.exit_code == 2 and "missing ['incorrect', 'not_wear']" in bad.output
 
 
+@pytest.mark.slow
 def test_ensemble_with_prior_shift(shifted_run):
     run_dir, data = shifted_run / "runs" / "prior-shift", shifted_run / "shifted.csv"
     result = api.ensemble([run_dir, run_dir], data, out=shifted_run / "e.csv", voting=Voting(prior_shift="em"))

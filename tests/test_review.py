@@ -22,6 +22,7 @@ from tests.conftest import DATA, read_manifest, tiny_recipe
 FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit3"])
 def test_explain_writes_heatmaps_of_the_image_size_for_cnn_and_vit(tmp_path, backbone):
     # test_vit3 is built for 160 px only: trained and explained at 48 px, it is built for that size
@@ -42,6 +43,7 @@ def test_explain_writes_heatmaps_of_the_image_size_for_cnn_and_vit(tmp_path, bac
     assert Image.open(tmp_path / "cam" / "contact_sheet.png").size[0] > 300
 
 
+@pytest.mark.slow
 def test_explain_needs_a_known_task_class_and_layer(tmp_path):
     run_dir = api.run(tiny_recipe(tmp_path, train=FAST), name="r", log=lambda *_: None)
     img = str(DATA / "maskedfacenet_maskon" / read_manifest("maskedfacenet_maskon")[0]["path"])
@@ -64,6 +66,7 @@ def _metric_lines(run_dir):
     return out
 
 
+@pytest.mark.slow
 def test_cams_go_to_tensorboard_and_change_nothing_in_training_or_resume(tmp_path):
     """Grad-CAM logging is a hook wired from outside: with cam_every: 1 the run's metrics are exactly those of the
     same run without it, and a run resumed after epoch 2 matches the straight one and follows the same images."""
@@ -88,6 +91,7 @@ def test_cams_go_to_tensorboard_and_change_nothing_in_training_or_resume(tmp_pat
     assert json.loads((resumed / "cam_images.json").read_text()) == chosen
 
 
+@pytest.mark.slow
 def test_inspect_finds_planted_leakage_and_the_odd_quirks_files(tmp_path):
     rows = read_manifest("quirks")
     with open(tmp_path / "q.csv", "w", newline="", encoding="utf-8") as f:
@@ -136,6 +140,7 @@ def test_inspect_lists_images_that_fail_to_decode(tmp_path):
     assert "unreadable images: 1" in result.output
 
 
+@pytest.mark.slow
 def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path):
     path = tiny_recipe(tmp_path, train=FAST, notes="tiny")
     base = api.run(path, name="base", log=lambda *_: None)
@@ -206,6 +211,7 @@ def test_sweep_grid_expands_and_names_runs_as_documented(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_sweep_runs_members_records_failures_and_prints_the_sheet(tmp_path):
     path = tiny_recipe(tmp_path, train=FAST)
     result = CliRunner().invoke(main, ["sweep", str(path), "--grid", "model.backbone=test_resnet,no_such_net",
@@ -221,6 +227,7 @@ def test_sweep_runs_members_records_failures_and_prints_the_sheet(tmp_path):
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("bad")]
 
 
+@pytest.mark.slow
 def test_sweep_goes_on_after_a_failed_member(tmp_path, monkeypatch):
     from framework import sweep
 
@@ -257,6 +264,7 @@ def test_a_stopped_sweep_stops_and_names_the_members_not_started(tmp_path, monke
     assert lines[-1] == f"sweep stopped; not started: {plan[1]['name']}, {plan[2]['name']}"
 
 
+@pytest.mark.slow
 def test_the_same_sweep_run_again_keeps_finished_members_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
     from framework import sweep
     from framework.engine import runner

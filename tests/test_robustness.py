@@ -29,6 +29,7 @@ def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_path):
     from framework.inference import predict as P, run as R
     from framework.engine.metrics import summarize
@@ -66,6 +67,7 @@ def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_p
     assert sum(map(sum, logged["confusion"])) == len(val) == 12  # each sample exactly once
 
 
+@pytest.mark.slow
 def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 4, "num_workers": 0})
     straight = api.run(path, name="straight", log=lambda *_: None)
@@ -95,6 +97,7 @@ def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, m
             assert b[side][k] == pytest.approx(a[side][k], abs=1e-6), (side, k)
 
 
+@pytest.mark.slow
 def test_real_sigint_stops_cleanly_and_resumes(tmp_path):
     path = tiny_recipe(tmp_path, transforms={"image_size": 64}, train={"epochs": 4, "batch_size": 2, "num_workers": 0})
     proc = subprocess.Popen([sys.executable, "-m", "framework.cli", "run", str(path), "--name", "sig"], env=ENV,
@@ -113,6 +116,7 @@ def test_real_sigint_stops_cleanly_and_resumes(tmp_path):
     assert [r["epoch"] for r in _metrics(tmp_path / "runs" / "sig")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_finishes_with_a_loadable_best(tmp_path):
     # eight epochs: the kill lands well before the end even on a fast machine (three could all finish before it)
     path = tiny_recipe(tmp_path, transforms={"image_size": 64}, train={"epochs": 8, "batch_size": 2, "num_workers": 0})

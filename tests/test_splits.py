@@ -109,6 +109,7 @@ def _mask_recipe(data_root, extra: dict, validation: dict | None = None) -> Reci
         "model": {"backbone": "resnet18"}})
 
 
+@pytest.mark.slow
 def test_train_only_source_trains_and_leaves_the_other_split_unchanged(data_root):
     """chandrikadeb7 as extra training data for the kaggle crops: the kaggle split is the same as without it, no
     chandrikadeb7 image is validated on, and its near-duplicates of validation scenes (shared groups) are left out."""

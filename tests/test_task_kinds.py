@@ -62,6 +62,7 @@ def age_runs(tmp_path_factory):
     return tmp, {k: api.run(_age_recipe(tmp, spec, k), name=k, log=lambda *_: None) for k, spec in kinds.items()}
 
 
+@pytest.mark.slow
 def test_classification_regression_ordinal_report_the_same_band_metrics(age_runs):
     tmp, runs = age_runs
     records = {k: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()][-1]["val"]
@@ -76,6 +77,7 @@ def test_classification_regression_ordinal_report_the_same_band_metrics(age_runs
         assert {r["split"] for r in csv.DictReader(f)} == {"train", "val"}
 
 
+@pytest.mark.slow
 def test_moving_the_cut_from_60_to_58_changes_the_bands_without_retraining(age_runs):
     tmp, runs = age_runs
     before = runs["regression"] / "checkpoints" / "best.pt"
@@ -98,6 +100,7 @@ def test_moving_the_cut_from_60_to_58_changes_the_bands_without_retraining(age_r
     assert bad.exit_code == 2 and "only regression tasks" in bad.output
 
 
+@pytest.mark.slow
 def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
     tmp, runs = age_runs
     val = [json.loads(x) for x in (runs["anomaly"] / "metrics.jsonl").read_text().splitlines()][-1]["val"]
@@ -110,6 +113,7 @@ def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
     assert {r["age"] for r in rows} <= {"not 60+", "60+"}
 
 
+@pytest.mark.slow
 def test_regression_predictions_and_ensembles_use_bands(age_runs):
     tmp, runs = age_runs
     out = api.predict(runs["regression"], tmp / "utk.csv", out=tmp / "reg.csv")
@@ -121,6 +125,7 @@ def test_regression_predictions_and_ensembles_use_bands(age_runs):
     assert np.isfinite(result["validation"]["ensemble"]["age"])
 
 
+@pytest.mark.slow
 def test_a_regression_head_among_classification_heads(tmp_path):
     from tests.test_predict import _mixed_recipe
 
@@ -135,6 +140,7 @@ def test_a_regression_head_among_classification_heads(tmp_path):
     assert list(rows[0])[:6] == ["path", "mask", "gender", "age", "composite", "composite_index"]
 
 
+@pytest.mark.slow
 def test_regression_members_average_their_numbers(age_runs):
     tmp, runs = age_runs
     other = api.run(tmp / "regression.yaml", ["train.seed=5"], name="regression-seed5", log=lambda *_: None)

@@ -145,13 +145,9 @@ class LossSpec(_Section):
     @field_validator("name")
     @classmethod
     def _registered(cls, v):
-        from framework.registry import LOSSES, RegistryError
+        from framework.registry import LOSSES
 
-        try:
-            LOSSES.get(v)
-        except RegistryError as e:
-            raise ValueError(f"{e} Losses: {', '.join(LOSSES.names())}") from None
-        return v
+        return LOSSES.checked(v)
 
     @model_validator(mode="after")
     def _own_args(self):
@@ -216,13 +212,9 @@ class TaskSpec(TargetSpec):
     @field_validator("kind")
     @classmethod
     def _registered_kind(cls, v):
-        from framework.registry import TASK_KINDS, RegistryError
+        from framework.registry import TASK_KINDS
 
-        try:
-            TASK_KINDS.get(v)
-        except RegistryError as e:
-            raise ValueError(f"{e} Task kinds: {', '.join(TASK_KINDS.names())}") from None
-        return v
+        return TASK_KINDS.checked(v)
 
     @model_validator(mode="after")
     def _kind_needs(self):
