@@ -9,12 +9,7 @@ from framework.data.labels import LabelSet, assign_tasks, numbers, task_path
 from framework.data.readers import read_sources
 from framework.data.splits import audit, build_split
 from framework.errors import DataError, FieldError
-from framework.registry import TASK_KINDS
-
-
-def head_class(kind: str):
-    """The class of a task kind (framework.tasks, or a plugin's), looked up by name."""
-    return TASK_KINDS.get(kind).load()
+from framework.tasks import head_class
 
 
 @dataclass

@@ -11,7 +11,8 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from framework.build import DataPlan, build_data, head_class
+from framework.build import DataPlan, build_data
+from framework.tasks import head_class
 from framework.errors import DataError, FieldError, Issue, did_you_mean
 from framework.recipe.loaded import LoadedRecipe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework.io import atomic_write_bytes, atomic_write_text, write_json  # noqa: F401  (re-exported)
+from framework.io import atomic_write_bytes
 
 
 def save(path: Path, state: dict) -> None:
@@ -81,5 +81,4 @@ def improved(value: float | None, best: dict, mode: str) -> bool:
     return best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])
 
 
-__all__ = ["save", "load", "training_state", "restore", "save_epoch", "prune", "improved", "atomic_write_text",
-           "atomic_write_bytes", "write_json"]
+__all__ = ["save", "load", "training_state", "restore", "save_epoch", "prune", "improved"]

@@ -1,0 +1,80 @@
+"""Every registered built-in works through the one look-up path its registry offers: adding a loss, a task kind or a
+reader adds a case here without writing a test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework.recipe.schema import LossSpec, TaskSpec
+from framework.registry import LOSSES, READERS, REGISTRIES, TASK_KINDS, RegistryError
+
+BUILTIN_LOSSES = [e.name for e in LOSSES.entries() if e.origin == "built-in"]
+BUILTIN_KINDS = [e.name for e in TASK_KINDS.entries() if e.origin == "built-in"]
+
+
+def test_the_built_ins_are_registered_where_they_are_defined():
+    assert set(BUILTIN_LOSSES) >= {"cross_entropy", "focal", "f1", "l1", "smooth_l1", "mse"}
+    assert set(BUILTIN_KINDS) == {"classification", "regression", "ordinal", "anomaly"}
+    assert {e.name for e in READERS.entries()} >= {"folder", "csv", "mask_contest", "bundled"}
+    for reg in (LOSSES, TASK_KINDS, READERS):
+        for entry in reg.entries():
+            assert not isinstance(entry.target, str)  # the object itself, registered by its decorator
+
+
+@pytest.mark.parametrize("name", BUILTIN_LOSSES)
+def test_every_loss_builds_from_its_spec_and_gives_a_finite_scalar(name):
+    from framework.losses import build_loss
+    from framework.tasks import REGRESSION_LOSSES
+
+    loss = build_loss(LossSpec(name=name), 3, [0, 1, 2, 2])
+    torch.manual_seed(0)
+    if name in REGRESSION_LOSSES:
+        value = loss(torch.randn(5), torch.randn(5) * 10)
+    else:
+        value = loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1]))
+    assert value.ndim == 0 and torch.isfinite(value)
+
+
+def test_a_loss_checks_its_own_args():
+    assert LossSpec(name="smooth_l1", args={"beta": 2.0}).args == {"beta": 2.0}
+    with pytest.raises(ValueError, match="beta"):
+        LossSpec(name="smooth_l1", args={"beta": -1})
+    with pytest.raises(ValueError, match="takes no args"):
+        LossSpec(name="focal", args={"alpha": 0.25})
+
+
+@pytest.mark.parametrize("kind", BUILTIN_KINDS)
+def test_every_task_kind_gives_a_loss_bands_and_probabilities(kind):
+    from framework.tasks import head_class
+
+    cls = head_class(kind)
+    spec = {"column": "age", "kind": kind, "bins": [30, 60]} | ({"anomaly": "60+"} if kind == "anomaly" else {})
+    assert cls.check_spec(TaskSpec.model_validate(spec)) is None
+    classes = ["not 60+", "60+"] if kind == "anomaly" else ["<30", "30-59", "60+"]
+    head = cls("age", classes, [30, 60])
+    out = torch.randn(4, head.out_dim)
+    labels = torch.tensor([25.0, 45.0, float("nan"), 70.0]) if head.regression else torch.tensor([0.0, 1.0, -1.0, 1.0])
+    loss = head.loss(out, labels, torch.nn.SmoothL1Loss() if head.regression else torch.nn.CrossEntropyLoss())
+    assert torch.isfinite(loss)
+    probs = head.probs(out)
+    assert probs.shape == (4, len(classes)) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
+    assert head.bands(labels).tolist()[2] == -1  # no label stays no label
+
+
+def test_a_kind_says_what_its_spec_lacks():
+    with pytest.raises(ValueError, match="needs `bins`"):
+        TaskSpec.model_validate({"column": "age", "kind": "ordinal"})
+    with pytest.raises(ValueError, match="Did you mean 'regression'"):
+        TaskSpec.model_validate({"column": "age", "kind": "regresion", "bins": [30]})
+
+
+@pytest.mark.parametrize("kind", list(REGISTRIES))
+def test_every_registry_names_near_misses(kind):
+    reg = REGISTRIES[kind]
+    names = reg.names()
+    if not names:  # transforms and backbones are empty until a plugin registers one
+        with pytest.raises(RegistryError, match=f"unknown {reg.kind} 'nothing'"):
+            reg.get("nothing")
+        return
+    with pytest.raises(RegistryError, match="Did you mean"):
+        reg.get(names[0] + "x")
