@@ -77,6 +77,8 @@ def _augmentations(loaded: LoadedRecipe, size: tuple[int, int]) -> None:
 
 def check_trackers(names: list[str]) -> list[str]:
     """Accelerate trackers besides TensorBoard; each must be known to Accelerate and installed."""
+    if all(n == "tensorboard" for n in names):
+        return []  # written by the engine itself: nothing to import
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     for i, n in enumerate(names):
