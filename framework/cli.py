@@ -52,6 +52,19 @@ def prior_shift_option(f):
                              "{\"mask\": {\"wear\": 0.2, ...}}.")(f)
 
 
+def plugin_option(f):
+    return click.option("--plugin", "plugins", multiple=True, metavar="FILE|MODULE",
+                        help="Load this plugin first (repeatable): a run folder's own plugin list is never imported, "
+                             "name the ones you trust.")(f)
+
+
+def _load_plugins(specs) -> None:
+    from framework.plugins import load_plugin
+
+    for spec in specs:
+        load_plugin(spec)
+
+
 def _one_source(images, csv_file):
     if bool(images) == bool(csv_file):
         raise click.UsageError("give either --images DIR or --csv FILE.")
@@ -159,10 +172,12 @@ def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
 @tta_option
 @click.option("--proba", is_flag=True, help="Add each class's probability.")
 @prior_shift_option
-def predict(run, images, csv_file, out, tta, proba, prior_shift):
+@plugin_option
+def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
     """Predict images with RUN (a run folder: its best checkpoint; or a checkpoint file)."""
     from framework import api
 
+    _load_plugins(plugins)
     result = api.predict(run, _one_source(images, csv_file), out, tta, proba, prior_shift)
     click.echo(result["distribution"])
     click.echo(f"wrote {result['out']}: {result['predicted']} images (class shares in "
@@ -180,12 +195,14 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift):
 @tta_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")
-def evaluate(run, recipe_data, csv_file, out, tta, overrides):
+@plugin_option
+def evaluate(run, recipe_data, csv_file, out, tta, overrides, plugins):
     """Score RUN on a labelled set: per-class report, confusion matrix PNGs, class distribution."""
     if bool(recipe_data) == bool(csv_file):
         raise click.UsageError("give either --recipe-data FILE or --csv FILE.")
     from framework import api
 
+    _load_plugins(plugins)
     result = api.evaluate(run, recipe_data or csv_file, out, tta, overrides)
     click.echo(result["report"])
     click.echo(f"written to {result['out']}")
@@ -202,11 +219,13 @@ def evaluate(run, recipe_data, csv_file, out, tta, overrides):
 @tta_option
 @click.option("--proba", is_flag=True)
 @prior_shift_option
-def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift):
+@plugin_option
+def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift, plugins):
     """Combine RUNS by hard or soft voting; per-task runs combine into the composite answer."""
     from framework import api
     from framework.inference.ensemble import Voting
 
+    _load_plugins(plugins)
     voting = Voting(method, weights, composite, tta, prior_shift)
     result = api.ensemble(list(runs), _one_source(images, csv_file), out, voting, proba)
     for q, prior in result["estimated_priors"].items():
@@ -307,11 +326,13 @@ def inspect_cmd(recipe, overrides, out):
 @click.option("--target", help="Explain this class (default: the predicted one).")
 @click.option("--layer", help="Module name of the target layer (default: chosen automatically).")
 @click.option("--out", type=click.Path(file_okay=False), default="explain", show_default=True)
-def explain(run, images, task, target, layer, out):
+@plugin_option
+def explain(run, images, task, target, layer, out, plugins):
     """Grad-CAM heatmaps of RUN's model over IMAGES (files, folders, or CSVs with a `path` column and, for runs
     that crop to faces, the recipe's box columns), and a contact sheet."""
     from framework import api
 
+    _load_plugins(plugins)
     result = api.explain(run, list(images), out, task, target, layer)
     click.echo(f"wrote {len(result['files'])} heatmaps and {result['out']}/contact_sheet.png")
 

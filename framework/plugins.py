@@ -32,15 +32,35 @@ def _failure(e: BaseException, path: str | None) -> tuple[int | None, str]:
     return None, ""
 
 
+def _is_file(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec
+
+
+def module_name(spec: str) -> str:
+    """The module a plugin spec (a .py file path or a module name) is imported as."""
+    if not _is_file(spec):
+        return spec
+    path = str(Path(spec).resolve())
+    return f"recipe_plugin_{Path(spec).stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+_LOADED_FILES: set[str] = set()  # file names of the plugin files imported in this process
+
+
+def is_loaded(spec: str) -> bool:
+    """Whether this plugin has been imported in this process (by a recipe, or by the user's --plugin): the same
+    module, or a plugin file of the same name (a run folder made elsewhere names the file where it was then)."""
+    return module_name(spec) in sys.modules or (_is_file(spec) and Path(spec).name in _LOADED_FILES)
+
+
 def load_plugin(spec: str, where: Issue | None = None) -> str:
     """Import one plugin (a .py file path or a module name); returns the module name."""
-    is_file = spec.endswith(".py") or "/" in spec
+    is_file = _is_file(spec)
     path = str(Path(spec).resolve()) if is_file else None
     if is_file and not Path(spec).is_file():
         raise PluginError(_issue(where, f"plugin file not found: {spec}.",
                                  "give the path relative to the recipe, or a module name."))
-    name = (f"recipe_plugin_{Path(spec).stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-            if is_file else spec)
+    name = module_name(spec)
     if name in sys.modules:
         return name
     try:
@@ -69,6 +89,8 @@ def load_plugin(spec: str, where: Issue | None = None) -> str:
         raise PluginError(_issue(where, f"plugin {spec}{f' line {line}' if line else ''} raised "
                                         f"{type(e).__name__}: {e}." + (f" The line: `{code}`." if code else ""),
                                  "fix the plugin; it runs when a recipe names it.")) from None
+    if is_file:
+        _LOADED_FILES.add(Path(spec).name)
     return name
 
 

@@ -72,7 +72,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     if bad:
         raise RunError(Issue(f"--set {bad[0]}: only the bins of regression tasks can change after training.",
                              field="--set", fix="e.g. --set tasks.age.bins=[30,58]."))
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides).recipe
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides, run_plugins=False).recipe  # (never its code)
     stored = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     state = ckpt.load(ckpt_path)
     if not all(isinstance(v, dict) for v in stored.values()) or not isinstance(state.get("classes"), dict):

@@ -39,12 +39,34 @@ class LoadedRecipe:
         self.warnings.append(issue_at(self.locs, path, message, fix, str(self.path)))
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> LoadedRecipe:
-    """Read, merge (extends, --set), load the plugins it names, validate the schema."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple = (), run_plugins: bool = True) -> LoadedRecipe:
+    """Read, merge (extends, --set), load the plugins it names, validate the schema.
+
+    `run_plugins=False` is for recipes from elsewhere (a run folder's recipe.resolved.yaml): none of the plugins it
+    names is imported; each must already be loaded (by the user, `--plugin`), else a RunError names them."""
     path = Path(path)
     data, locs = load_dict(path, list(overrides))
-    load_plugins(data, locs, path)
+    if run_plugins:
+        load_plugins(data, locs, path)
+    else:
+        check_plugins_loaded(data, path)
     return LoadedRecipe(validate_data(data, locs, str(path)), path, locs)
+
+
+def check_plugins_loaded(data: dict, path: Path) -> None:
+    """A run folder names plugins (code) it was trained with; they run only if the user names them."""
+    from framework.errors import RunError
+    from framework.plugins import is_loaded, load_entry_points
+
+    load_entry_points()  # installed packages: the user's own choice
+    specs = [s for s in (data.get("plugins") or []) if isinstance(s, str)]
+    missing = [s for s in specs if not is_loaded(s)]
+    if missing:
+        raise RunError(Issue(f"this run was trained with plugin code ({', '.join(missing)}); code named by a run "
+                             "folder is never imported on its own (a shared run folder could run anything).",
+                             field="plugins", file=str(path),
+                             fix="if you trust it, name each plugin yourself: " +
+                                 " ".join(f"--plugin {s}" for s in missing) + "."))
 
 
 def load_plugins(data: dict, locs: dict, path: Path) -> None:
