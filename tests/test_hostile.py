@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from framework import api
 from tests.conftest import tiny_recipe
@@ -52,3 +54,87 @@ def test_a_run_folder_never_runs_the_plugin_code_it_names(shared_run, tmp_path, 
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     assert marker.exists()
     marker.unlink()
+
+
+BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nnotes: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n")
+
+
+@pytest.mark.parametrize("text,words", [
+    (BOMB, "expands to more than 20,000 values"),  # 10^6 values from 300 bytes
+    ("notes: &x [*x]\n", "more than 50 levels"),  # an alias inside itself
+    ("notes: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),  # PyYAML recursed into a RecursionError
+    ("extends: bomb.yaml\nnotes: hi\n", "expands to more than 20,000 values"),  # through `extends`
+    ("model: {backbone: resnet10t}\n", "--set: the YAML expands"),  # in a --set value
+], ids=["alias-bomb", "self-alias", "deep-nesting", "bomb-via-extends", "bomb-in-set"])
+def test_yaml_that_expands_without_end_is_a_located_error(tmp_path, text, words):
+    from click.testing import CliRunner
+
+    from framework.cli import main
+
+    (tmp_path / "bomb.yaml").write_text(BOMB)
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    sets = ["--set", "notes=[&a [1, 1, 1, 1, 1, 1, 1, 1], &b [*a, *a, *a, *a, *a, *a, *a, *a], "
+                     "&c [*b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c], "
+                     "[*d, *d, *d, *d, *d, *d, *d, *d]]"] if "--set" in words else []
+    result = CliRunner().invoke(main, ["validate", str(path), *sets])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert "Traceback" not in result.output and "RecursionError" not in result.output
+
+
+def test_location_merging_over_extends_keeps_the_childs_places_and_drops_replaced_ones(tmp_path):
+    from framework.recipe.load import load_dict
+
+    items = "\n".join(f"  k{i}: [{i}, {i + 1}]" for i in range(2000))
+    (tmp_path / "base.yaml").write_text("notes: x\nmeta:\n" + items + "\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmeta:\n  k7: other\n")
+    data, locs = load_dict(tmp_path / "child.yaml")
+    assert data["meta"]["k7"] == "other" and data["meta"]["k8"] == [8, 9]
+    assert locs[("meta", "k7")][0].endswith("child.yaml") and locs[("meta", "k8")][0].endswith("base.yaml")
+    assert ("meta", "k7", 0) not in locs  # the base's list was replaced by a string
+
+
+_SCALAR = st.sampled_from(["x", "1", "2.5", "true", "null", "'a b'"])
+
+
+@st.composite
+def _yaml_documents(draw):
+    """YAML text with anchors, aliases (to earlier anchors, or to an anchor being defined) and nesting."""
+    anchors: list[str] = []
+
+    def value(depth):
+        kind = draw(st.sampled_from(["scalar", "list", "map", "alias"] if depth < 6 else ["scalar", "alias"]))
+        if kind == "alias" and anchors:
+            return "*" + draw(st.sampled_from(anchors))
+        if kind in ("scalar", "alias"):
+            return draw(_SCALAR)
+        anchor = ""
+        if draw(st.booleans()):
+            anchors.append(f"a{len(anchors)}")
+            anchor = f"&{anchors[-1]} "
+        n = draw(st.integers(0, 6))
+        if kind == "list":
+            return anchor + "[" + ", ".join(value(depth + 1) for _ in range(n)) + "]"
+        return anchor + "{" + ", ".join(f"k{i}: {value(depth + 1)}" for i in range(n)) + "}"
+
+    return "notes: " + value(0) + "\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(_yaml_documents())
+def test_fuzzed_yaml_with_aliases_and_nesting_loads_or_fails_clearly(tmp_path_factory, text):
+    """Whatever the aliases and nesting, reading a recipe either gives bounded data or a RecipeError (work is
+    bounded by MAX_NODES, so no case can hang)."""
+    from framework.errors import RecipeError
+    from framework.recipe.load import MAX_NODES, load_dict
+
+    path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
+    path.write_text(text)
+    try:
+        data, locs = load_dict(path)
+    except RecipeError as e:
+        assert e.issues[0].file and e.issues[0].message
+        return
+    assert len(locs) <= MAX_NODES + 10

@@ -7,6 +7,7 @@ pydantic's, a transform's, a missing folder - can name the exact place to fix.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,18 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml_value(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """A --set value, read as YAML within the same limits as a recipe file."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _construct(loader, node, (), SET_SOURCE, {}, [0])
+    except RecipeError as e:  # a place inside the value means nothing on a command line
+        raise RecipeError([dataclasses.replace(i, line=None, column=None) for i in e.issues]) from None
+    except RecursionError:
+        raise RecipeError(Issue(f"the value is nested too deeply (more than {MAX_DEPTH} levels).", file=SET_SOURCE,
+                                fix="check for runaway brackets.")) from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path) -> tuple[Any, Locs]:
@@ -55,7 +67,10 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
     try:
         node = loader.get_single_node()
         locs: Locs = {}
-        data = _construct(loader, node, (), str(path), locs) if node is not None else None  # None: empty file
+        data = _construct(loader, node, (), str(path), locs, [0]) if node is not None else None  # None: empty
+    except RecursionError:  # thousands of nested brackets: PyYAML's composer recurses per level
+        raise RecipeError(Issue(f"the YAML is nested too deeply (more than {MAX_DEPTH} levels).", file=str(path),
+                                fix="a recipe is a few levels deep; check for runaway brackets.")) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise RecipeError(Issue(f"invalid YAML: {e.problem or e.context}.", file=str(path),
@@ -68,25 +83,39 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
     return ({} if data is None else data), locs
 
 
-def _construct(loader, node, key_path: tuple, file: str, locs: Locs):
-    locs[key_path] = (file, node.start_mark.line + 1, node.start_mark.column + 1)
+MAX_DEPTH = 50  # levels of nesting; a real recipe has fewer than 10
+MAX_NODES = 20_000  # values after aliases are expanded; a real recipe has a few hundred
+
+
+def _construct(loader, node, key_path: tuple, file: str, locs: Locs, count: list):
+    """Plain data from a node, recording each key path's location. Aliases are expanded, within limits: a few
+    hundred bytes of nested aliases would otherwise expand to billions of values (or to itself, forever)."""
+    count[0] += 1
+    line, column = node.start_mark.line + 1, node.start_mark.column + 1
+    if count[0] > MAX_NODES or len(key_path) > MAX_DEPTH:
+        what = f"more than {MAX_NODES:,} values" if count[0] > MAX_NODES else f"more than {MAX_DEPTH} levels"
+        raise RecipeError(Issue(f"the YAML expands to {what} (aliases such as *name repeat what they point to).",
+                                file=file, line=line, column=column,
+                                fix="write the values out, or use fewer nested aliases; a recipe that points to "
+                                    "itself (&x [*x]) never ends."))
+    locs[key_path] = (file, line, column)
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for k_node, v_node in node.value:
-            key = loader.construct_object(k_node, deep=True)
-            if isinstance(key, (list, dict)):
+            if not isinstance(k_node, yaml.ScalarNode):
                 raise RecipeError(Issue("a mapping key must be a plain word.", file=file,
                                         line=k_node.start_mark.line + 1, column=k_node.start_mark.column + 1))
+            key = loader.construct_object(k_node, deep=True)
             if key in out:
                 raise RecipeError(Issue(f"key {key!r} appears twice in the same mapping.", file=file,
                                         line=k_node.start_mark.line + 1, column=k_node.start_mark.column + 1,
                                         fix="keep one of them."))
             sub = key_path + (key,)
-            out[key] = _construct(loader, v_node, sub, file, locs)
+            out[key] = _construct(loader, v_node, sub, file, locs, count)
             locs[sub] = (file, k_node.start_mark.line + 1, k_node.start_mark.column + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, n, key_path + (i,), file, locs) for i, n in enumerate(node.value)]
+        return [_construct(loader, n, key_path + (i,), file, locs, count) for i, n in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -113,13 +142,11 @@ def deep_merge(base: Any, over: Any) -> Any:
 
 
 def _merge_locs(base: Locs, over: Locs, over_data: Any, base_data: Any) -> Locs:
-    """Locations after deep_merge: a replaced value drops the base's locations below it."""
-    out = dict(base)
-    for path, loc in over.items():
-        if path and _replaces(_get(base_data, path), _get(over_data, path)):
-            for p in [p for p in out if p[: len(path)] == path and len(p) > len(path)]:
-                del out[p]
-        out[path] = loc
+    """Locations after deep_merge: a replaced value drops the base's locations below it. Linear in the number of
+    locations (each path is checked against the replaced ones by its own prefixes)."""
+    replaced = {path for path in over if path and _replaces(_get(base_data, path), _get(over_data, path))}
+    out = {p: loc for p, loc in base.items() if not any(p[:k] in replaced for k in range(1, len(p)))}
+    out.update(over)
     return out
 
 
