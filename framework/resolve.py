@@ -111,7 +111,7 @@ def _review_hooks(recipe) -> None:
 
 
 def check_images(loaded: LoadedRecipe, plan: DataPlan) -> None:
-    """Every image the run would read is a file: a count and the first few missing, per source. With
+    """Every image the run would read is a regular file: a count and the first few missing, per source. With
     `data.bad_images: skip` they are a warning (the run leaves them out)."""
     missing: dict[str, list[str]] = {}
     for row, side in zip(plan.rows, plan.sides):
@@ -124,7 +124,8 @@ def check_images(loaded: LoadedRecipe, plan: DataPlan) -> None:
     for source, paths in missing.items():
         where = ("data", "sources", names.index(source)) if source in names else ("data",)
         shown = ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
-        items.append((where, f"{len(paths)} image(s) of source {source!r} do not exist: {shown}.",
+        items.append((where, f"{len(paths)} image(s) of source {source!r} do not exist (or are not regular files): "
+                             f"{shown}.",
                       "fix the paths (relative to data.root), restore the files, or set data.bad_images: skip to "
                       "train without them."))
     if loaded.recipe.data.bad_images == "skip":

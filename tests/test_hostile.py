@@ -138,3 +138,31 @@ def test_fuzzed_yaml_with_aliases_and_nesting_loads_or_fails_clearly(tmp_path_fa
         assert e.issues[0].file and e.issues[0].message
         return
     assert len(locs) <= MAX_NODES + 10
+
+
+def test_a_device_named_as_an_image_is_refused_not_read(tmp_path):
+    """/dev/zero in a manifest: reading it never ends (it hung a disk-cached run at 1 GB while hashing). Only
+    regular files are opened; validate names it, and a skipping run lists it."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from framework.cli import main
+    from framework.data.dataset import DiskCache, prepare
+    from framework.recipe.schema import ResizeSpec
+    from framework.transforms import resize_stage
+
+    path = tiny_recipe(tmp_path, data={"cache": "disk", "cache_dir": str(tmp_path / "cache")})
+    manifest = tmp_path / "tiny.csv"
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    rows[0]["path"] = "/dev/zero"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "/dev/zero" in result.output and "not regular files" in result.output
+    cache = DiskCache(tmp_path / "cache", "s", 10**9)
+    _, _, failures = prepare([{"path": "/dev/zero"}, {"path": str(tmp_path)}], resize_stage((32, 32), ResizeSpec()),
+                             cache=cache)
+    assert [why for _, why in failures] == ["not a regular file (a device, pipe or folder)"] * 2

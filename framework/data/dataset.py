@@ -29,8 +29,24 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+def regular_file(path: str) -> None:
+    """Only regular files are read: a device (/dev/zero), a FIFO or a folder named as an image is refused before it
+    is opened (reading /dev/zero never ends)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(path, "not a regular file (a device, pipe or folder)")
+
+
 def decode(path: str) -> np.ndarray:
     """The image as an RGB uint8 array (H, W, 3), upright, transparency flattened onto white."""
+    regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -52,7 +68,6 @@ def decode(path: str) -> np.ndarray:
 
 def _size(path: str) -> int:
     try:
-        import os
         return os.path.getsize(path)
     except OSError:
         return -1
@@ -108,6 +123,7 @@ class DiskCache:
         self.hits = self.misses = 0
 
     def key(self, path: str, box, detect: bool) -> str:
+        regular_file(path)
         h = hashlib.blake2b(digest_size=20)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
