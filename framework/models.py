@@ -6,6 +6,7 @@ recipe's), so training, evaluation and `predict` can never disagree about prepro
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -191,6 +192,27 @@ def check_input_size(model_cfg, size: tuple[int, int]) -> None:
                          "auto), or another backbone.") from None
 
 
+def unreadable_torch_file(path: Path, e: Exception) -> tuple[str, str]:
+    """What a file that `torch.load(weights_only=True)` refused is, and the fix: pickled objects (refused, since
+    loading them runs code), a plain pickle, a truncated or damaged file, or something else."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if found:  # e.g. torch.save(model): unpickling it would run the code of its classes
+        return (f"it holds pickled Python objects ({found.group(1)}), e.g. a whole model saved with "
+                "torch.save(model); they are refused, since loading them runs code",
+                "save the weights alone where the model was made: torch.save(model.state_dict(), path) or "
+                "safetensors' save_file; never load such a file from a source you do not trust")
+    try:
+        head = path.read_bytes()[:2] if path.stat().st_size else b""
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80":
+        return ("it is a plain Python pickle, not a PyTorch file; it is refused, since loading it runs code",
+                "save tensors with torch.save(state_dict, path) or safetensors' save_file")
+    if head == b"PK":
+        return "it is a PyTorch file that is truncated or damaged", "copy it again (or train again)"
+    return "it is not a PyTorch file (nor safetensors)", "give a .safetensors file or a state_dict saved with torch.save"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a torch file loaded with weights_only=True (no code runs)."""
     p = Path(path)
@@ -202,20 +224,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             state = load_file(str(p))
         else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # (torch warns about a plain pickle's protocol before refusing it)
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:  # e.g. torch.save(model): unpickling it would run the code of its classes
-            raise FieldError(("model", "weights"), f"{p} holds pickled Python objects ({found.group(1)}), e.g. a "
-                             "whole model saved with torch.save(model); they are refused, since loading them runs code.",
-                             "save the weights alone where the model was made: torch.save(model.state_dict(), path) "
-                             "or safetensors' save_file.") from None
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        if first.startswith("Weights only load failed"):
-            first = "not a PyTorch file"
-        raise FieldError(("model", "weights"), f"cannot read weights from {p} ({first[:160]}): the file is "
-                         "truncated or in another format.",
-                         "copy it again, or give a .safetensors file or a state_dict saved with torch.save.") from None
+        what, fix = unreadable_torch_file(p, e)
+        raise FieldError(("model", "weights"), f"cannot use {p}: {what}.", fix) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

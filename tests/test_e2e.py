@@ -228,9 +228,12 @@ def test_unusable_weights_files_are_named_with_the_fix(tmp_path):
     torch.save(timm.create_model("test_resnet"), tmp_path / "whole_model.pt")  # a model, not its state_dict
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole_model.pt").read_bytes()[:500])
     (tmp_path / "notes.pt").write_text("not weights")
+    import pickle
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
     expected = {"whole_model.pt": ("pickled Python objects (timm.models.resnet.ResNet)", "model.state_dict()"),
-                "truncated.pt": ("truncated or in another format", "copy it again"),
-                "notes.pt": ("(not a PyTorch file): the file is truncated", "copy it again"),
+                "truncated.pt": ("a PyTorch file that is truncated or damaged", "copy it again"),
+                "notes.pt": ("not a PyTorch file (nor safetensors)", "give a .safetensors file"),
+                "plain.pt": ("a plain Python pickle, not a PyTorch file", "torch.save(state_dict"),
                 "missing.pt": ("weights file not found", "checkpoints/best.pt")}
     for name, (message_part, fix_part) in expected.items():
         with pytest.raises(FieldError) as e:

@@ -166,3 +166,33 @@ def test_a_device_named_as_an_image_is_refused_not_read(tmp_path):
     _, _, failures = prepare([{"path": "/dev/zero"}, {"path": str(tmp_path)}], resize_stage((32, 32), ResizeSpec()),
                              cache=cache)
     assert [why for _, why in failures] == ["not a regular file (a device, pipe or folder)"] * 2
+
+
+@pytest.mark.slow
+def test_an_untrusted_checkpoint_is_refused_with_what_it_is(shared_run, tmp_path):
+    """A run folder whose best.pt is pickled code: every command that loads it says what it is, no traceback,
+    and the code never runs."""
+    import shutil
+
+    run_dir, marker = shared_run
+    doctored = tmp_path / "doctored"
+    shutil.copytree(run_dir, doctored)
+    recipe = yaml.safe_load((doctored / "recipe.resolved.yaml").read_text())
+    recipe["plugins"] = []
+    (doctored / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": Evil()}, doctored / "checkpoints" / "best.pt")
+    data = run_dir.parent.parent / "tiny.csv"
+    for args in (["predict", doctored, "--csv", data, "--out", tmp_path / "p.csv"],
+                 ["evaluate", doctored, "--csv", data, "--out", tmp_path / "e"],
+                 ["ensemble", doctored, doctored, "--csv", data, "--out", tmp_path / "x.csv"],
+                 ["explain", doctored, data, "--out", tmp_path / "x"]):
+        out = _cli(*args)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "pickled Python objects" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not marker.exists()

@@ -7,6 +7,7 @@ exactly where the straight one would be.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,22 @@ def save(path: Path, state: dict) -> None:
 
 
 def load(path: Path) -> dict:
-    """A training checkpoint (tensors, numbers, strings and RNG states only; no code is unpickled)."""
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    """A training checkpoint (tensors, numbers, strings and RNG states only; no code is unpickled). A file that is
+    not one (pickled objects, a damaged or foreign file) is a RunError that says what it is."""
+    from framework.errors import Issue, RunError
+    from framework.models import unreadable_torch_file
+
+    try:
+        with warnings.catch_warnings():  # (torch warns about a plain pickle's protocol before refusing it)
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, the user gets what the file is
+        what, fix = unreadable_torch_file(Path(path), e)
+        raise RunError(Issue(f"cannot use the checkpoint {path}: {what}.", fix=fix)) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(Issue(f"{path} is not a checkpoint of this framework (no `model` state).",
+                             fix="give a run folder made by `recipe run`, or a checkpoint inside one."))
+    return state
 
 
 def training_state(built, epoch: int, best: dict) -> dict:
