@@ -51,6 +51,11 @@ CASES = [
     ("bad-bins", ("{column: mask_state, classes: [wear, incorrect, not_wear]}", "{column: age, bins: [60, 30]}"),
      5, "data.target.bins", ["strictly increasing"]),
     ("missing-base", ("data:\n", "extends: nowhere.yaml\ndata:\n"), 1, "extends", ["nowhere.yaml", "does not exist"]),
+    ("infinite-lr", ("train: {epochs: 3", "train: {optimizer: {lr: .inf}, epochs: 3"), 12, "train.optimizer.lr",
+     ["finite number"]),
+    ("nan-ratio", ("ratio: 0.2", "ratio: .nan"), 7, "validation.ratio", ["finite number"]),
+    ("huge-image", ("image_size: 64", "image_size: 100000"), 9, "transforms.image_size", ["above 4096"]),
+    ("huge-epochs", ("epochs: 3", "epochs: 1e29"), 12, "train.epochs", ["1e+29"]),
 ]
 
 

@@ -35,13 +35,13 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     """Drop what pydantic adds to a location that is not in the data: union tags and union member names."""
     out: list = []
     cur = data
-    for el in loc:
+    for i, el in enumerate(loc):
         if isinstance(cur, dict):
             if el in cur:
                 out.append(el)
                 cur = cur[el]
-            elif el in (cur.get("type"), cur.get("name"), "plugin"):
-                continue  # discriminated-union tag
+            elif el in (cur.get("type"), cur.get("name"), "plugin") or (i + 1 < len(loc) and loc[i + 1] in cur):
+                continue  # discriminated-union tag (also a default one the data leaves out)
             else:
                 out.append(el)  # a missing key
                 cur = None

@@ -5,7 +5,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # unknown keys are errors; so are inf and nan anywhere numeric (a learning rate of .inf trained "fine" on nan)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 def _default_tag(data, key: str, tag: str, value: str):

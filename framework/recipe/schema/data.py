@@ -182,7 +182,7 @@ class KFoldSplit(_SplitOptions):
     """k folds (stratified, grouped); `fold` is the validation fold of this run."""
 
     type: Literal["kfold"]
-    k: int = Field(5, ge=2, description="Number of folds.")
+    k: int = Field(5, ge=2, le=100, description="Number of folds.")
     fold: int = Field(0, ge=0, description="Which fold is validation (0 .. k-1).")
 
     @model_validator(mode="after")

@@ -49,6 +49,9 @@ class TransformsSection(_Section):
         sizes = (v,) if isinstance(v, int) else (v if isinstance(v, tuple) else ())
         if any(s < 8 for s in sizes):
             raise ValueError("image sizes must be at least 8 pixels")
+        if any(s > 4096 for s in sizes):
+            raise ValueError("image sizes above 4096 pixels per side are not a classifier's input (a 4096x4096 "
+                             "batch of 32 is 6 GB of pixels); use 224-512, or resize your data first")
         return v
 
     @field_validator("train")
@@ -176,8 +179,8 @@ class TrainSection(_Section):
     def _default_choices(cls, data):
         return _default_tag(_default_tag(data, "optimizer", "name", "adamw"), "scheduler", "name", "cosine")
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1, description="Per process.")
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=65_536, description="Per process.")
     optimizer: Optimizer = Field(default_factory=lambda: AdamW(name="adamw"))
     scheduler: Scheduler = Field(default_factory=lambda: Cosine(name="cosine"))
     loss: LossSpec = Field(default_factory=LossSpec)
@@ -185,7 +188,7 @@ class TrainSection(_Section):
         "random", description="balanced: draw classes equally often (with replacement) each epoch; sqrt: draw each "
                               "class in proportion to the square root of its size (rare classes oversampled less).")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
-    grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Optimizer step every N batches.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     mixup: float = Field(0.0, ge=0, description="Mixup: blend each training image (and its loss) with another of "
                                                 "the batch by a Beta(a, a) weight; 0 = off, 0.2-0.4 is usual.")
