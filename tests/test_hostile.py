@@ -196,3 +196,25 @@ def test_an_untrusted_checkpoint_is_refused_with_what_it_is(shared_run, tmp_path
         assert out.returncode == 2, out.stdout + out.stderr
         assert "pickled Python objects" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda text: text.replace("wear", "wéar", 1).encode("latin-1"), ["line 2 is not UTF-8", "iconv"]),
+    (lambda text: text.replace(".jpg", ".jpg\x00", 3).encode(), ["holds a NUL byte", "plain CSV text"]),
+], ids=["latin-1", "nul-byte"])
+def test_a_manifest_that_is_not_utf8_text_is_a_located_error(tmp_path, damage, words):
+    from click.testing import CliRunner
+
+    from framework.cli import main
+
+    path = tiny_recipe(tmp_path)
+    manifest = tmp_path / "tiny.csv"
+    manifest.write_bytes(damage(manifest.read_text(encoding="utf-8")))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "data.sources[0].manifest" in result.output, result.output
+    assert all(w in result.output for w in words) and "Traceback" not in result.output, result.output
+    from framework.errors import RunError
+    from framework.inference.run import list_images
+
+    with pytest.raises(RunError, match=words[0]):  # the same CSV given to predict / ensemble
+        list_images(csv_file=manifest)

@@ -92,10 +92,7 @@ def read_csv(src, root: Path, where: tuple) -> list[dict]:
         raise FieldError(where + ("manifest",), f"manifest not found: {manifest}.",
                          "give the CSV's path relative to data.root (or absolute).", DataError)
     image_root = _resolve(root, src.root) if src.root else manifest.parent
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        table = list(reader)
+    header, table = read_table(manifest, where + ("manifest",))
     needed = [("path_column", src.path_column)] + ([("group_column", src.group_column)] if src.group_column else [])
     needed += [("box_columns", c) for c in (src.box_columns or [])]
     needed += [("filter", c) for c in (src.filter or {})]
@@ -128,6 +125,30 @@ def read_csv(src, root: Path, where: tuple) -> list[dict]:
         row["_line"] = f"{manifest}:{line}"
         rows.append(row)
     return rows
+
+
+def read_table(path: Path, where: tuple) -> tuple[list[str], list[dict]]:
+    """A CSV file as (header, rows). A file that is not UTF-8 text (a Latin-1 export) or holds NUL bytes (binary
+    data) is an error naming its line and the fix."""
+    import io
+
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise FieldError(where, f"{path.name} line {line} holds a NUL byte: binary data, not CSV text.",
+                         "export the manifest again as plain CSV text.", DataError)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FieldError(where, f"{path.name} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); it was "
+                         "probably saved as Latin-1 / Windows-1252.",
+                         f"re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8.csv.", DataError) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as e:
+        raise FieldError(where, f"{path.name} is not a readable CSV: {e}.", "check its quoting.", DataError) from None
 
 
 def row_box(rec: dict, cols) -> tuple[float, float, float, float] | None:

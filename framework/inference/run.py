@@ -117,13 +117,17 @@ def list_images(images: str | Path | None = None, csv_file: str | Path | None = 
     path = Path(csv_file)
     if not path.is_file():
         raise RunError(Issue(f"CSV not found: {path}.", field="--csv", fix="give a CSV with a `path` column."))
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if "path" not in (reader.fieldnames or []):
-            raise RunError(Issue(f"{path.name} has no `path` column (columns: {reader.fieldnames}).",
-                                 field="--csv", fix="name the image column `path`."))
-        return ImageList([str(p if Path(p).is_absolute() else path.parent / p) for p in (r["path"] for r in reader)],
-                         path)
+    from framework.data.readers import read_table
+    from framework.errors import FieldError
+
+    try:
+        header, rows = read_table(path, ())
+    except FieldError as e:
+        raise RunError([Issue(m, field="--csv", file=str(path), fix=f) for _, m, f in e.items]) from None
+    if "path" not in header:
+        raise RunError(Issue(f"{path.name} has no `path` column (columns: {header}).", field="--csv",
+                             fix="name the image column `path`."))
+    return ImageList([str(p if Path(p).is_absolute() else path.parent / p) for p in (r["path"] for r in rows)], path)
 
 
 def face_boxes(run: LoadedRun, csv_file: str | Path | None) -> list | None:
