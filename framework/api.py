@@ -243,17 +243,22 @@ def inspect(path: str | Path, overrides: list[str] | tuple = (), out: str | Path
 
 
 def compare(paths: list[str | Path] = ("runs",), baseline: str | Path | None = None, sort: str | None = None,
-            fmt: str = "table") -> tuple[str, int]:
-    """The experiment sheet of run folders (and `--all-folds` cross-validations) as text; and its row count."""
-    from framework.review.compare import find_crossvals, find_runs, render, sheet
+            fmt: str = "table") -> tuple[str, int, list[str]]:
+    """The experiment sheet of run folders (and `--all-folds` cross-validations) as text, its row count, and a
+    warning for each folder left out because it is damaged."""
+    from framework.review.compare import damaged, damaged_crossval, find_crossvals, find_runs, render, sheet
 
     paths = list(paths) or ["runs"]
     found, crossvals = find_runs(paths), find_crossvals(paths)
     if not found and not crossvals:
         raise RunError(Issue(f"no run folders in {', '.join(map(str, paths))} (a run folder has summary.json).",
                              field="RUNS", fix="give run folders, or folders that hold them."))
+    problems = {p: damaged(p) for p in found} | {p: damaged_crossval(p) for p in crossvals}
+    warnings = [f"left out {p}: {why}" for p, why in problems.items() if why]
+    found = [p for p in found if not problems[p]]
+    crossvals = [p for p in crossvals if not problems[p]]
     cols, rows = sheet(found, Path(baseline) if baseline else None, sort, crossvals)
-    return render(cols, rows, fmt), len(rows)
+    return render(cols, rows, fmt), len(rows), warnings
 
 
 def registered(recipe: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:

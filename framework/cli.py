@@ -252,7 +252,9 @@ def compare(runs, baseline, sort_key, fmt, out):
     runs/). A cross-validation is one more row: its folds pooled."""
     from framework import api
 
-    text, n = api.compare(list(runs) or ["runs"], baseline, sort_key, fmt)
+    text, n, warnings = api.compare(list(runs) or ["runs"], baseline, sort_key, fmt)
+    for w in warnings:
+        click.echo("warning: " + w, err=True)
     if out:
         Path(out).write_text(text, encoding="utf-8")
         click.echo(f"wrote {out} ({n} runs)")
@@ -296,7 +298,10 @@ def sweep(recipes, grid, overrides, prefix, dry_run):
         return
     done = [r["run_dir"] for r in results if r.get("run_dir")]
     if done:
-        click.echo(api.compare(done)[0], nl=False)
+        text, _, warnings = api.compare(done)
+        click.echo(text, nl=False)
+        for w in warnings:
+            click.echo("warning: " + w, err=True)
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         click.echo(f"failed: {r['name']}: {r['error'].splitlines()[0]}", err=True)

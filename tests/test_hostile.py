@@ -218,3 +218,27 @@ def test_a_manifest_that_is_not_utf8_text_is_a_located_error(tmp_path, damage, w
 
     with pytest.raises(RunError, match=words[0]):  # the same CSV given to predict / ensemble
         list_images(csv_file=manifest)
+
+
+@pytest.mark.slow
+def test_compare_skips_damaged_run_folders_with_a_warning_naming_them(shared_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from framework.cli import main
+
+    run_dir, _ = shared_run
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "good")
+    for name, file, text in [("truncated", "summary.json", '{"status": "fini'), ("a-list", "summary.json", "[1, 2]"),
+                             ("bad-recipe", "recipe.resolved.yaml", "model: [unclosed"),
+                             ("recipe-is-a-list", "recipe.resolved.yaml", "- a\n- b\n")]:
+        shutil.copytree(run_dir, runs / name)
+        (runs / name / file).write_text(text)
+    (runs / "x-cv.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["compare", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert "good" in result.output and "Traceback" not in result.output
+    for name in ("truncated", "a-list", "bad-recipe", "recipe-is-a-list", "x-cv.json"):
+        assert f"warning: left out {runs / name}" in result.output, result.output

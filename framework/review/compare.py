@@ -28,6 +28,31 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
+def damaged(run: Path) -> str | None:
+    """Why a run folder cannot be put on the sheet (a truncated or hand-edited summary.json or recipe), or None."""
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        recipe = (run / "recipe.resolved.yaml")
+        resolved = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.exists() else {}
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if not isinstance(summary, dict):
+        return f"summary.json holds a {type(summary).__name__}, not a run's summary"
+    if not isinstance(resolved, (dict, type(None))):
+        return f"recipe.resolved.yaml holds a {type(resolved).__name__}, not a recipe"
+    return None
+
+
+def damaged_crossval(path: Path) -> str | None:
+    """Why a NAME-cv.json cannot be a row, or None."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(result, dict) and isinstance(result.get("runs"), list) and result["runs"]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    return None if ok else "not the result of `recipe run --all-folds`"
+
+
 def flatten(data, prefix: str = "") -> dict[str, object]:
     """{'train': {'lr': 1}} -> {'train.lr': 1}; a list of mappings (sources, augmentations) by position,
     `data.sources.1.manifest`; other lists are values (compared whole)."""
@@ -185,7 +210,7 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     for path in crossvals:
         result = json.loads(path.read_text(encoding="utf-8"))
         first = path.parent / result["runs"][0]
-        if (first / "summary.json").is_file():
+        if (first / "summary.json").is_file() and not damaged(first):
             entries.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
     if not entries:
         return [], []
