@@ -57,6 +57,7 @@ def _prepare(path, overrides, name, resume, dist):
         run_dir = Path(resume)
         loaded, state, summary = run_folders.resume_state(run_dir, overrides)
         resolved = resolve(loaded)
+        run_folders.check_same_recipe(run_dir, resolved.recipe, state)
         run_folders.check_same_split(run_dir, resolved.plan)
         if overrides and dist.is_main_process:
             atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(loaded.recipe))

@@ -123,6 +123,23 @@ def resume_state(run_dir: Path, overrides) -> tuple:
     return loaded, state, summary
 
 
+def check_same_recipe(run_dir: Path, recipe, state: dict) -> None:
+    """The recipe a run resumes with is the one its checkpoint was trained with (train.epochs aside): an edited
+    recipe.resolved.yaml (another batch size, augmentation, learning rate, backbone) is refused, naming the keys."""
+    from framework.review.compare import flatten
+
+    if "recipe" not in state:  # a checkpoint written before checkpoints carried their recipe
+        return
+    now, then = flatten(recipe.model_dump(mode="json")), flatten(state["recipe"])
+    keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k != "train.epochs")
+    if keys:
+        shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
+        raise RunError(Issue(f"the recipe changed since this run's checkpoint was written ({shown}); a resumed run "
+                             "must be the same experiment.", field="--resume", file=str(run_dir / "recipe.resolved.yaml"),
+                             fix="undo the edit, or start a new run with the change; only train.epochs can be raised "
+                                 "(--set train.epochs=N)."))
+
+
 def check_same_split(run_dir: Path, plan) -> None:
     if [(r["path"], s) for r, s in zip(plan.rows, plan.sides)] != read_split(run_dir / "split.csv"):
         raise RunError(Issue("the data or its split changed since this run started (split.csv differs).",

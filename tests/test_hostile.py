@@ -242,3 +242,32 @@ def test_compare_skips_damaged_run_folders_with_a_warning_naming_them(shared_run
     assert "good" in result.output and "Traceback" not in result.output
     for name in ("truncated", "a-list", "bad-recipe", "recipe-is-a-list", "x-cv.json"):
         assert f"warning: left out {runs / name}" in result.output, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit,key", [(("train", "batch_size", 16), "train.batch_size"),
+                                      (("model", "backbone", "resnet10t"), "model.backbone"),
+                                      (("train", "optimizer", {"name": "adamw", "lr": 0.1}), "train.optimizer.lr")],
+                         ids=["batch-size", "backbone", "learning-rate"])
+def test_resume_refuses_an_edited_recipe_naming_the_keys(shared_run, tmp_path, edit, key):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from framework.cli import main
+
+    run_dir, _ = shared_run
+    copy = tmp_path / "edited"
+    shutil.copytree(run_dir, copy)
+    resolved = copy / "recipe.resolved.yaml"
+    recipe = yaml.safe_load(resolved.read_text())
+    recipe["plugins"] = []
+    section, field, value = edit
+    recipe[section][field] = value
+    resolved.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = CliRunner().invoke(main, ["run", "--resume", str(copy), "--set", "train.epochs=2"])
+    assert result.exit_code == 2, result.output
+    assert "the recipe changed since this run's checkpoint" in result.output and key in result.output, result.output
+    assert "Traceback" not in result.output
+    assert [json_line for json_line in (copy / "metrics.jsonl").read_text().splitlines()] == \
+        (run_dir / "metrics.jsonl").read_text().splitlines()  # nothing trained, nothing written

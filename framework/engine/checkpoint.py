@@ -48,6 +48,7 @@ def training_state(built, epoch: int, best: dict) -> dict:
             "thresholds": {t: h.threshold for t, h in built.heads.items() if h.chooses_threshold},
             "image_size": list(built.image_size),
             "backbone": recipe.model.backbone,
+            "recipe": recipe.model_dump(mode="json"),  # what resume checks the run folder's recipe against
             # `model` is what predictions use (the average with train.ema); `train_model` what training resumes
             "model": (built.ema if built.ema is not None else train_model).state_dict(),
             "train_model": train_model.state_dict() if built.ema is not None else None,
