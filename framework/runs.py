@@ -22,9 +22,14 @@ from framework.recipe.loaded import load_recipe, resolved_yaml
 
 
 def new_run_dir(root: Path, stem: str, name: str | None) -> Path:
-    """`root/name` (which must not exist), or `root/<stem>-<date>-<time>` made unique."""
+    """`root/name` (which must not exist, unless it is a run that failed before its first epoch: it is removed and
+    tried again), or `root/<stem>-<date>-<time>` made unique."""
     if name:
         run_dir = root / name
+        if run_dir.exists() and _never_trained(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir)
         if run_dir.exists():
             raise RunError(Issue(f"run folder {run_dir} already exists.", field="--name",
                                  fix=f"choose another --name, or continue it with `recipe run --resume {run_dir}`."))
@@ -53,6 +58,25 @@ def create(run_dir: Path, resolved, recipe_path: Path, overrides) -> dict:
             "classes": {t: lab.classes for t, lab in plan.labels.items()},
             "counts": plan.counts(), "dropped_rows": plan.dropped, "unused_rows": len(plan.indices("unused")),
             "versions": _versions(), "git_commit": _git_commit(recipe_path.resolve().parent), "wall_seconds": 0.0}
+
+
+def _never_trained(run_dir: Path) -> bool:
+    """A run folder whose run failed before its first epoch ended: nothing in it is worth keeping."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") == "failed" and summary.get("name") == run_dir.name
+            and not summary.get("epochs_done") and not any((run_dir / "checkpoints").glob("*.pt")))
+
+
+def clean_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove the temporary files of writes a killed process never finished (`.<name>.XXXX.tmp`, up to a
+    checkpoint's size each); returns them."""
+    partial = [p for p in run_dir.rglob(".*.tmp") if p.is_file()]
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return partial
 
 
 def _versions() -> dict:
@@ -120,6 +144,7 @@ def resume_state(run_dir: Path, overrides) -> tuple:
                              field="--resume", fix="raise them with --set train.epochs=N to train longer."))
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     summary.update(status="running", resumed_at_epoch=state["epoch"])
+    clean_partial_writes(run_dir)
     return loaded, state, summary
 
 

@@ -271,3 +271,44 @@ def test_resume_refuses_an_edited_recipe_naming_the_keys(shared_run, tmp_path, e
     assert "Traceback" not in result.output
     assert [json_line for json_line in (copy / "metrics.jsonl").read_text().splitlines()] == \
         (run_dir / "metrics.jsonl").read_text().splitlines()  # nothing trained, nothing written
+
+
+def test_a_run_that_failed_before_training_can_be_retried_under_its_name(tmp_path):
+    """An image that exists but cannot be decoded is found when the images are decoded, after the run folder is
+    made; the folder of such a run holds nothing worth keeping, so the same command again retries it."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from framework.cli import main
+
+    path = tiny_recipe(tmp_path)
+    manifest = tmp_path / "tiny.csv"
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8not really a jpeg")
+    rows[0]["path"] = str(tmp_path / "broken.jpg")
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["run", str(path), "--name", "again"])
+        assert result.exit_code == 2 and "broken.jpg" in result.output, result.output
+        assert "already exists" not in result.output
+
+
+@pytest.mark.slow
+def test_resume_removes_the_temporary_files_of_killed_writes(shared_run, tmp_path):
+    import shutil
+
+    run_dir, _ = shared_run
+    copy = tmp_path / "killed"
+    shutil.copytree(run_dir, copy)
+    recipe = yaml.safe_load((copy / "recipe.resolved.yaml").read_text())
+    recipe["plugins"] = []
+    (copy / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    orphans = [copy / "checkpoints" / ".last.pt.k2j4.tmp", copy / ".summary.json.x81q.tmp"]
+    for p in orphans:
+        p.write_bytes(b"\0" * 1000)
+    api.run(resume=copy, overrides=["train.epochs=2"], log=lambda *_: None)
+    assert not any(p.exists() for p in orphans)

@@ -106,9 +106,10 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
     improved = ckpt.improved(flat_metrics(record).get(cp.monitor), r.best, cp.mode)
     if improved:
         r.best = {"value": flat_metrics(record)[cp.monitor], "epoch": epoch}
+    if r.log.main:  # the checkpoint first: a metrics line never names an epoch that has none (a kill in between)
+        ckpt.save_epoch(r.run_dir / "checkpoints", ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
     r.log.epoch(record, r.best)
     if r.log.main:
-        ckpt.save_epoch(r.run_dir / "checkpoints", ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
         r.summary.update(best_metric=cp.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
                          epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})
         write_json(r.run_dir / "summary.json", r.summary)
