@@ -29,7 +29,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if _disk_full(e):
+        if _disk_full(e, path):
             from framework.errors import Issue, RunError
             raise RunError(Issue(f"no space left on the device while writing {path}; the previous {path.name} "
                                  "is unchanged.", fix="free some space (or move output.root), then continue "
@@ -37,11 +37,19 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def _disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also when a library wrapped it (torch.save raises RuntimeError '... enforce fail ...')."""
+def _disk_full(e: BaseException, path: Path) -> bool:
+    """ENOSPC / EDQUOT, also when a library hid it: torch.save on a full disk raises a RuntimeError ('[enforce fail
+    at inline_container.cc] unexpected pos ...'), so any failed write with (almost) no space left counts."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "No space left on device" in str(e) or "file write failed" in str(e)
+    if not isinstance(e, Exception):
+        return False  # KeyboardInterrupt, SystemExit
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    previous = path.stat().st_size if path.exists() else 0
+    return st.f_bavail * st.f_frsize < max(64 << 20, 2 * previous)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
