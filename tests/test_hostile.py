@@ -345,3 +345,21 @@ def test_a_checkpoint_write_that_torch_fails_on_a_full_disk_says_so(tmp_path, mo
     monkeypatch.undo()
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_ctrl_c_during_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from framework.cli import main
+    from framework.errors import Interrupted, Issue
+
+    def stopped(recipe, overrides, name, log):
+        raise Interrupted(Issue(f"stopped by SIGINT in epoch 1 after 2 batches; a resumable checkpoint is saved. "
+                                f"Continue with `recipe run --resume runs/{name}`."))
+
+    monkeypatch.setattr(api, "run_or_continue", stopped)
+    path = tiny_recipe(tmp_path)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--grid", "transforms.image_size=32,40"])
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output and "stopped by SIGINT" in result.output
+    assert "not started: tiny-image_size=40" in result.output
