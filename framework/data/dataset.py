@@ -136,10 +136,13 @@ class DiskCache:
         return self.folder / key[:2] / f"{key}.npy"
 
     def box(self, key: str):
-        """The cached face box of an entry (False when there is no usable entry)."""
+        """The cached face box of an entry (False when there is no usable entry: none, or one whose content does not
+        match the checksum written with it - damaged, truncated or replaced - which is then decoded again)."""
         p = self.entry(key)
         try:
-            os.utime(p)  # most recently used (and: the entry exists)
+            if p.with_suffix(".sum").read_text() != _digest(p.read_bytes()):
+                return False
+            os.utime(p)  # most recently used
             b = p.with_suffix(".box.npy")
             return tuple(float(v) for v in np.load(b)) if b.exists() else None
         except (OSError, ValueError):
@@ -158,7 +161,11 @@ class DiskCache:
             os.replace(tmp, p.with_suffix(".box.npy"))
         tmp = p.with_name(f".{key}.{tag}.npy")
         np.save(tmp, np.ascontiguousarray(image))
+        digest = _digest(tmp.read_bytes())
         os.replace(tmp, p)
+        tmp = p.with_name(f".{key}.{tag}.sum")  # the checksum last: an entry is used only once it matches
+        tmp.write_text(digest)
+        os.replace(tmp, p.with_suffix(".sum"))
 
     def trim(self) -> int:
         """Remove least recently used entries until the cache is under its size limit; how many were removed."""
@@ -171,9 +178,14 @@ class DiskCache:
                 break
             e.unlink(missing_ok=True)
             e.with_suffix(".box.npy").unlink(missing_ok=True)
+            e.with_suffix(".sum").unlink(missing_ok=True)
             total -= size
             removed += 1
         return removed
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class CachedImages:
