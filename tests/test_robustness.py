@@ -67,6 +67,47 @@ def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_p
     assert sum(map(sum, logged["confusion"])) == len(val) == 12  # each sample exactly once
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_one_run_like_two_processes_on_one_node(tmp_path):
+    """Two torchrun launches with --nnodes 2 (node ranks 0 and 1, one process each, rendezvous on 127.0.0.1, gloo)
+    make one run folder, validate every image once, and give exactly the metrics of --processes 2 on one node."""
+    path = tiny_recipe(tmp_path, validation={"type": "holdout", "ratio": 1 / 3},
+                       train={"epochs": 2, "batch_size": 4, "num_workers": 0})
+    one = subprocess.run([sys.executable, "-m", "framework.cli", "run", str(path), "--processes", "2",
+                          "--name", "one-node"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "--nproc_per_node", "1",
+                               "-m", "framework.cli", "run", str(path), "--name", "two-nodes"],
+                              env={**ENV, "RECIPE_SHARD_LOG": str(tmp_path / "shards")}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sum(o[0].count("done:") for o in outs) == 1  # the main process of node 0 reports
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one-node", "two-nodes"]
+    run_dir = tmp_path / "runs" / "two-nodes"
+    assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2
+    for epoch in ("1", "2"):
+        a, b = ([int(i) for line in (tmp_path / "shards" / f"rank{r}.txt").read_text().splitlines()
+                 if line.split()[0] == epoch for i in line.split()[1:]] for r in (0, 1))
+        assert not set(a) & set(b) and sorted(a + b) == list(range(24))
+    two, single = _metrics(run_dir), _metrics(tmp_path / "runs" / "one-node")
+    assert sum(map(sum, two[-1]["val"]["confusion"])) == 12  # every validation image once
+    for a, b in zip(two, single):
+        for side in ("train", "val"):
+            assert a[side]["confusion"] == b[side]["confusion"]
+            assert a[side]["loss"] == pytest.approx(b[side]["loss"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_interrupt_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 4, "num_workers": 0})
