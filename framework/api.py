@@ -122,7 +122,8 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
     last saved epoch, a missing one is trained. A member folder that failed, that another process may still be
     training, or that holds another recipe stops with the fix (nothing in it is touched)."""
     dist = run_folders.distributed()
-    decision = run_folders.main_decides(dist, lambda: run_folders.member_state(path, overrides, name, _concrete_image_size))
+    decision = run_folders.main_decides(
+        dist, lambda: run_folders.member_state(path, overrides, name, _concrete_image_size))
     if decision is None:
         return run(path, overrides, name=name, log=log)
     how, run_dir = decision
@@ -144,7 +145,8 @@ def _concrete_image_size(loaded: LoadedRecipe) -> None:
         loaded.recipe.transforms.image_size = size
 
 
-def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str | None = None, log=print) -> list[Path]:
+def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str | None = None,
+                  log=print) -> list[Path]:
     """Train every fold of a k-fold recipe, as runs named `<name>-fold<i>` (ready for `recipe ensemble`), then
     score them as one validation set (`<name>-cv.json`)."""
     from framework.recipe.load import issue_at

@@ -61,13 +61,17 @@ def create(run_dir: Path, resolved, recipe_path: Path, overrides) -> dict:
 
 
 def _never_trained(run_dir: Path) -> bool:
-    """A run folder whose run failed before its first epoch ended: nothing in it is worth keeping."""
+    """A run folder whose run failed, was stopped or was killed before its first epoch's checkpoint: nothing in it
+    is worth keeping."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (isinstance(summary, dict) and summary.get("status") == "failed" and summary.get("name") == run_dir.name
-            and not summary.get("epochs_done") and not any((run_dir / "checkpoints").glob("*.pt")))
+    if not isinstance(summary, dict) or summary.get("name") != run_dir.name:
+        return False
+    status = summary.get("status")
+    ended = status in ("failed", "interrupted") or (status == "running" and process_gone(summary.get("process")))
+    return ended and not summary.get("epochs_done") and not any((run_dir / "checkpoints").glob("*.pt"))
 
 
 def clean_partial_writes(run_dir: Path) -> list[Path]:

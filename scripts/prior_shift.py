@@ -62,7 +62,8 @@ def run_experiment(out: Path, sets=tuple(SETS), backbone: str = "resnet10t", epo
         w.writerows([r[:2] for r in shifted])
     recipe = {
         "notes": "trained on the non-held-back groups of the mask sets",
-        "data": {"root": str(out), "sources": [{"type": "csv", "name": "part", "manifest": "train_part.csv",
+        "data": {"root": str(out), "sources": [{"type": "csv", "allow_outside_root": True,
+                                                "name": "part", "manifest": "train_part.csv",
                                                 "group_column": "group"}],
                  "target": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]}},
         "validation": {"type": "holdout", "ratio": 0.25},

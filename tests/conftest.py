@@ -57,7 +57,8 @@ def tiny_recipe(tmp_path: Path, **sections) -> Path:
     """A recipe on a tiny real manifest with timm's test_resnet at 32 px: trains in seconds."""
     tiny_manifest(tmp_path / "tiny.csv")
     recipe = {
-        "data": {"root": str(tmp_path), "sources": [{"type": "csv", "name": "maskon", "manifest": "tiny.csv",
+        "data": {"root": str(tmp_path), "sources": [{"type": "csv", "allow_outside_root": True,
+                                                     "name": "maskon", "manifest": "tiny.csv",
                                                      "group_column": "group"}],
                  "target": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]}},
         "validation": {"type": "holdout", "ratio": 0.25},

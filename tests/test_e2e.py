@@ -316,7 +316,8 @@ def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, da
         w.writeheader()
         w.writerows(extra)
     recipe = yaml.safe_load(path.read_text())
-    recipe["data"]["sources"].append({"type": "csv", "name": "extra", "manifest": "extra.csv",
+    recipe["data"]["sources"].append({"type": "csv", "allow_outside_root": True,
+                                      "name": "extra", "manifest": "extra.csv",
                                       "group_column": "group", "train_only": True})
     path.write_text(yaml.safe_dump(recipe))
     run_dir = api.run(path, name="extra")

@@ -100,7 +100,8 @@ def test_face_cropping_run_predicts_from_the_same_face_regions(tmp_path, data_ro
         for r in rows:
             w.writerow({"path": str(data_root / "face_mask_kaggle3" / r["path"]), "mask_state": r["mask_state"],
                         "group": r["group"], **{c: r[c] for c in ("xmin", "ymin", "xmax", "ymax")}})
-    recipe = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "k", "manifest": "faces.csv",
+    recipe = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "allow_outside_root": True,
+                                                      "name": "k", "manifest": "faces.csv",
                                                       "group_column": "group",
                                                       "box_columns": ["xmin", "ymin", "xmax", "ymax"]}]},
                          transforms={"image_size": 32, "resize": {"face_margin": 0.1},

@@ -363,3 +363,22 @@ def test_ctrl_c_during_a_sweep_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert "Traceback" not in result.output and "stopped by SIGINT" in result.output
     assert "not started: tiny-image_size=40" in result.output
+
+
+def test_a_kill_while_the_first_checkpoint_is_written_leaves_no_metrics_line_for_that_epoch(tmp_path, monkeypatch):
+    """The checkpoint is written before the epoch's metrics line: a run killed in between leaves a folder whose
+    metrics name no epoch without a checkpoint, and that never trained - so the same --name retries it."""
+    from framework.engine import checkpoint as ckpt
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as SIGKILL would end it, mid-write
+
+    monkeypatch.setattr(ckpt, "save_epoch", killed)
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    with pytest.raises(Exception):
+        api.run(path, name="killed", log=lambda *_: None)
+    run_dir = tmp_path / "runs" / "killed"
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
+    monkeypatch.undo()
+    api.run(path, name="killed", log=lambda *_: None)  # the same name again: it trains
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1

@@ -110,7 +110,8 @@ def test_recipe_with_plugin_files_trains_end_to_end(tmp_path, data_root):
     path = tiny_recipe(
         tmp_path,
         plugins=[FACE_CROP, str(REPO / "plugins" / "gem_backbone.py")],
-        data={"sources": [{"type": "csv", "name": "maskon", "manifest": "boxes.csv", "group_column": "group",
+        data={"sources": [{"type": "csv", "allow_outside_root": True,
+                           "name": "maskon", "manifest": "boxes.csv", "group_column": "group",
                            "box_columns": ["xmin", "ymin", "xmax", "ymax"]}]},
         transforms={"image_size": 48, "train": [{"name": "FaceKeepingCrop", "size": [48, 48], "scale": [0.3, 1.0]},
                                                 {"name": "HorizontalFlip"}]},

@@ -89,7 +89,8 @@ TASKS = {"mask": {"column": "mask_state", "classes": ["wear", "incorrect", "not_
 
 def _mixed_recipe(tmp_path, tasks, name="mixed.yaml", **extra):
     _mixed_manifest(tmp_path / "mixed.csv")
-    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "mixed", "manifest": "mixed.csv",
+    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "allow_outside_root": True,
+                                                    "name": "mixed", "manifest": "mixed.csv",
                                                     "group_column": "group"}], "target": None},
                        tasks=tasks, train={"epochs": 1, "batch_size": 8, "num_workers": 0}, **extra)
     return path.rename(tmp_path / name)
@@ -150,7 +151,8 @@ def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_pa
         w = csv.writer(f)
         w.writerow(["path", "gender", "age", "group"])
         w.writerows([[DATA / "utkface_subset" / r["path"], r["gender"], r["age"], r["group"]] for r in picked])
-    source = [{"type": "csv", "name": "utk", "manifest": "utk.csv", "group_column": "group"}]
+    source = [{"type": "csv", "allow_outside_root": True,
+               "name": "utk", "manifest": "utk.csv", "group_column": "group"}]
     parts = {"gender": {"column": "gender", "classes": ["male", "female"]}, "age": {"column": "age", "bins": [30, 60]}}
     one = tiny_recipe(tmp_path, data={"sources": source, "target": {"composite": parts}},
                       train={"epochs": 1, "batch_size": 8, "num_workers": 0})
@@ -237,7 +239,8 @@ def test_evaluate_leaves_out_labels_the_run_does_not_have(tmp_path):
     """A wear / not_wear model scored on a three-class set is scored on its two classes; the third is counted."""
     from tests.conftest import tiny_manifest, tiny_recipe
 
-    recipe = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "maskon", "manifest": "tiny.csv",
+    recipe = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "allow_outside_root": True,
+                                                      "name": "maskon", "manifest": "tiny.csv",
                                                       "group_column": "group",
                                                       "filter": {"mask_state": ["wear", "not_wear"]}}],
                                          "target": {"column": "mask_state", "classes": ["wear", "not_wear"]}},

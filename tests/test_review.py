@@ -105,7 +105,8 @@ def test_inspect_finds_planted_leakage_and_the_odd_quirks_files(tmp_path):
         w.writerow(["path", "split"])
         for i, r in enumerate(rows):
             w.writerow([DATA / "quirks" / r["path"], "val" if i in (1, 5, 6) else "train"])
-    recipe = {"data": {"root": str(tmp_path), "sources": [{"type": "csv", "name": "q", "manifest": "q.csv",
+    recipe = {"data": {"root": str(tmp_path), "sources": [{"type": "csv", "allow_outside_root": True,
+                                                           "name": "q", "manifest": "q.csv",
                                                             "group_column": "group"}], "target": {"column": "label"}},
               "validation": {"type": "file", "path": "split.csv"}, "model": {"backbone": "test_resnet"},
               "transforms": {"image_size": 48, "train": [{"name": "HorizontalFlip"}, {"name": "Affine", "rotate": 10}]}}

@@ -224,6 +224,15 @@ def test_manifest_duplicates_and_paths_outside_the_root(tmp_path, data_root):
     (tmp_path / "m.csv").write_text("path,label\na.jpg,x\n../r.yaml,y\n")
     result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2 and "points outside the image root" in result.output
+    for outside in ("/etc/passwd", "/dev/zero"):  # absolute paths obey the same rule (they were let through)
+        (tmp_path / "m.csv").write_text(f"path,label\na.jpg,x\n{outside},y\n")
+        result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+        assert result.exit_code == 2 and f"path '{outside}' points outside the image root" in result.output
+        assert "allow_outside_root: true" in result.output
+    (tmp_path / "imgs" / "link.jpg").symlink_to(img / first)  # a link that leads out of the root
+    (tmp_path / "m.csv").write_text("path,label\na.jpg,x\nlink.jpg,y\n")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "points outside the image root" in result.output
 
 
 # ------------------------------------------------------------------------------------------- fuzzed recipes

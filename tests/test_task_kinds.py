@@ -47,7 +47,8 @@ def _utk_manifest(path, per_label=12):
 
 def _age_recipe(tmp_path, kind_spec, name):
     _utk_manifest(tmp_path / "utk.csv")
-    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "name": "utk", "manifest": "utk.csv",
+    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "allow_outside_root": True,
+                                                    "name": "utk", "manifest": "utk.csv",
                                                     "group_column": "group"}], "target": None},
                        tasks={"age": {"column": "age", "bins": [30, 60], **kind_spec}},
                        validation={"type": "holdout", "ratio": 0.25, "stratify": "age_band"}, train=FAST)

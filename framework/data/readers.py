@@ -109,9 +109,10 @@ def read_csv(src, root: Path, where: tuple) -> list[dict]:
             raise FieldError(where + ("manifest",), f"{manifest.name} line {line}: empty {src.path_column!r}.",
                              "fill in or remove the row.", DataError)
         path = _resolve(image_root, rel).resolve()
-        if not path.is_relative_to(image_root.resolve()) and not Path(rel).is_absolute():
+        if not path.is_relative_to(image_root.resolve()) and not src.allow_outside_root:
             raise FieldError(where + ("manifest",), f"{manifest.name} line {line}: path {rel!r} points outside "
-                             f"the image root {image_root}.", "keep image paths inside the data folder.", DataError)
+                             f"the image root {image_root}.", "keep image paths inside the data folder, or set "
+                             "allow_outside_root: true on this source if you trust the manifest.", DataError)
         if str(path) in seen:
             raise FieldError(where + ("manifest",), f"{manifest.name} line {line}: path {rel!r} is listed twice "
                              f"(first on line {seen[str(path)]}).", "remove the duplicate row.", DataError)

@@ -26,8 +26,9 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
 
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             boxes = box_columns_in(run, next(csv.reader(f), []))  # the face boxes a face-cropping run needs
-        data_cfg = DataSection(root=str(csv_path.parent), sources=[{"type": "csv", "name": "eval",
-                                                                    "manifest": csv_path.name, "box_columns": boxes}])
+        source = {"type": "csv", "name": "eval", "manifest": csv_path.name, "box_columns": boxes,
+                  "allow_outside_root": True}  # the user's own CSV, named on the command line
+        data_cfg = DataSection(root=str(csv_path.parent), sources=[source])
         where = None
     specs = {}
     for task, spec in run.recipe.task_specs().items():

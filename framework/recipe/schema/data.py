@@ -38,6 +38,9 @@ class CsvSource(_Source):
     path_column: str = Field("path", description="Column with the image path.")
     group_column: str | None = Field(None, description="Column with a group id (person, duplicate group); "
                                                        "a group never sits on both sides of a split.")
+    allow_outside_root: bool = Field(False, description="Let image paths point outside the image root (absolute "
+                                                        "paths, or links that lead out). Off: a manifest from "
+                                                        "someone else cannot make a run read /etc/passwd or a device.")
     box_columns: list[str] | None = Field(None, min_length=4, max_length=4,
                                           description="Face box columns xmin, ymin, xmax, ymax in image pixels.")
     filter: dict[str, list[Any]] | None = Field(None, description="Keep only rows whose column value is listed, "
