@@ -296,3 +296,24 @@ def test_mutated_recipes_validate_or_fail_clearly(base_recipe, data):
     assert "Traceback" not in result.output
     if result.exit_code == 2:
         assert str(tmp / "fuzz.yaml") in result.output and "Fix:" in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_at_the_same_global_batch_unless_batch_norm(tmp_path):
+    """Why `--processes 2` gave other figures than one process: per-process batch-norm statistics. Without batch
+    norm (test_vit, LayerNorm) 2 processes x batch 4 and 1 process x batch 8 train the same steps; with it
+    (test_resnet) each process normalises with its own 4 images, and the figures move."""
+    losses = {}
+    for backbone in ("test_vit", "test_resnet"):
+        folder = tmp_path / backbone
+        folder.mkdir()
+        path = tiny_recipe(folder, model={"backbone": backbone}, validation={"type": "holdout", "ratio": 1 / 3},
+                           transforms={"image_size": 32, "train": []},
+                           train={"epochs": 2, "batch_size": 8, "num_workers": 0})
+        for name, extra in (("one", []), ("two", ["--processes", "2", "--set", "train.batch_size=4"])):
+            out = subprocess.run([sys.executable, "-m", "framework.cli", "run", str(path), "--name", name, *extra],
+                                 env=ENV, capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-2000:]
+            losses[backbone, name] = [(r["train"]["loss"], r["val"]["loss"]) for r in _metrics(folder / "runs" / name)]
+    assert np.allclose(losses["test_vit", "one"], losses["test_vit", "two"], atol=1e-5)
+    assert not np.allclose(losses["test_resnet", "one"], losses["test_resnet", "two"], atol=1e-3)
