@@ -155,8 +155,10 @@ def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
 
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
-        click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {summary.get('best_value')} "
-                   f"at epoch {summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
+        best = summary.get("best_value")
+        value = f"{best:.4f}" if isinstance(best, (int, float)) else "none"  # rounded as the epoch lines are
+        click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {value} at epoch "
+                   f"{summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
         for line in kept_classes(run_dir, summary.get("best_epoch")):
             click.echo("  " + line)
     if all_folds:

@@ -51,6 +51,7 @@ CASES = [
     ("bad-bins", ("{column: mask_state, classes: [wear, incorrect, not_wear]}", "{column: age, bins: [60, 30]}"),
      5, "data.target.bins", ["strictly increasing"]),
     ("missing-base", ("data:\n", "extends: nowhere.yaml\ndata:\n"), 1, "extends", ["nowhere.yaml", "does not exist"]),
+    ("key-elsewhere", ("epochs: 3", "lr: 0.1, epochs: 3"), 12, "train.lr", ["Did you mean 'train.optimizer.lr'?"]),
     ("infinite-lr", ("train: {epochs: 3", "train: {optimizer: {lr: .inf}, epochs: 3"), 12, "train.optimizer.lr",
      ["finite number"]),
     ("nan-ratio", ("ratio: 0.2", "ratio: .nan"), 7, "validation.ratio", ["finite number"]),

@@ -1,5 +1,6 @@
 """The command line: every command's --help, validate --print, schema, and a fast start without torch."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,13 @@ def test_importing_the_library_leaves_the_environment_alone_and_the_cli_sets_its
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[None, None, None]", "['1', '1', 'PASSIVE']"]
+
+
+def test_the_last_line_of_a_run_is_rounded_like_the_epoch_lines(tmp_path):
+    from tests.conftest import tiny_recipe
+
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "r"])
+    assert result.exit_code == 0, result.output
+    done = next(line for line in result.output.splitlines() if line.startswith("done:"))
+    assert re.search(r"best val/macro_f1 = \d\.\d{4} at epoch 1 ", done), done

@@ -64,7 +64,11 @@ def _explain(path: tuple, errs: list[dict], model) -> tuple[str, str]:
     kind = e["type"]
     if kind == "extra_forbidden":
         allowed = _fields_at(model, e["loc"][:-1]) or []
-        return (f"unknown key {key!r}.{did_you_mean(key, allowed)}",
+        near = did_you_mean(key, allowed)
+        if not near:  # `train.lr`: the key exists, elsewhere in the tree (train.optimizer.lr)
+            elsewhere = list(dict.fromkeys(".".join(p) for p in _all_fields(model) if p[-1] == key))
+            near = (" Did you mean " + " or ".join(repr(x) for x in elsewhere[:3]) + "?") if elsewhere else ""
+        return (f"unknown key {key!r}.{near}",
                 "remove it or correct its spelling" + (f"; allowed here: {', '.join(allowed)}." if allowed else "."))
     if kind == "missing":
         parent = field_path(path[:-1]) or "the top level"
@@ -115,6 +119,25 @@ def _unwrap(t):
     while get_origin(t) is Annotated:
         t = get_args(t)[0]
     return t
+
+
+def _submodels(annotation) -> list[type[BaseModel]]:
+    """The pydantic models a field holds (through Optional, unions, lists, dicts and Annotated)."""
+    t = _unwrap(annotation)
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return [t]
+    return [m for arg in get_args(t) for m in _submodels(arg)]
+
+
+def _all_fields(model, prefix: tuple = (), seen: frozenset = frozenset()) -> list[tuple]:
+    """Every field path of a model tree, e.g. ("train", "optimizer", "lr")."""
+    out = []
+    for name, f in model.model_fields.items():
+        out.append(prefix + (name,))
+        for sub in _submodels(f.annotation):
+            if sub not in seen:
+                out += _all_fields(sub, prefix + (name,), seen | {sub})
+    return out
 
 
 def _fields_at(model, loc: tuple) -> list[str] | None:
