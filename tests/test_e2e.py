@@ -375,3 +375,26 @@ def test_mixup_trains_differently_and_resumes_exactly(tmp_path):
     again = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(state[k].float(), again[k].float(), atol=1e-6) for k in state)
     assert 0 <= _metrics(run)[-1]["train"]["accuracy"] <= 1
+
+
+def test_a_training_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A loss of nan in epoch 2 used to train on for every epoch and end "done"."""
+    from framework.losses import MultiTaskLoss
+
+    real = MultiTaskLoss.forward
+    calls = {"n": 0}
+
+    def nan_from_step_5(self, logits, labels):
+        calls["n"] += 1
+        loss = real(self, logits, labels)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(MultiTaskLoss, "forward", nan_from_step_5)
+    path = tiny_recipe(tmp_path, train={"epochs": 3, "batch_size": 8, "num_workers": 0})  # 4 steps per epoch
+    result = CliRunner().invoke(main, ["run", str(path), "--name", "nan"])
+    assert result.exit_code == 2, result.output
+    assert "the training loss is nan in epoch 2, step 1" in result.output and "clip_grad_norm" in result.output
+    run_dir = tmp_path / "runs" / "nan"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1]

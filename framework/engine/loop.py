@@ -1,6 +1,7 @@
 """The loop itself: train one epoch, evaluate a loader. Nothing here knows about run folders, logging or hooks."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -55,7 +56,10 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
             p, t = acc.gather_for_metrics((_predictions(b.heads, logits).detach(), _bands(b.heads, labels)))
             tally.preds.append(p.cpu())
             tally.targets.append(t.cpu())
-            tally.loss_sum += float(loss.detach()) * len(labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                _not_finite(value, epoch, tally.batches + 1)
+            tally.loss_sum += value * len(labels)
             tally.seen += len(labels)
             tally.batches += 1
             if hasattr(bar, "set_postfix"):
@@ -72,6 +76,16 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
     mean_loss = acc.reduce(torch.tensor([tally.loss_sum, tally.seen], dtype=torch.float64, device=acc.device),
                            reduction="sum")
     return out | {"loss": float(mean_loss[0] / mean_loss[1])}
+
+
+def _not_finite(value: float, epoch: int, step: int):
+    """A loss of nan or inf poisons every weight it touches: stop at once, keep the last good checkpoint."""
+    from framework.errors import Issue, RunError
+
+    raise RunError(Issue(f"the training loss is {value} in epoch {epoch}, step {step}; training stopped there, and "
+                         "the checkpoints of the epochs before it are kept as they were.",
+                         field="train", fix="lower train.optimizer.lr, set train.clip_grad_norm (e.g. 1.0), or look "
+                         "for broken labels or a loss that divides by zero; with mixed_precision fp16, try bf16."))
 
 
 def _step(b, images: torch.Tensor, labels: torch.Tensor, key: tuple):
