@@ -193,7 +193,7 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
 @click.option("--recipe-data", type=click.Path(dir_okay=False), help="A recipe whose data (all of it) is the set.")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False),
               help="A manifest: `path` plus the run's label columns.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default RUN/evaluations/<name>-<hash of its path>).")
 @tta_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")

@@ -279,3 +279,13 @@ def test_eval_tta_validates_on_the_mirror_average_and_is_the_runs_default_for_pr
     result = CliRunner().invoke(main, ["predict", str(run), "--csv", str(tmp_path / "tiny.csv"), "--tta", "none",
                                        "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
+
+
+def test_evaluations_of_two_sets_with_one_file_name_get_two_folders(tmp_path):
+    """`--csv a/manifest.csv` and `--csv b/manifest.csv` wrote to one default folder and overwrote each other."""
+    from framework.inference.evaluate import default_folder
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = default_folder(tmp_path / "a" / "manifest.csv"), default_folder(tmp_path / "b" / "manifest.csv")
+    assert a != b and a.startswith("manifest-") and b.startswith("manifest-")
+    assert default_folder(tmp_path / "a" / ".." / "a" / "manifest.csv") == a  # one file, one folder

@@ -337,3 +337,18 @@ def test_changed_lists_sources_and_augmentations_by_position_and_whole_entries_o
                  "transforms": {"train": [{"name": "HorizontalFlip"}, {"name": "Affine", "scale": [0.8, 1.2]}]}})
     assert changed(b, a) == ["data.sources.1: - -> b", "transforms.train.1.scale: [0.9, 1.1] -> [0.8, 1.2]"]
     assert changed(a, b) == ["data.sources.1: b -> -", "transforms.train.1.scale: [0.8, 1.2] -> [0.9, 1.1]"]
+
+
+def test_the_inspect_heading_says_what_the_list_under_it_shows():
+    """It said "no group on both sides" above a list of 89 byte-identical pairs on both sides."""
+    from framework.review.inspect import format_report
+
+    def report(groups, pairs):
+        return {"recipe": "r.yaml", "images": 4, "dropped_without_label": 0, "counts": {}, "unreadable": [],
+                "odd_files": [], "sizes": {},
+                "leakage": {"groups_on_both_sides": groups, "identical_files_on_both_sides": pairs}}
+
+    assert "leakage audit: clean" in format_report(report([], []))
+    text = format_report(report([], [["a.jpg", "b.jpg"]]))
+    assert "leakage audit: LEAK: no group id is on both sides, but 1 byte-identical file pair(s) are" in text
+    assert "leakage audit: LEAK: group g1 (2 train, 1 val)" in format_report(report(["group g1 (2 train, 1 val)"], []))

@@ -86,7 +86,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     y_pred = np.stack([task_probs[t].argmax(1) for t in loaded.labels], axis=1)
     result = summarize(y_true, y_pred, labels)
     name = Path(recipe_data or csv_file).stem
-    out = Path(out) if out else loaded.run_dir / "evaluations" / name
+    out = Path(out) if out else loaded.run_dir / "evaluations" / default_folder(recipe_data or csv_file)
     out.mkdir(parents=True, exist_ok=True)
     parts = {t: result["tasks"][t] for t in loaded.labels} if "tasks" in result else {next(iter(loaded.labels)): result}
     if "composite" in result:
@@ -109,6 +109,14 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     pred.probs = probs
     write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order())
     return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def default_folder(data: str | Path) -> str:
+    """`<name>-<8 hex of its full path>`: a/manifest.csv and b/manifest.csv get folders of their own."""
+    import hashlib
+
+    path = Path(data).resolve()
+    return f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
 def _per_task(parts: dict, out: Path, report: list[str]) -> dict:

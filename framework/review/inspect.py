@@ -145,8 +145,11 @@ def format_report(r: dict) -> str:
             lines.append(f"  {source}: " + ", ".join(
                 f"{c} {sides.get('train', {}).get(c, 0)}/{sides.get('val', {}).get(c, 0)}" for c in classes))
     leak = r["leakage"]
-    lines += ["", "leakage audit: " + ("; ".join(leak["groups_on_both_sides"]) or "no group on both sides"),
-              f"byte-identical files on both sides: {len(leak['identical_files_on_both_sides'])}"]
+    groups, same = leak["groups_on_both_sides"], leak["identical_files_on_both_sides"]
+    verdict = ("LEAK: " + "; ".join(groups)) if groups else \
+        (f"LEAK: no group id is on both sides, but {len(same)} byte-identical file pair(s) are (give duplicates the "
+         "same group id)") if same else "clean: no group and no identical file on both sides"
+    lines += ["", f"leakage audit: {verdict}", f"byte-identical files on both sides: {len(same)}"]
     lines += [f"  {a}  ==  {b}" for a, b in leak["identical_files_on_both_sides"][:10]]
     lines += ["", f"unreadable images: {len(r['unreadable'])}"] + [f"  {p}: {why}" for p, why in r["unreadable"][:20]]
     kinds = Counter(o.split(" (")[0] for f in r["odd_files"] for o in f["odd"])
