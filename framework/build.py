@@ -161,6 +161,8 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     torch.manual_seed(tr.seed)
     heads = build_heads(recipe, plan.labels, d.train_codes)
     model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
+    if tr.sync_batchnorm and acc.num_processes > 1:  # same parameters and buffers: checkpoints stay interchangeable
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = ema_copy(model) if tr.ema else None
     if recipe.model.compile:  # compiles the computation, keeps the state_dict keys
         backend = "inductor" if recipe.model.compile is True else recipe.model.compile

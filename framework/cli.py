@@ -104,20 +104,28 @@ def validate(recipe, overrides, print_):
                f"{len(plan.indices('train'))} train / {len(plan.indices('val'))} val")
 
 
-def _launch(processes: int, recipe, overrides, name, resume, all_folds) -> int:
-    """Start `processes` copies of this command with torchrun (torch.distributed.run): data parallel."""
-    import datetime
+def _launch(processes: int, args: list[str]) -> int:
+    """Start `processes` copies of `recipe run ARGS` with torchrun (torch.distributed.run): data parallel."""
     import subprocess
 
-    args = ["run"] + ([recipe] if recipe else ["--resume", resume])
-    if recipe and not name:  # one name for every process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "framework.cli", "run"] + args
+    return subprocess.call(cmd)
+
+
+def _run_args(recipe, overrides, name, resume, all_folds, plugins) -> list[str]:
+    """The same command for every process, with one run name for all of them."""
+    import datetime
+
+    args = [recipe] if recipe else ["--resume", resume]
+    if recipe and not name:
         name = f"{Path(recipe).stem}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     args += (["--name", name] if name else []) + (["--all-folds"] if all_folds else [])
     for o in overrides:
         args += ["--set", o]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "framework.cli"] + args
-    return subprocess.call(cmd)
+    for spec in plugins:
+        args += ["--plugin", spec]
+    return args
 
 
 @main.command()
@@ -128,13 +136,18 @@ def _launch(processes: int, recipe, overrides, name, resume, all_folds) -> int:
 @click.option("--all-folds", is_flag=True, help="Train every fold of a k-fold recipe (runs NAME-fold0 ...).")
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes on this machine: one per GPU, or CPU processes (gloo) without one.")
-def run(recipe, overrides, name, resume, all_folds, processes):
-    """Train RECIPE into a new run folder (or continue one with --resume RUN_DIR)."""
+@plugin_option
+def run(recipe, overrides, name, resume, all_folds, processes, plugins):
+    """Train RECIPE into a new run folder (or continue one with --resume RUN_DIR).
+
+    A resumed run imports no plugin named in its folder: give the ones you trust with --plugin."""
     if bool(recipe) == bool(resume):
         raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(_launch(processes, recipe, overrides, name, resume, all_folds))
+        sys.exit(_launch(processes, _run_args(recipe, overrides, name, resume, all_folds, plugins)))
     from framework import api
+
+    _load_plugins(plugins)
 
     try:
         if all_folds:

@@ -40,6 +40,7 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
         trackers = check_trackers(loaded.recipe.logging.trackers)
         _task_losses(loaded.recipe)
         _review_hooks(loaded.recipe)
+        check_sync_batchnorm(loaded.recipe.train, int(os.environ.get("WORLD_SIZE", "1")))
         plan = build_data(loaded.recipe)
         check_images(loaded, plan)
         check_monitor(loaded.recipe, plan)
@@ -108,6 +109,17 @@ def _review_hooks(recipe) -> None:
     if recipe.logging.cam_every and importlib.util.find_spec("pytorch_grad_cam") is None:
         raise FieldError(("logging", "cam_every"), "Grad-CAM logging needs the grad-cam package, which is not "
                          "installed.", 'pip install -e ".[review]" (or grad-cam), or set logging.cam_every: 0.')
+
+
+def check_sync_batchnorm(train, processes: int) -> None:
+    """PyTorch's SyncBatchNorm runs on GPUs only: several CPU processes would fail at the first training step."""
+    import torch
+
+    if train.sync_batchnorm and processes > 1 and not torch.cuda.is_available():
+        raise FieldError(("train", "sync_batchnorm"), f"synchronised batch norm needs GPUs, and these {processes} "
+                         "processes run on the CPU (PyTorch's SyncBatchNorm has no CPU kernel).",
+                         "set train.sync_batchnorm: false (each process then normalises with its own share of the "
+                         "batch), or run on GPUs.")
 
 
 def check_images(loaded: LoadedRecipe, plan: DataPlan) -> None:

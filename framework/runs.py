@@ -137,7 +137,7 @@ def resume_state(run_dir: Path, overrides) -> tuple:
         raise RunError(Issue(f"--set {bad[0]} cannot change a run that is resumed (it would no longer be the "
                              "same experiment); only train.epochs can be raised.", field="--set",
                              fix="start a new run with the change instead."))
-    loaded = load_recipe(resolved, overrides)
+    loaded = load_recipe(resolved, overrides, run_plugins=False)  # a run folder's plugins: only if named
     try:
         state = ckpt.load(last)
     except Exception as e:

@@ -71,6 +71,25 @@ def test_a_run_folder_never_runs_the_plugin_code_it_names(shared_run, tmp_path, 
     marker.unlink()
 
 
+
+@pytest.mark.slow
+def test_resuming_a_run_folder_imports_its_plugins_only_when_named(tmp_path):
+    """A run trained with a plugin: `--resume` alone refuses (naming it), `--resume --plugin` continues."""
+    marker = tmp_path / "plugin_ran"
+    plugin = tmp_path / "harmless.py"
+    plugin.write_text(f"open({str(marker)!r}, 'a').write('ran')\n")
+    recipe = tiny_recipe(tmp_path, plugins=[str(plugin)], train={"epochs": 1, "batch_size": 8, "num_workers": 0})
+    assert _cli("run", recipe, "--name", "r").returncode == 0
+    marker.unlink()
+    args = ["run", "--resume", tmp_path / "runs" / "r", "--set", "train.epochs=2"]
+    out = _cli(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert not marker.exists(), "the run folder's plugin ran"
+    assert "harmless.py" in out.stderr and "--plugin" in out.stderr and "Traceback" not in out.stderr
+    trusted = _cli(*args, "--plugin", plugin)
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert marker.exists() and "epoch 2/2" in trusted.stdout
+
 BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
         "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nnotes: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n")

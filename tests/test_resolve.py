@@ -96,3 +96,40 @@ def test_image_size_auto_is_the_backbones_own_and_is_written_concrete(tmp_path):
 
     resolved = api.validate(tiny_recipe(tmp_path, transforms={"image_size": "auto"}))
     assert resolved.image_size == (160, 160) and resolved.recipe.transforms.image_size == (160, 160)
+
+
+def test_sync_batchnorm_on_cpu_processes_is_a_located_error_and_one_process_is_unchanged(tmp_path, monkeypatch):
+    """SyncBatchNorm has no CPU kernel: several CPU processes would crash at the first step, so validate stops
+    them; with one process the option changes nothing (the model keeps plain BatchNorm)."""
+    import torch
+
+    from framework import api
+    from framework.build import build_run
+
+    path = tiny_recipe(tmp_path, train={"sync_batchnorm": True, "num_workers": 0})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and ": train.sync_batchnorm:" in result.output, result.output
+    assert "needs GPUs" in result.output and "sync_batchnorm: false" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    resolved = api.validate(path)
+    built = build_run(resolved.recipe, resolved.plan, tmp_path / "r", [])
+    kinds = {type(m) for m in built.model.modules()}
+    assert torch.nn.BatchNorm2d in kinds and torch.nn.SyncBatchNorm not in kinds
+
+
+def test_sync_batchnorm_keeps_the_checkpoint_layout(tmp_path):
+    """What build_run does with several GPU processes: the converted model has the same keys and tensors, so its
+    checkpoints load into a one-process model and back."""
+    import torch
+
+    from framework import api
+    from framework.models import build_model
+
+    resolved = api.validate(tiny_recipe(tmp_path))
+    model, _ = build_model(resolved.recipe.model, {"mask": 3}, (0.5,) * 3, (0.5,) * 3, (32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    after = synced.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)

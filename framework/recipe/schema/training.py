@@ -188,6 +188,9 @@ class TrainSection(_Section):
         "random", description="balanced: draw classes equally often (with replacement) each epoch; sqrt: draw each "
                               "class in proportion to the square root of its size (rare classes oversampled less).")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision on a GPU.")
+    sync_batchnorm: bool = Field(False, description="With several GPU processes, batch norm uses the statistics of "
+                                                    "the whole global batch (torch SyncBatchNorm), not of each "
+                                                    "process's share; no effect with one process; GPUs only.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Optimizer step every N batches.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     mixup: float = Field(0.0, ge=0, description="Mixup: blend each training image (and its loss) with another of "
