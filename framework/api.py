@@ -277,7 +277,8 @@ def registered(recipe: str | Path | None = None) -> dict[str, list[tuple[str, st
         load_plugins(data, locs, Path(recipe))
     else:
         load_entry_points()
-    return {kind: [(e.name, e.origin) for e in reg.entries()] for kind, reg in REGISTRIES.items()}
+    return {kind: [(e.name, e.origin + (f": {e.meta['help']}" if "help" in e.meta else "")) for e in reg.entries()]
+            for kind, reg in REGISTRIES.items()}
 
 
 def schema() -> dict:

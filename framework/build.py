@@ -168,7 +168,7 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
         backend = "inductor" if recipe.model.compile is True else recipe.model.compile
         model.net.forward = torch.compile(model.net.forward, backend=backend)
     loss_fn = task_losses(recipe, heads, d.train_codes)
-    optimizer = build_optimizer(model.parameters(), tr.optimizer)
+    optimizer = build_optimizer(model, tr)
     model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, d.train_loader, d.val_loader)
     loss_fn = loss_fn.to(acc.device)  # not prepared: it has no trainable parameters to synchronise
     scheduler = build_scheduler(optimizer, tr, len(train_loader))

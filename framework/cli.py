@@ -360,7 +360,8 @@ def explain(run, images, task, target, layer, out, plugins):
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 def plugins(recipe):
-    """List registered transforms, backbones, losses, readers and task kinds, with where each came from.
+    """List registered transforms, backbones, losses, readers, task kinds and weight sources, with where each
+    came from.
 
     Installed packages' plugins are always listed; give a RECIPE to include the plugins it names."""
     from framework import api

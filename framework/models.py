@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from framework.errors import FieldError, did_you_mean
+from framework.weights import resolve_file, source as weight_source
 
 
 class Net(nn.Module):
@@ -104,6 +105,9 @@ def resolve_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
     from framework.transforms import image_size_of
 
     defaults = backbone_defaults(recipe.model.backbone)
+    src = weight_source(recipe.model.weights) if recipe.model.weights else None
+    if src is not None:  # the weights' own normalization and native size
+        defaults = {**defaults, **src.info(recipe.model.backbone)}
     size = image_size_of(recipe.transforms, defaults["input_size"])
     norm = recipe.transforms.normalize
     mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
@@ -164,7 +168,7 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
             notes.append(f"hub weights of {model_cfg.backbone} loaded")
     net = Net(features, size, heads, model_cfg.drop_rate if entry is not None else 0.0)
     if model_cfg.weights:
-        notes += load_weights(net, model_cfg.weights)
+        notes += load_weights(net, resolve_file(model_cfg.weights, model_cfg.backbone), model_cfg.weights)
     model = Classifier(net, mean, std)
     return (model.channels_last_() if model_cfg.channels_last else model), notes
 
@@ -240,8 +244,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(net: Net, path: str) -> list[str]:
+def load_weights(net: Net, path: Path, name: str | None = None) -> list[str]:
     """Load what fits; report tensors re-initialised (missing or shape mismatch) and ignored (unexpected).
+    `name` is what the recipe wrote (a weight source's name, or the path).
 
     A checkpoint of this framework fills backbone and heads; a plain backbone state_dict (timm's layout, e.g.
     face-task weights) fills the backbone, and its classifier is ignored."""
@@ -255,7 +260,8 @@ def load_weights(net: Net, path: str) -> list[str]:
         raise FieldError(("model", "weights"), f"no tensor of {path} fits {type(net).__name__} "
                          f"(e.g. {next(iter(state), '-')!r}).", "check that the file belongs to this backbone.")
     result = net.load_state_dict(fitting, strict=False)
-    notes = [f"loaded {len(fitting)}/{len(own)} tensors from {path}"]
+    shown = path if name in (None, str(path)) else f"{name} ({path})"
+    notes = [f"loaded {len(fitting)}/{len(own)} tensors from {shown}"]
     if mismatched or result.missing_keys:
         notes.append("re-initialised (head or shape mismatch): " + ", ".join(sorted(set(mismatched) | set(result.missing_keys))[:12]))
     if result.unexpected_keys or [k for k in state if k not in own]:

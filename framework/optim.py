@@ -7,7 +7,15 @@ import math
 import torch
 
 
-def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
+def build_optimizer(model, train_cfg) -> torch.optim.Optimizer:
+    """The optimizer over the model's parameters: one group, or with `train.finetune` two (backbone, then the
+    rest), the backbone's at `backbone_lr_scale` times the learning rate."""
+    opt_cfg, ft = train_cfg.optimizer, train_cfg.finetune
+    params = model.parameters()
+    if ft.active:
+        backbone = {id(p) for p in model.net.features.parameters()}
+        params = [{"params": [p for p in model.parameters() if id(p) in backbone], "lr": opt_cfg.lr * ft.backbone_lr_scale},
+                  {"params": [p for p in model.parameters() if id(p) not in backbone]}]
     if opt_cfg.name == "sgd":
         return torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay,
                                nesterov=opt_cfg.nesterov)
@@ -33,8 +41,20 @@ def lr_lambda(sched, steps_per_epoch: int, total_steps: int):
 def build_scheduler(optimizer, train_cfg, batches_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of `train.scheduler`, stepped once per optimizer step."""
     steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train_cfg.scheduler, steps_per_epoch, steps_per_epoch * train_cfg.epochs))
+    f = lr_lambda(train_cfg.scheduler, steps_per_epoch, steps_per_epoch * train_cfg.epochs)
+    if not train_cfg.finetune.active:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    frozen = train_cfg.finetune.freeze_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 0.0 if s < frozen else f(s), f])
+
+
+def backbone_bn_eval(model: torch.nn.Module, finetune, epoch: int) -> None:
+    """After model.train(): the backbone's batch norm keeps its statistics (eval mode) with `freeze_bn`, and in
+    the first `freeze_epochs` epochs (1-based `epoch`)."""
+    if finetune.freeze_bn or epoch <= finetune.freeze_epochs:
+        for m in model.net.features.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def ema_copy(model: torch.nn.Module) -> torch.nn.Module:

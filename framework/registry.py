@@ -127,6 +127,7 @@ BACKBONES = Registry("backbone", external=_timm_has)
 LOSSES = Registry("loss", builtins=("framework.losses",))
 READERS = Registry("reader", builtins=("framework.data.readers",))
 TASK_KINDS = Registry("task kind", builtins=("framework.tasks",))
+WEIGHTS = Registry("weight source", builtins=("framework.weights",))
 
 REGISTRIES = {"transforms": TRANSFORMS, "backbones": BACKBONES, "losses": LOSSES, "readers": READERS,
-              "task kinds": TASK_KINDS}
+              "task kinds": TASK_KINDS, "weight sources": WEIGHTS}

@@ -52,13 +52,15 @@ def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     """The backbone's name and its input size (`image_size: auto` becomes the backbone's own, so that the run folder
     reruns as is); the weights file; the size checked by a shapes-only forward pass."""
     from framework.models import check_input_size, read_state_dict, resolve_inputs
+    from framework.weights import resolve_file
 
     recipe = loaded.recipe
     size, _, _ = resolve_inputs(recipe)  # checks the backbone name, with a did-you-mean
     if recipe.transforms.image_size == "auto":
         recipe.transforms.image_size = size
     if recipe.model.weights:
-        read_state_dict(recipe.model.weights)  # exists, reads, holds tensors (no code runs)
+        # a source's weights are converted (once, then cached); a file exists, reads, holds tensors (no code runs)
+        read_state_dict(resolve_file(recipe.model.weights, recipe.model.backbone))
     check_input_size(recipe.model, size)
     return size
 

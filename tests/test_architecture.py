@@ -14,7 +14,7 @@ LAYERS = [
     ["errors", "io", "libs"],
     ["registry", "plugins"],
     ["recipe"],
-    ["data", "transforms", "models", "tasks", "losses", "optim"],
+    ["data", "transforms", "weights", "models", "tasks", "losses", "optim"],
     ["build", "resolve"],
     ["engine"],
     ["inference"],

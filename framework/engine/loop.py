@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from framework.models import outputs
-from framework.optim import ema_update
+from framework.optim import backbone_bn_eval, ema_update
 
 
 @dataclass
@@ -42,6 +42,7 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
     early after an optimizer step (`interrupted` is then set); `partial` continues an epoch interrupted that way."""
     acc = b.accelerator
     b.model.train()
+    backbone_bn_eval(acc.unwrap_model(b.model), b.recipe.train.finetune, epoch)
     tally, loader = _Tally.resumed(partial), b.train_loader
     if partial:
         torch.set_rng_state(partial["torch_rng"])

@@ -71,7 +71,7 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float 
 def flat_metrics(record: dict) -> dict:
     """Scalar metrics of a metrics.jsonl record by name: `val/macro_f1`, and per task `val/mask/macro_f1`,
     `val/composite/accuracy` (the names `checkpoint.monitor`, compare and ensembles use)."""
-    out = {"lr": record["lr"]}
+    out = {"lr": record["lr"]} | ({"lr_backbone": record["lr_backbone"]} if "lr_backbone" in record else {})
     for side in ("train", "val"):
         if side not in record:
             continue

@@ -94,7 +94,8 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
     t_stats = train_epoch(b, epoch, recipe.logging.progress, stop, partial)
     if t_stats.get("interrupted"):
         _interrupted(r, epoch, stop, t_stats["partial"])
-    record = {"epoch": epoch, "lr": b.optimizer.param_groups[0]["lr"],
+    groups = b.optimizer.param_groups  # with train.finetune: the backbone's, then the heads'
+    record = {"epoch": epoch, "lr": groups[-1]["lr"], **({"lr_backbone": groups[0]["lr"]} if len(groups) > 1 else {}),
               "train": summarize(t_stats["y_true"], t_stats["y_pred"], r.plan.labels, t_stats["loss"])
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     v_stats = None

