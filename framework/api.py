@@ -44,6 +44,11 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         say(f"left out: {len(plan.indices('unused'))} image(s) of train_only sources whose group is in validation")
     summary["process"] = run_folders.this_process()  # who trains it (see run_folders.member_state)
     _train(resolved, run_dir, state, summary, say)
+    if resolved.recipe.eval.decision == "macro_f1" and dist.is_main_process:
+        from framework.inference import decision
+
+        for line in decision.report_lines(decision.fit_runs([run_dir])):
+            say(line)
     return run_dir
 
 
@@ -171,6 +176,9 @@ def cross_validate(fold_runs: list[str | Path], out: str | Path | None = None) -
     from framework.review import crossval
 
     result = crossval.pooled([Path(r) for r in fold_runs])
+    if crossval.wants_decision(Path(fold_runs[0])):  # eval.decision: macro_f1, fitted on the pooled out-of-fold
+        from framework.inference import decision
+        result["decision"] = decision.fit_runs(fold_runs)
     if out is not None:
         write_json(Path(out), result)
         result["out"] = str(out)

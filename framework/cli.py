@@ -195,6 +195,8 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
     _load_plugins(plugins)
     result = api.predict(run, _one_source(images, csv_file), out, tta, proba, prior_shift)
     click.echo(result["distribution"])
+    if result["decision"]:
+        click.echo(result["decision"])
     click.echo(f"wrote {result['out']}: {result['predicted']} images (class shares in "
                f"{Path(result['out']).stem}.distribution.json)")
     if result["failed"]:
@@ -247,6 +249,8 @@ def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba
         click.echo(f"[{q}] test priors used: " + ", ".join(f"{v:.3f}" for v in prior))
     click.echo(f"wrote {result['out']}: {result['predicted']} images, weights {result['weights']}"
                + (f", composite = {' x '.join(result['composite'])}" if result["composite"] else ""))
+    if result["decision"]:
+        click.echo(result["decision"])
     if result["validation"]:
         questions = sorted({q for row in result["validation"].values() for q in row})
         click.echo("validation macro-F1 (shared split):")

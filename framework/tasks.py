@@ -29,6 +29,7 @@ class Head:
     kind = "classification"
     regression = False  # predicts a number (its bands are `bins` applied to it)
     chooses_threshold = False  # a decision threshold is chosen on each validation and saved with the model
+    class_offsets = False  # the macro-F1 decision rule (per-class offsets on the log-probabilities) applies
 
     def __init__(self, name: str, classes: list[str], bins=None, threshold: float = 0.5,
                  pos_weight: float | None = None):
@@ -114,6 +115,7 @@ class Classification(Head):
     """One class per band or value."""
 
     composite_ok = True
+    class_offsets = True
 
 
 @TASK_KINDS.register("regression")

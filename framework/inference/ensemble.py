@@ -11,6 +11,7 @@ import torch
 
 from framework.engine.metrics import flat_metrics, macro_f1
 from framework.errors import Issue, RunError
+from framework.inference.decision import apply, offsets_of, pick, shifted
 from framework.inference.predict import Predictions, composite_of, predict_proba, write_failures, write_predictions
 from framework.inference.run import ImageList, LoadedRun, load_run, split_rows
 
@@ -77,10 +78,11 @@ def ensemble_weights(runs: list[LoadedRun], spec: str) -> list[float]:
 
 
 def combine(runs: list[LoadedRun], member_probs: list[dict[str, np.ndarray]], method: str,
-            weights: list[float], member_values: list[dict] | None = None):
+            weights: list[float], member_values: list[dict] | None = None, rules: bool = True):
     """Per question: the ensemble's probabilities, its picks, and the classes. Members answer the questions they
     have; a question's classes must agree across the members that answer it. When every member answering a
-    question is a regression run, the ensemble averages their numbers (weighted) and bins the mean."""
+    question is a regression run, the ensemble averages their numbers (weighted) and bins the mean. With `rules`,
+    members' decision rules (framework.inference.decision) choose the classes where every member has one."""
     classes: dict[str, list[str]] = {}
     for r in runs:
         for q, c in r.questions().items():
@@ -89,6 +91,7 @@ def combine(runs: list[LoadedRun], member_probs: list[dict[str, np.ndarray]], me
                                      field="RUN", fix="ensemble runs trained with the same classes."))
     probs, picks = {}, {}
     member_values = member_values or [{} for _ in runs]
+    offsets = [offsets_of(r) if rules else {} for r in runs]  # each member's decision rule, where it has one
     for q in classes:
         have = [(m[q], w, v.get(q), r) for m, w, v, r in zip(member_probs, weights, member_values, runs) if q in m]
         ps, ws = [p for p, *_ in have], [w for _, w, *_ in have]
@@ -100,8 +103,23 @@ def combine(runs: list[LoadedRun], member_probs: list[dict[str, np.ndarray]], me
             probs[q] = np.eye(len(classes[q]))[band]
             continue
         probs[q] = soft_vote(ps, ws)
-        picks[q] = hard_vote(ps, ws) if method == "hard" else probs[q].argmax(1)
+        offs = [o[q] for m, o in zip(member_probs, offsets) if q in m and q in o]
+        if len(offs) == len(ps):  # every member's rule: its own picks vote, or the weighted mean offsets decide
+            picks[q] = hard_vote([shifted(p, o) for p, o in zip(ps, offs)], ws) if method == "hard" \
+                else pick(probs[q], np.average(offs, axis=0, weights=ws))
+        else:
+            picks[q] = hard_vote(ps, ws) if method == "hard" else probs[q].argmax(1)
     return probs, picks, classes
+
+
+def decision_note(runs: list[LoadedRun]) -> str | None:
+    """Which questions the members' decision rules decided (all members must have one for a question)."""
+    have = [set(offsets_of(r)) for r in runs]
+    both = set.intersection(*have) if have else set()
+    if not both:
+        return None
+    return (f"decision rule: the members' macro-F1 offsets decide {', '.join(sorted(both))} (hard voting: each "
+            "member's own picks; soft: the weighted mean offsets on the mean probabilities)")
 
 
 def composite_order_of(runs: list[LoadedRun], questions: list[str], requested: str | None = None) -> list[str] | None:
@@ -148,7 +166,8 @@ def ensemble(runs: list[str | Path], images: ImageList, out: str | Path = "ensem
     estimated = None
     if voting.prior_shift:
         member_probs, estimated = _shift_members(members, member_probs, w, voting)
-    probs, picks, classes = combine(members, member_probs, voting.method, w, [p.values for p in preds])
+    probs, picks, classes = combine(members, member_probs, voting.method, w, [p.values for p in preds],
+                                    rules=not voting.prior_shift)  # re-weighted probabilities: the argmax
     order = composite_order_of(members, list(classes), voting.composite)
     out = Path(out)
     ok = preds[0].ok
@@ -157,6 +176,7 @@ def ensemble(runs: list[str | Path], images: ImageList, out: str | Path = "ensem
     if failures:
         write_failures(out.with_name(out.stem + ".failed.csv"), failures)
     return {"out": out, "predicted": len(ok), "failed": failures, "weights": w, "composite": order,
+            "decision": None if voting.prior_shift else decision_note(members),
             "estimated_priors": {q: v.tolist() for q, v in (estimated or {}).items()},
             "validation": _validation(members, voting, w, classes, order)}
 
@@ -206,8 +226,8 @@ def _validation(members, voting: Voting, weights, classes, order):
     ok = preds[0].ok
     _, picks, _ = combine(members, [p.probs for p in preds], voting.method, weights, [p.values for p in preds])
     table = {}
-    for name, probs in [(m.name, p.probs) for m, p in zip(members, preds)] + [("ensemble", None)]:
-        chosen = picks if probs is None else {q: p.argmax(1) for q, p in probs.items()}
+    for name, member, probs in [(m.name, m, p.probs) for m, p in zip(members, preds)] + [("ensemble", None, None)]:
+        chosen = picks if member is None else apply(member, probs)[0]  # a member's own decision rule
         row = {q: macro_f1(t[ok], chosen[q], len(classes[q])) for q, t in truth.items() if q in chosen}
         if order and all(q in truth and q in chosen for q in order):
             have = np.all([truth[q][ok] >= 0 for q in order], axis=0)

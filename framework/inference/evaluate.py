@@ -73,6 +73,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     """Metrics of a trained run on a labelled set (data it may never have seen): per-task report, confusion
     matrix PNGs and the predicted vs true class distribution, written to `out`."""
     from framework.engine.metrics import summarize
+    from framework.inference.decision import apply
     from framework.inference.predict import predict_tasks, questions_of, write_predictions
     from framework.inference.run import load_run
     from framework.io import atomic_write_text, write_json
@@ -83,7 +84,8 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     pred = predict_tasks(loaded, paths, tta, [r.get("box") for r in rows], progress=True)
     task_probs, ok, failures = pred.probs, pred.ok, pred.failures
     y_true = np.array([[ys[t][i] for t in loaded.labels] for i in ok]).reshape(len(ok), len(loaded.labels))
-    y_pred = np.stack([task_probs[t].argmax(1) for t in loaded.labels], axis=1)
+    picks, rule = apply(loaded, {t: task_probs[t] for t in loaded.labels})  # the run's decision rule, if any
+    y_pred = np.stack([picks[t] for t in loaded.labels], axis=1)
     result = summarize(y_true, y_pred, labels)
     name = Path(recipe_data or csv_file).stem
     out = Path(out) if out else loaded.run_dir / "evaluations" / default_folder(recipe_data or csv_file)
@@ -94,6 +96,9 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
     if outside:
         report.append("left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items()))
+    decision = _decision_steps(loaded, y_true, task_probs, y_pred, rule)
+    report += [rule] + [f"[{t}] macro-F1 here: argmax {d['argmax']:.4f} -> with the decision rule {d['rule']:.4f}"
+                        for t, d in decision.items()] if rule else []
     distribution = _per_task(parts, out, report)
     probs = questions_of(loaded, task_probs)
     prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok), tta)
@@ -105,10 +110,25 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     atomic_write_text(out / "report.txt", "\n".join(report) + "\n")
     write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
                                       "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
-                                      "metrics": result, "distribution": distribution, "prior_shift": prior_report})
+                                      "metrics": result, "distribution": distribution, "prior_shift": prior_report,
+                                      "decision": {"rule": rule, "macro_f1": decision} if rule else None})
     pred.probs = probs
-    write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order())
+    write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order(),
+                      picks=apply(loaded, probs)[0])
     return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def _decision_steps(loaded, y_true, task_probs, y_pred, rule) -> dict:
+    """Per task the decision rule decided: macro-F1 with the plain argmax and with the rule (separate steps)."""
+    from framework.engine.metrics import macro_f1
+    from framework.inference.decision import offsets_of
+
+    if not rule:
+        return {}
+    decided = offsets_of(loaded)
+    return {t: {"argmax": macro_f1(y_true[:, j], task_probs[t].argmax(1), len(lab.classes)),
+                "rule": macro_f1(y_true[:, j], y_pred[:, j], len(lab.classes))}
+            for j, (t, lab) in enumerate(loaded.labels.items()) if t in decided}
 
 
 def default_folder(data: str | Path) -> str:

@@ -209,6 +209,7 @@ def predict_images(run: str | Path, images, out: str | Path = "predictions.csv",
     Also writes `<out>.distribution.json`: per question, the class shares of the training split and of the
     predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
     estimated (or given) test priors before classes are chosen."""
+    from framework.inference.decision import apply
     from framework.inference.predict import Predictions, predict_proba, write_failures, write_predictions
     from framework.inference.run import face_boxes, load_run
     from framework.io import write_json
@@ -221,16 +222,20 @@ def predict_images(run: str | Path, images, out: str | Path = "predictions.csv",
     if prior_shift:
         adjusted, estimated = shift(probs, prior_shift, classes, calibration(loaded, tta))
     final = adjusted or probs
+    # the run's decision rule (decision.json) chooses the classes, unless the probabilities were re-weighted
+    picks, rule = ({q: p.argmax(1) for q, p in final.items()}, None) if adjusted else apply(loaded, probs)
     order = loaded.composite_order()
-    composite = composite_shares(loaded, {q: p.argmax(1) for q, p in final.items()}, order) if order and pred.ok \
-        else None
-    table, shares = distribution_table(classes, train, probs, estimated, adjusted, composite)
+    composite = composite_shares(loaded, picks, order) if order and pred.ok else None
+    chosen = {q: np.eye(len(classes[q]))[picks[q]] for q in probs} if rule else probs  # shares of what is written
+    table, shares = distribution_table(classes, train, chosen, estimated, adjusted, composite)
     out = Path(out)
-    write_predictions(out, Predictions(pred.paths, pred.ok, final, pred.failures, pred.values), classes, order, proba)
+    write_predictions(out, Predictions(pred.paths, pred.ok, final, pred.failures, pred.values), classes, order, proba,
+                      picks)
     write_json(out.with_name(out.stem + ".distribution.json"), {"images": len(pred.ok), "prior_shift": prior_shift,
                                                                  "shares": shares})
     failed_file = out.with_name(out.stem + ".failed.csv")
     if pred.failures:
         write_failures(failed_file, pred.failures)
     return {"out": out, "predicted": len(pred.ok), "failed": pred.failures,
-            "failed_file": failed_file if pred.failures else None, "distribution": table, "shares": shares}
+            "failed_file": failed_file if pred.failures else None, "distribution": table, "shares": shares,
+            "decision": rule}

@@ -106,6 +106,12 @@ def _pool(records: list[dict]) -> dict:
     return out
 
 
+def wants_decision(run: Path) -> bool:
+    """Whether a fold run's recipe asks for the macro-F1 decision rule (eval.decision)."""
+    recipe = yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {}
+    return (recipe.get("eval") or {}).get("decision") == "macro_f1"
+
+
 def report(result: dict) -> str:
     """Terminal text: the pooled per-class table of each task and the per-fold figures."""
     from framework.engine.metrics import format_report
@@ -123,5 +129,8 @@ def report(result: dict) -> str:
     lines.append("per fold (kept epoch): " + ", ".join(f"{p['fold']}: {p['macro_f1']:.3f} @{p['best_epoch']}"
                                                        for p in result["per_fold"])
                  + f"; mean {f['mean']:.3f} +/- {f['std']:.3f}")
+    if result.get("decision"):
+        from framework.inference.decision import report_lines
+        lines += report_lines(result["decision"])
     return "\n".join(lines)
 

@@ -26,6 +26,11 @@ class EvalSection(_Section):
     tta: Literal["hflip"] | None = Field(None, description="hflip: score each image by the average of its outputs "
                                                         "and its mirror image's, in validation (so also when "
                                                         "choosing `best`) and, by default, in predict / evaluate.")
+    decision: Literal["argmax", "macro_f1"] = Field(
+        "argmax", description="macro_f1: after training, fit per-class offsets on the log-probabilities that "
+                              "maximise validation macro-F1 (a rare class is otherwise under-called), on the "
+                              "pooled out-of-fold predictions for --all-folds; stored in the run (decision.json) "
+                              "and used by predict, evaluate and ensemble.")
 
 
 class CheckpointSection(_Section):
