@@ -72,6 +72,8 @@ def console_line(record: dict, best: dict, monitor: str, epochs: int) -> str:
         text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
         if "tasks" in v:
             text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in v["tasks"].items()) + ")"
+        if "sources" in v:
+            text += " [by source: " + ", ".join(f"{n} {sc['macro_f1']:.3f}" for n, sc in v["sources"].items()) + "]"
     if best["value"] is not None:
         text += f" | best {monitor} {best['value']:.4f} @{best['epoch']}"
     return text + f" | {t['images_per_sec']:.0f} img/s, {t['seconds']:.1f}s"

@@ -133,11 +133,12 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tt
     The loss is the sum over tasks of the task's mean validation loss on the samples that have its label. With tta
     "hflip" the outputs are the mean of the image's and its mirror image's (as `recipe predict --tta hflip`)."""
     model.eval()
-    targets, probs, extra = [], {}, {}
+    targets, probs, extra, order = [], {}, {}, []
     loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
-    for images, labels, _ in _bar(loader, "validate", progress and accelerator.is_main_process):
-        out, labels = accelerator.gather_for_metrics((outputs(model, images, tta), labels))
+    for images, labels, index in _bar(loader, "validate", progress and accelerator.is_main_process):
+        out, labels, index = accelerator.gather_for_metrics((outputs(model, images, tta), labels, index))
         targets.append(labels.cpu())
+        order.append(index.cpu())
         for j, (task, head) in enumerate(heads.items()):
             v, col = out[task].float(), labels[:, j]
             if head.has(col).any():
@@ -153,7 +154,8 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tt
     loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(heads))
     y_pred = np.stack([p.argmax(1) for p in prob.values()], axis=1)
     return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob,
-            "extra": {t: torch.cat(v).numpy() for t, v in extra.items()}}
+            "extra": {t: torch.cat(v).numpy() for t, v in extra.items()},
+            "index": torch.cat(order).numpy()}  # each item's position in the loader's dataset
 
 
 def after_validation(heads: dict, v_stats: dict) -> dict[str, dict]:

@@ -86,6 +86,26 @@ def flat_metrics(record: dict) -> dict:
             for k in ("accuracy", "macro_f1", "mae", "threshold"):
                 if k in sc:
                     out[f"{side}/{task}/{k}"] = sc[k]
+        for name, sc in r.get("sources", {}).items():  # val/source/<name>/macro_f1 ...
+            out[f"{side}/source/{name}/macro_f1"] = sc["macro_f1"]
+            out[f"{side}/source/{name}/accuracy"] = sc["accuracy"]
+    return out
+
+
+def by_source(y_true: np.ndarray, y_pred: np.ndarray, sources: list[str], labels: dict) -> dict:
+    """Per data source of the validated items (when there are several): images, accuracy, macro-F1 and each
+    class's F1 (per task when there are several tasks): the score on a user's own source is the one that counts."""
+    names = np.array(sources)
+    if len(set(sources)) < 2:
+        return {}
+    out = {}
+    for name in sorted(set(sources)):
+        mine = names == name
+        s = summarize(y_true[mine], y_pred[mine], labels)
+        parts = s.get("tasks", {"": s})
+        out[name] = {"images": int(mine.sum()), "accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
+                     "class_f1": {f"{t}:{c}" if t else c: round(m["f1"], 4) for t, sc in parts.items()
+                                  for c, m in sc["per_class"].items() if m["support"]}}
     return out
 
 
