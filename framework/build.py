@@ -150,7 +150,7 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     from framework.data.loaders import build_loaders
     from framework.models import build_model, resolve_inputs
     from framework.optim import build_optimizer, build_scheduler, ema_copy
-    from framework.tasks import build_heads
+    from framework.tasks import build_heads, standardize_targets
 
     tr = recipe.train
     cpu = not torch.cuda.is_available()
@@ -160,6 +160,7 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     d = build_loaders(recipe, plan, size, acc.is_main_process, cpu)
     torch.manual_seed(tr.seed)
     heads = build_heads(recipe, plan.labels, d.train_codes)
+    standardize_targets(heads, d.train_ds.labels)  # regression heads learn z-scores of the training split
     model, notes = build_model(recipe.model, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
     if tr.sync_batchnorm and acc.num_processes > 1:  # same parameters and buffers: checkpoints stay interchangeable
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

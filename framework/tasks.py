@@ -120,9 +120,13 @@ class Classification(Head):
 
 @TASK_KINDS.register("regression")
 class Regression(Head):
-    """Predict the number; its bands (`bins`) are the classes of the metrics and predictions."""
+    """Predict the number; its bands (`bins`) are the classes of the metrics and predictions. The head learns the
+    number standardised by the training split's mean and spread (`center`, `scale`, saved in the checkpoint), so its
+    loss starts near 1 like a class head's instead of at tens of years, and does not drown the other heads of a
+    shared backbone; `value` undoes the scaling."""
 
     kind, regression = "regression", True
+    center, scale = 0.0, 1.0  # checkpoints written before standardisation load with these
 
     @classmethod
     def check_spec(cls, spec):
@@ -150,14 +154,14 @@ class Regression(Head):
         return torch.where(torch.isnan(col), torch.full_like(band, -1), band)
 
     def _loss(self, out, col, fn):
-        return fn(out[:, 0].float(), col.float())
+        return fn(out[:, 0].float(), (col.float() - self.center) / self.scale)
 
     def eval_loss(self):
-        return torch.nn.L1Loss(reduction="sum")
+        return torch.nn.L1Loss(reduction="sum")  # in standard units, as training's
 
     def value(self, out: torch.Tensor) -> torch.Tensor:
-        """The predicted number (N,)."""
-        return out[:, 0].float()
+        """The predicted number (N,), in the data's units."""
+        return out[:, 0].float() * self.scale + self.center
 
     def probs(self, out):
         band = torch.bucketize(self.value(out).contiguous(), self.bins.to(out.device), right=True)
@@ -257,6 +261,28 @@ class Anomaly(_Binary):
         self.threshold, _ = best_threshold(extra[has], y_true[has])
         y_pred[:] = (extra > self.threshold).astype(int)
         return {"threshold": self.threshold}
+
+
+def standardize_targets(heads: dict, train_labels: list) -> dict[str, list[float]]:
+    """Each regression head's `center` and `scale`: the mean and standard deviation of its training values
+    (`train_labels`: one label vector per training image, in task order; NaN = no label). Returns them by task."""
+    out = {}
+    for j, (task, head) in enumerate(heads.items()):
+        if not head.regression:
+            continue
+        values = np.array([float(y[j]) for y in train_labels], dtype=float)
+        values = values[~np.isnan(values)]
+        if len(values):
+            spread = float(values.std())
+            head.center, head.scale = float(values.mean()), spread if spread > 0 else 1.0
+        out[task] = [head.center, head.scale]
+    return out
+
+
+def set_targets(heads: dict, targets: dict | None) -> None:
+    """Put saved `center` and `scale` back (a checkpoint's `targets`)."""
+    for task, (center, scale) in (targets or {}).items():
+        heads[task].center, heads[task].scale = float(center), float(scale)
 
 
 def head_class(kind: str) -> type[Head]:

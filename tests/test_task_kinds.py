@@ -155,3 +155,43 @@ def test_regression_members_average_their_numbers(age_runs):
     expected = ["<30" if m < 30 else "30-59" if m < 60 else "60+" for m in mean]
     agree = np.mean([a == b for a, b in zip(bands, expected)])
     assert agree > 0.97  # equal up to the 3-decimal rounding of the CSV at a cut point
+
+
+MIXED = {"mask": {"column": "mask_state", "classes": ["wear", "incorrect", "not_wear"]},
+         "gender": {"column": "gender", "classes": ["male", "female"]},
+         "age": {"column": "age", "bins": [30, 60], "kind": "regression"}}
+
+
+def test_every_head_of_a_multi_task_run_starts_at_a_comparable_loss(tmp_path):
+    """Age in years would start near 40 against about 1 for the class heads and drive the shared backbone alone;
+    standardised by the training split it starts within a factor of 10 of the others."""
+    from framework.build import build_run
+    from tests.test_predict import _mixed_recipe
+
+    resolved = api.validate(_mixed_recipe(tmp_path, MIXED))
+    b = build_run(resolved.recipe, resolved.plan, tmp_path / "r", [])
+    ages = np.array([float(y[2]) for y in b.loaders.train_ds.labels])
+    ages = ages[~np.isnan(ages)]
+    age = b.heads["age"]
+    assert age.center == pytest.approx(ages.mean()) and age.scale == pytest.approx(ages.std())
+    images, labels, _ = next(iter(b.train_loader))
+    with torch.no_grad():
+        logits = b.model(images)
+        losses = {t: float(h.loss(logits[t], labels[:, j], b.loss_fn.losses[t]))
+                  for j, (t, h) in enumerate(b.heads.items())}
+    assert max(losses.values()) < 10 * min(losses.values()), losses
+
+
+@pytest.mark.slow
+def test_a_regression_runs_scaling_is_saved_and_predictions_are_in_years(age_runs):
+    from framework.inference.run import load_run
+
+    tmp, runs = age_runs
+    state = torch.load(runs["regression"] / "checkpoints" / "best.pt", weights_only=True)
+    center, scale = state["targets"]["age"]
+    assert 20 < center < 70 and 5 < scale < 40  # the training split's mean and spread of ages, in years
+    head = load_run(runs["regression"]).heads["age"]
+    assert (head.center, head.scale) == (center, scale)
+    out = api.predict(runs["regression"], tmp / "utk.csv", out=tmp / "years.csv")
+    values = [float(r["age_value"]) for r in csv.DictReader(open(out["out"], encoding="utf-8"))]
+    assert 10 < np.mean(values) < 80  # years, not z-scores

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from framework.io import atomic_write_bytes
+from framework.tasks import set_targets
 
 
 def save(path: Path, state: dict) -> None:
@@ -46,6 +47,7 @@ def training_state(built, epoch: int, best: dict) -> dict:
     return {"format": 1, "epoch": epoch, "best": best,
             "classes": {t: h.classes for t, h in built.heads.items()},
             "thresholds": {t: h.threshold for t, h in built.heads.items() if h.chooses_threshold},
+            "targets": {t: [h.center, h.scale] for t, h in built.heads.items() if h.regression},
             "image_size": list(built.image_size),
             "backbone": recipe.model.backbone,
             "recipe": recipe.model_dump(mode="json"),  # what resume checks the run folder's recipe against
@@ -71,6 +73,7 @@ def restore(built, state: dict) -> tuple[int, dict, dict | None]:
         acc.scaler.load_state_dict(state["scaler"])
     for task, t in state.get("thresholds", {}).items():
         built.heads[task].threshold = t
+    set_targets(built.heads, state.get("targets"))
     return state["epoch"] + 1, state["best"], state.get("partial")
 
 
