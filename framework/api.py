@@ -220,14 +220,14 @@ def predict(run: str | Path, images, out: str | Path = "predictions.csv", tta: s
     return predict_images(run, _images(images), out, tta, proba, prior_shift)
 
 
-def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None, tta: str | None = None,
-             overrides: list[str] | tuple = ()) -> dict:
-    """Score a run on labelled data: a manifest CSV (`path` and the run's label columns) or a recipe whose data is
-    the set; see framework.inference.evaluate."""
+def evaluate(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
+             tta: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Score a run on labelled data: a manifest CSV (`path` and the run's label columns), a recipe whose data is
+    the set, or (None) the run's own validation split; see framework.inference.evaluate."""
     from framework.inference.evaluate import evaluate as _evaluate
 
-    is_csv = str(data).lower().endswith(".csv")
-    return _evaluate(run, None if is_csv else data, data if is_csv else None, out, tta, overrides)
+    is_csv = data is not None and str(data).lower().endswith(".csv")
+    return _evaluate(run, None if is_csv or data is None else data, data if is_csv else None, out, tta, overrides)
 
 
 def ensemble(runs: list[str | Path], images, out: str | Path = "ensemble.csv", voting=None,

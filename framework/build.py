@@ -24,6 +24,7 @@ class DataPlan:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # byte-identical (train, val) files
     named_tasks: bool = False  # tasks come from the recipe's `tasks` (else the single data.target, "label")
     values: dict[str, list[float]] = field(default_factory=dict)  # regression task -> the number per row (NaN)
+    numbers: dict[str, list[float]] = field(default_factory=dict)  # task with `bins` -> the number per row (NaN)
 
     def indices(self, side: str) -> list[int]:
         return [i for i, s in enumerate(self.sides) if s == side]
@@ -64,6 +65,7 @@ def build_data(recipe) -> DataPlan:
     rows, ys, labels, dropped = label_rows(read_sources(recipe.data), specs, recipe.data.missing_label, named)
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
     plan.values = {t: numbers(rows, s.column) for t, s in specs.items() if head_class(s.kind).regression}
+    plan.numbers = {t: numbers(rows, s.column) for t, s in specs.items() if s.bins is not None and s.column}
     train_only = {s.name for s in recipe.data.sources if getattr(s, "train_only", False)}
     plan.sides = build_split(rows, plan.strata, recipe.validation, train_only)
     group_by = getattr(recipe.validation, "group_by", "group")

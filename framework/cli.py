@@ -214,9 +214,10 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
               help="Move a regression task's cut points without retraining, e.g. --set tasks.age.bins=[30,58].")
 @plugin_option
 def evaluate(run, recipe_data, csv_file, out, tta, overrides, plugins):
-    """Score RUN on a labelled set: per-class report, confusion matrix PNGs, class distribution."""
-    if bool(recipe_data) == bool(csv_file):
-        raise click.UsageError("give either --recipe-data FILE or --csv FILE.")
+    """Score RUN on a labelled set (default: its own validation split): per-class report, confusion matrix PNGs,
+    class distribution."""
+    if recipe_data and csv_file:
+        raise click.UsageError("give --recipe-data FILE or --csv FILE, not both (neither: the run's validation split).")
     from framework import api
 
     _load_plugins(plugins)

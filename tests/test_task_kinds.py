@@ -195,3 +195,36 @@ def test_a_regression_runs_scaling_is_saved_and_predictions_are_in_years(age_run
     out = api.predict(runs["regression"], tmp / "utk.csv", out=tmp / "years.csv")
     values = [float(r["age_value"]) for r in csv.DictReader(open(out["out"], encoding="utf-8"))]
     assert 10 < np.mean(values) < 80  # years, not z-scores
+
+
+@pytest.mark.slow
+def test_evaluate_moves_the_cut_on_the_runs_own_validation_split(age_runs):
+    """split.csv keeps each image's age, so `recipe evaluate RUN --set tasks.age.bins=...` re-bands the run's own
+    validation images without any other file."""
+    tmp, runs = age_runs
+    run = runs["regression"]
+    rows = [r for r in csv.DictReader(open(run / "split.csv", encoding="utf-8")) if r["split"] == "val"]
+    ages = [float(r["age_value"]) for r in rows]
+    assert rows and all(r["age"] in ("<30", "30-59", "60+") for r in rows)
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--set", "tasks.age.bins=[30, 58]"])
+    assert result.exit_code == 0 and "its validation split" in result.output, result.output
+    metrics = json.loads((run / "evaluations" / "validation" / "metrics.json").read_text())
+    true = {k: v["true"] for k, v in metrics["distribution"]["age"].items()}
+    assert metrics["images"] == len(rows) and true["58+"] == sum(a >= 58 for a in ages)
+    assert true["30-57"] == sum(30 <= a < 58 for a in ages)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_mean_absolute_error_of_regression_and_ordinal_runs(age_runs):
+    tmp, runs = age_runs
+    truth = {str(r["path"]): float(r["age"]) for r in csv.DictReader(open(tmp / "utk.csv", encoding="utf-8"))}
+    for kind, how in (("regression", "the predicted number"), ("ordinal", "expected value")):
+        out = tmp / f"mae-{kind}"
+        result = CliRunner().invoke(main, ["evaluate", str(runs[kind]), "--csv", str(tmp / "utk.csv"), "--out", str(out)])
+        assert result.exit_code == 0 and "[age] MAE " in result.output and how in result.output, result.output
+        mae = json.loads((out / "metrics.json").read_text())["mae"]["age"]
+        assert mae["images"] == len(truth) and set(mae["per_band"]) <= {"<30", "30-59", "60+"}
+        if kind == "regression":  # the figure is the mean distance of the written numbers from the true ages
+            rows = list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
+            by_hand = np.mean([abs(float(r["age_value"]) - truth[r["path"]]) for r in rows])
+            assert mae["mae"] == pytest.approx(by_hand, abs=0.01)

@@ -200,11 +200,15 @@ def _digest(path: str) -> str:
 
 
 def write_split(path: Path, plan) -> None:
-    """split.csv: every image with its source, group, side and each task's label (empty where it has none)."""
+    """split.csv: every image with its source, group, side and each task's label (empty where it has none); a task
+    cut into bands from a number (age) keeps the number too (`<task>_value`), so its bands can be moved later."""
+    import math
+
     from framework.io import write_csv
 
-    tasks = list(plan.labels)
-    write_csv(path, ["path", "source", "group", "split"] + tasks,
+    tasks, numbered = list(plan.labels), list(plan.numbers)
+    write_csv(path, ["path", "source", "group", "split"] + tasks + [f"{t}_value" for t in numbered],
               ([r["path"], r["source"], r.get("group", ""), s]
                + [plan.labels[t].classes[plan.ys[t][i]] if plan.ys[t][i] >= 0 else "" for t in tasks]
+               + ["" if math.isnan(plan.numbers[t][i]) else f"{plan.numbers[t][i]:g}" for t in numbered]
                for i, (r, s) in enumerate(zip(plan.rows, plan.sides))))

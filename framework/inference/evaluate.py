@@ -11,25 +11,20 @@ from framework.errors import FieldError, RunError, Issue
 
 
 def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | None):
-    """Rows of a labelled set, labelled with the run's own task definitions and classes."""
+    """Rows of a labelled set (a recipe's data, a CSV, or neither: the run's own validation split), labelled with
+    the run's own task definitions and classes."""
     from framework.build import label_rows
     from framework.data.readers import read_sources
     from framework.recipe.loaded import load_recipe
-    from framework.recipe.schema import DataSection
 
+    where = None
     if recipe_data is not None:
-        other = load_recipe(recipe_data)
-        data_cfg, where = other.recipe.data, other
+        where = load_recipe(recipe_data)
+        read = lambda: read_sources(where.recipe.data)  # noqa: E731
+    elif csv_file is not None:
+        read = lambda: read_sources(_csv_data(run, csv_file))  # noqa: E731
     else:
-        csv_path = Path(csv_file).resolve()
-        from framework.inference.run import box_columns_in
-
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            boxes = box_columns_in(run, next(csv.reader(f), []))  # the face boxes a face-cropping run needs
-        source = {"type": "csv", "name": "eval", "manifest": csv_path.name, "box_columns": boxes,
-                  "allow_outside_root": True}  # the user's own CSV, named on the command line
-        data_cfg = DataSection(root=str(csv_path.parent), sources=[source])
-        where = None
+        read = lambda: own_split(run)  # noqa: E731
     specs = {}
     for task, spec in run.recipe.task_specs().items():
         lab = run.labels[task]
@@ -39,12 +34,47 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         else:
             specs[task] = spec.model_copy(update={"classes": lab.classes})
     try:
-        rows, outside = _within_classes(read_sources(data_cfg), specs)
+        rows, outside = _within_classes(read(), specs)
         return (*label_rows(rows, specs, "drop", named=run.recipe.tasks is not None), outside)
     except FieldError as e:
         if where is not None:
             raise where.located(e) from None
-        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file), fix=f) for p, m, f in e.items]) from None
+        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file or run.run_dir / "split.csv"), fix=f)
+                        for p, m, f in e.items]) from None
+
+
+def _csv_data(run, csv_file):
+    """The user's own CSV as a data section (its face boxes when the run crops to faces)."""
+    from framework.inference.run import box_columns_in
+    from framework.recipe.schema import DataSection
+
+    csv_path = Path(csv_file).resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        boxes = box_columns_in(run, next(csv.reader(f), []))
+    source = {"type": "csv", "name": "eval", "manifest": csv_path.name, "box_columns": boxes,
+              "allow_outside_root": True}  # the user's own CSV, named on the command line
+    return DataSection(root=str(csv_path.parent), sources=[source])
+
+
+def own_split(run) -> list[dict]:
+    """The run's validation rows from its split.csv, as a reader gives rows: each task's label in its column, and
+    for a task cut from a number (age) the number itself, so that moved `bins` re-band it; the data's face boxes."""
+    from framework.inference.run import data_boxes, split_rows
+
+    known = data_boxes(run) if run.recipe.transforms.resize.face_margin is not None else {}
+    rows = []
+    for r in split_rows(run, "val"):
+        row = {"path": r["path"], "source": r["source"], "group": r["group"]}
+        for task, spec in run.recipe.task_specs().items():
+            if spec.composite:
+                row.update({part.column: r.get(name, "") for name, part in spec.composite.items()})
+            elif spec.bins is not None and r.get(f"{task}_value", ""):
+                row[spec.column] = r[f"{task}_value"]
+            else:
+                row[spec.column] = r.get(task, "")
+        box = known.get(str(Path(r["path"]).resolve()))
+        rows.append(row | ({"box": box} if box else {}))
+    return rows
 
 
 def _within_classes(rows: list[dict], specs: dict) -> tuple[list[dict], dict[str, int]]:
@@ -87,8 +117,9 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     picks, rule = apply(loaded, {t: task_probs[t] for t in loaded.labels})  # the run's decision rule, if any
     y_pred = np.stack([picks[t] for t in loaded.labels], axis=1)
     result = summarize(y_true, y_pred, labels)
-    name = Path(recipe_data or csv_file).stem
-    out = Path(out) if out else loaded.run_dir / "evaluations" / default_folder(recipe_data or csv_file)
+    data = recipe_data or csv_file
+    name = Path(data).stem if data else "its validation split"
+    out = Path(out) if out else loaded.run_dir / "evaluations" / (default_folder(data) if data else "validation")
     out.mkdir(parents=True, exist_ok=True)
     parts = {t: result["tasks"][t] for t in loaded.labels} if "tasks" in result else {next(iter(loaded.labels)): result}
     if "composite" in result:
@@ -100,22 +131,74 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     report += [rule] + [f"[{t}] macro-F1 here: argmax {d['argmax']:.4f} -> with the decision rule {d['rule']:.4f}"
                         for t, d in decision.items()] if rule else []
     distribution = _per_task(parts, out, report)
+    errors = number_errors(loaded, rows, pred)
+    report += [f"[{t}] MAE {e['mae']:.2f} over {e['images']} images ({e['how']}); by true band: "
+               + ", ".join(f"{b} {v:.2f}" for b, v in e["per_band"].items()) for t, e in errors.items()]
     probs = questions_of(loaded, task_probs)
     prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok), tta)
-    for q, r in prior_report.items():
-        report += [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
-                   f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
-                   f"{r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> {r['accuracy_shifted']:.4f}, "
-                   f"log-loss {r['log_loss']:.3f} -> {r['log_loss_shifted']:.3f} after re-weighting to the estimate"]
+    report += _prior_lines(prior_report)
     atomic_write_text(out / "report.txt", "\n".join(report) + "\n")
-    write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(recipe_data or csv_file),
+    write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(data or "validation split"),
                                       "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
                                       "metrics": result, "distribution": distribution, "prior_shift": prior_report,
+                                      "mae": errors,
                                       "decision": {"rule": rule, "macro_f1": decision} if rule else None})
     pred.probs = probs
     write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order(),
                       picks=apply(loaded, probs)[0])
     return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def _prior_lines(prior_report: dict) -> list[str]:
+    return [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
+            f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
+            f"{r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> {r['accuracy_shifted']:.4f}, "
+            f"log-loss {r['log_loss']:.3f} -> {r['log_loss_shifted']:.3f} after re-weighting to the estimate"
+            for q, r in prior_report.items()]
+
+
+def number_errors(loaded, rows: list[dict], pred) -> dict:
+    """Per task cut into bands from a number (age): the mean absolute error in the data's units, overall and per
+    true band. A regression task is judged by its predicted number; an ordinal or banded class task by its expected
+    value (each band's probability times the mean training value of that band, from the run's split.csv)."""
+    from framework.data.labels import numbers
+
+    out = {}
+    for task, spec in loaded.recipe.task_specs().items():
+        head = loaded.heads[task]
+        if spec.bins is None or not spec.column or head.chooses_threshold:
+            continue
+        truth = np.array(numbers(rows, spec.column))[pred.ok] if pred.ok else np.zeros(0)
+        if head.regression:
+            guess, how = pred.values[task], "the predicted number"
+        else:
+            means = _band_means(loaded, task)
+            if means is None:
+                continue
+            guess, how = pred.probs[task] @ means, "expected value: band probabilities x each band's mean training value"
+        has = ~np.isnan(truth)
+        if not has.any():
+            continue
+        band = np.searchsorted(np.asarray(head.bins), truth, side="right")
+        err = np.abs(guess - truth)
+        out[task] = {"mae": float(err[has].mean()), "images": int(has.sum()), "how": how,
+                     "per_band": {c: float(err[has & (band == k)].mean()) for k, c in enumerate(loaded.labels[task].classes)
+                                  if (has & (band == k)).any()}}
+    return out
+
+
+def _band_means(loaded, task: str) -> np.ndarray | None:
+    """Each band's mean value over the run's training images (split.csv `<task>_value`), or None without them."""
+    from framework.inference.run import split_rows
+
+    values = np.array([float(r[f"{task}_value"]) for r in split_rows(loaded, "train") if r.get(f"{task}_value")])
+    if not len(values):
+        return None
+    band = np.searchsorted(np.asarray(loaded.heads[task].bins), values, side="right")
+    n = len(loaded.labels[task].classes)
+    if any(not (band == k).any() for k in range(n)):
+        return None
+    return np.array([values[band == k].mean() for k in range(n)])
 
 
 def _decision_steps(loaded, y_true, task_probs, y_pred, rule) -> dict:
