@@ -30,6 +30,7 @@ class Head:
     regression = False  # predicts a number (its bands are `bins` applied to it)
     chooses_threshold = False  # a decision threshold is chosen on each validation and saved with the model
     class_offsets = False  # the macro-F1 decision rule (per-class offsets on the log-probabilities) applies
+    fits_normal = False  # fitted to the normal training images' outputs before each validation (one_class)
 
     def __init__(self, name: str, classes: list[str], bins=None, threshold: float = 0.5,
                  pos_weight: float | None = None):
@@ -108,6 +109,13 @@ class Head:
     def after_validation(self, extra: np.ndarray | None, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         """Metrics of this kind beyond the bands' (MAE, the chosen threshold); may redo `y_pred` in place."""
         return {}
+
+    def state(self) -> dict | None:
+        """What this head learnt outside the model's weights (saved in checkpoints), or None."""
+        return None
+
+    def load_state(self, state: dict) -> None:
+        """Put back what `state` returned."""
 
 
 @TASK_KINDS.register("classification")
@@ -263,6 +271,61 @@ class Anomaly(_Binary):
         return {"threshold": self.threshold}
 
 
+@TASK_KINDS.register("one_class")
+class OneClass(Anomaly):
+    """The anomaly kind trained on the normal population only: the score is the squared Mahalanobis distance of an
+    image's features (a fixed random projection of the backbone's to 32 dimensions) from the normal training
+    images' mean, under their covariance (shrunk towards its diagonal). The distribution is fitted again before
+    each validation; no image of the rare class is used, except to choose the threshold on validation. For when the
+    rare group has too few images to learn from. The backbone learns only from other tasks (or pretrained weights):
+    this head passes it no gradient."""
+
+    kind, fits_normal = "one_class", True
+    dims = 32
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mean: torch.Tensor | None = None
+        self.precision: torch.Tensor | None = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.dims
+
+    def _loss(self, out, col, fn):
+        return out.sum() * 0.0  # nothing is learnt by gradient: the normal distribution is fitted
+
+    def fit_normal(self, z: np.ndarray) -> None:
+        """Mean and precision of the normal images' outputs z (N, dims)."""
+        z = np.asarray(z, dtype=np.float64)
+        cov = np.cov(z, rowvar=False) if len(z) > 1 else np.eye(z.shape[1])
+        shrink = 0.1  # towards the diagonal: stable with few images
+        cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(cov))
+        self.mean = torch.tensor(z.mean(0), dtype=torch.float32)
+        self.precision = torch.tensor(np.linalg.inv(cov), dtype=torch.float32)
+
+    def score(self, out):
+        """1 - exp(-d^2 / (2 dims)), in 0..1, increasing with the Mahalanobis distance d."""
+        if self.mean is None:
+            return torch.zeros(len(out))
+        d = out.float() - self.mean.to(out.device)
+        d2 = ((d @ self.precision.to(out.device)) * d).sum(1)
+        return 1 - torch.exp(-d2 / (2 * self.dims))
+
+    def probs(self, out):
+        t = min(max(self.threshold, 1e-6), 1 - 1e-6)
+        s = self.score(out).clamp(1e-6, 1 - 1e-6)
+        shifted = torch.sigmoid(torch.log(s / (1 - s)) - math.log(t / (1 - t)))  # 0.5 at the chosen threshold
+        return torch.stack([1 - shifted, shifted], dim=1)
+
+    def state(self):
+        return None if self.mean is None else {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+
+    def load_state(self, state):
+        self.mean = torch.tensor(state["mean"], dtype=torch.float32)
+        self.precision = torch.tensor(state["precision"], dtype=torch.float32)
+
+
 def standardize_targets(heads: dict, train_labels: list) -> dict[str, list[float]]:
     """Each regression head's `center` and `scale`: the mean and standard deviation of its training values
     (`train_labels`: one label vector per training image, in task order; NaN = no label). Returns them by task."""
@@ -283,6 +346,12 @@ def set_targets(heads: dict, targets: dict | None) -> None:
     """Put saved `center` and `scale` back (a checkpoint's `targets`)."""
     for task, (center, scale) in (targets or {}).items():
         heads[task].center, heads[task].scale = float(center), float(scale)
+
+
+def load_head_states(heads: dict, checkpoint: dict) -> None:
+    """What heads learnt outside the weights (a one-class head's normal distribution), from a checkpoint."""
+    for task, state in (checkpoint.get("head_state") or {}).items():
+        heads[task].load_state(state)
 
 
 def head_class(kind: str) -> type[Head]:

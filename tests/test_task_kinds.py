@@ -228,3 +228,44 @@ def test_evaluate_reports_the_mean_absolute_error_of_regression_and_ordinal_runs
             rows = list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
             by_hand = np.mean([abs(float(r["age_value"]) - truth[r["path"]]) for r in rows])
             assert mae["mae"] == pytest.approx(by_hand, abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_one_class_anomaly_task_learns_the_normal_images_only_and_resumes_exactly(tmp_path):
+    """kind one_class: the normal (not 60+) training images' feature distribution is fitted before each
+    validation, the threshold chosen on validation, both saved; no 60+ training image is used; predict scores
+    with them; 1 epoch + resume gives the same figures as 2 epochs straight."""
+    import shutil
+
+    from framework.inference.run import load_run
+
+    path = _age_recipe(tmp_path, {"kind": "one_class", "anomaly": "60+"}, "one_class")
+    run = api.run(path, ["checkpoint.every=1", "train.finetune.freeze_bn=true"], name="oc", log=lambda *_: None)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    normal = state["head_state"]["age"]
+    assert len(normal["mean"]) == 32 and 0 < state["thresholds"]["age"] < 1
+    head = load_run(run).heads["age"]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert head.threshold == best["thresholds"]["age"] and head.mean.tolist() == best["head_state"]["age"]["mean"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "threshold" in records[-1]["val"] and 0 <= records[-1]["val"]["per_class"]["60+"]["f1"] <= 1
+    out = api.predict(run, tmp_path / "utk.csv", out=tmp_path / "oc.csv", proba=True)
+    rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
+    n = sum(1 for _ in csv.DictReader(open(tmp_path / "utk.csv", encoding="utf-8")))
+    assert {r["age"] for r in rows} == {"not 60+", "60+"} and len(rows) == n
+    resumed = shutil.copytree(run, tmp_path / "resumed")
+    shutil.copy(resumed / "checkpoints" / "epoch_0001.pt", resumed / "checkpoints" / "last.pt")
+    api.run(resume=resumed, log=lambda *_: None)
+    again = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert again[-1]["val"] == records[-1]["val"]
+    assert torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["head_state"] == state["head_state"]
+
+
+def test_the_one_class_score_grows_with_the_distance_from_the_normal_images():
+    head = head_class("one_class")("age", ["not 60+", "60+"])
+    rng = np.random.default_rng(0)
+    head.fit_normal(rng.normal(0, 1, (400, 32)))
+    near, far = torch.zeros(1, 32), torch.full((1, 32), 3.0)
+    assert float(head.score(near)) < 0.2 < 0.9 < float(head.score(far))
+    head.threshold = 0.5
+    assert head.predict(torch.cat([near, far])).tolist() == [0, 1]

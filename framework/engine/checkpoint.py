@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from framework.io import atomic_write_bytes
-from framework.tasks import set_targets
+from framework.tasks import load_head_states, set_targets
 
 
 def save(path: Path, state: dict) -> None:
@@ -48,6 +48,7 @@ def training_state(built, epoch: int, best: dict) -> dict:
             "classes": {t: h.classes for t, h in built.heads.items()},
             "thresholds": {t: h.threshold for t, h in built.heads.items() if h.chooses_threshold},
             "targets": {t: [h.center, h.scale] for t, h in built.heads.items() if h.regression},
+            "head_state": {t: h.state() for t, h in built.heads.items() if h.state() is not None},
             "image_size": list(built.image_size),
             "backbone": recipe.model.backbone,
             "recipe": recipe.model_dump(mode="json"),  # what resume checks the run folder's recipe against
@@ -74,6 +75,7 @@ def restore(built, state: dict) -> tuple[int, dict, dict | None]:
     for task, t in state.get("thresholds", {}).items():
         built.heads[task].threshold = t
     set_targets(built.heads, state.get("targets"))
+    load_head_states(built.heads, state)
     return state["epoch"] + 1, state["best"], state.get("partial")
 
 

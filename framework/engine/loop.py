@@ -158,6 +158,29 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tt
             "index": torch.cat(order).numpy()}  # each item's position in the loader's dataset
 
 
+@torch.no_grad()
+def fit_normal_heads(b) -> None:
+    """Before validation: heads that model the normal population (one_class) are fitted to the outputs of the
+    normal training images (label 0), seen as validation sees images (no augmentation, eval mode)."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    heads = [(j, t, h) for j, (t, h) in enumerate(b.heads.items()) if h.fits_normal]
+    if not heads:
+        return
+    ds = copy.copy(b.loaders.train_ds)
+    ds.augment = None
+    model = b.eval_model.eval()
+    kept: dict[str, list] = {t: [] for _, t, _ in heads}
+    for images, labels, _ in DataLoader(ds, batch_size=2 * b.recipe.train.batch_size, shuffle=False):
+        out = model(images.to(b.accelerator.device))
+        for j, t, _ in heads:
+            kept[t].append(out[t][labels[:, j] == 0].float().cpu())
+    for _, t, h in heads:
+        h.fit_normal(torch.cat(kept[t]).numpy())
+
+
 def after_validation(heads: dict, v_stats: dict) -> dict[str, dict]:
     """Each kind's own validation step (a regression task's MAE; an anomaly task's threshold, chosen on these
     predictions, which are redone with it): per task, the metrics it adds."""

@@ -55,7 +55,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     from framework.models import build_model, resolve_inputs
     from framework.recipe.loaded import load_recipe
     from framework import transforms as T
-    from framework.tasks import build_heads, head_class, set_targets
+    from framework.tasks import build_heads, head_class, load_head_states, set_targets
 
     path = Path(path)
     if path.is_file():
@@ -89,6 +89,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
                                  fix="only regression tasks can move their cut points."))
     heads = build_heads(recipe, labels, thresholds=state.get("thresholds"))
     set_targets(heads, state.get("targets"))  # a regression head's scaling
+    load_head_states(heads, state)
     size, mean, std = resolve_inputs(recipe)
     model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
     model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std, size)

@@ -228,8 +228,9 @@ class TaskSpec(TargetSpec):
         "classification", description="classification: one class per band or value; regression: predict the number "
         "(needs `bins`: its bands are the classes of the metrics and predictions, and can be moved after training); "
         "ordinal: 'is it above band k' heads over ordered `bins`; anomaly: the class named in `anomaly` against the "
-        "rest, with a threshold chosen on the validation split; or a kind registered by a plugin.")
-    anomaly: str | None = Field(None, description="For kind anomaly: the rare class, e.g. '60+'.")
+        "rest, with a threshold chosen on the validation split; one_class: the same, learnt from the normal images "
+        "only (distance to their feature distribution); or a kind registered by a plugin.")
+    anomaly: str | None = Field(None, description="For kinds anomaly and one_class: the rare class, e.g. '60+'.")
     loss: LossSpec | None = Field(None, description="This task's loss (default: train.loss; for regression "
                                                     "smooth_l1; l1 and mse too).")
     weight: float = Field(1.0, ge=0, description="Weight of this task's loss in the total.")
