@@ -180,3 +180,22 @@ def _data_warnings(loaded: LoadedRecipe, plan: DataPlan) -> None:
                                      fix="give duplicates the same group id."))
     if len(plan.duplicates) > 5:
         loaded.warnings.append(Issue(f"... {len(plan.duplicates) - 5} more byte-identical pairs.", file=str(loaded.path)))
+    _tiny_found_classes(loaded, plan)
+
+
+def _tiny_found_classes(loaded: LoadedRecipe, plan: DataPlan) -> None:
+    """Classes taken from the data (no `classes` declared) with a handful of rows are often typos ('dog' for
+    'dogs'), and each one counts as a whole class in macro-F1: say so, with the counts."""
+    from framework.data.labels import task_path
+
+    for task, spec in loaded.recipe.task_specs().items():
+        if spec.classes or spec.bins is not None or spec.composite:
+            continue
+        counts = {c: plan.ys[task].count(k) for k, c in enumerate(plan.labels[task].classes)}
+        tiny = {c: n for c, n in counts.items() if n < max(3, 0.01 * len(plan.rows))}
+        if tiny:
+            loaded.warn(task_path(plan.named_tasks, task) + ("column",),
+                        "classes found in the data with very few rows: " + ", ".join(f"{c!r} ({n})" for c, n in tiny.items())
+                        + f" (of {len(counts)} classes); each counts as a whole class in macro-F1.",
+                        "if they are typos, declare `classes` (undeclared values are then an error naming them) "
+                        "or fix them with `map`.")

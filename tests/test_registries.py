@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framework.recipe.schema import LossSpec, TaskSpec
-from framework.registry import LOSSES, READERS, REGISTRIES, TASK_KINDS, RegistryError
+from framework.registry import LOSSES, READERS, REGISTRIES, TASK_KINDS, WEIGHTS, RegistryError
 
 BUILTIN_LOSSES = [e.name for e in LOSSES.entries() if e.origin == "built-in"]
 BUILTIN_KINDS = [e.name for e in TASK_KINDS.entries() if e.origin == "built-in"]
@@ -14,9 +14,10 @@ BUILTIN_KINDS = [e.name for e in TASK_KINDS.entries() if e.origin == "built-in"]
 
 def test_the_built_ins_are_registered_where_they_are_defined():
     assert set(BUILTIN_LOSSES) >= {"cross_entropy", "focal", "f1", "l1", "smooth_l1", "mse"}
-    assert set(BUILTIN_KINDS) == {"classification", "regression", "ordinal", "anomaly"}
+    assert set(BUILTIN_KINDS) == {"classification", "regression", "ordinal", "anomaly", "one_class"}
     assert {e.name for e in READERS.entries()} >= {"folder", "csv", "mask_contest", "bundled"}
-    for reg in (LOSSES, TASK_KINDS, READERS):
+    assert {e.name for e in WEIGHTS.entries()} >= {"imagenet"}
+    for reg in (LOSSES, TASK_KINDS, READERS, WEIGHTS):
         for entry in reg.entries():
             assert not isinstance(entry.target, str)  # the object itself, registered by its decorator
 
@@ -48,9 +49,10 @@ def test_every_task_kind_gives_a_loss_bands_and_probabilities(kind):
     from framework.tasks import head_class
 
     cls = head_class(kind)
-    spec = {"column": "age", "kind": kind, "bins": [30, 60]} | ({"anomaly": "60+"} if kind == "anomaly" else {})
+    rare = cls.chooses_threshold  # the anomaly kinds: the rare class against the rest
+    spec = {"column": "age", "kind": kind, "bins": [30, 60]} | ({"anomaly": "60+"} if rare else {})
     assert cls.check_spec(TaskSpec.model_validate(spec)) is None
-    classes = ["not 60+", "60+"] if kind == "anomaly" else ["<30", "30-59", "60+"]
+    classes = ["not 60+", "60+"] if rare else ["<30", "30-59", "60+"]
     head = cls("age", classes, [30, 60])
     out = torch.randn(4, head.out_dim)
     labels = torch.tensor([25.0, 45.0, float("nan"), 70.0]) if head.regression else torch.tensor([0.0, 1.0, -1.0, 1.0])

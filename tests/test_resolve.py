@@ -133,3 +133,30 @@ def test_sync_batchnorm_keeps_the_checkpoint_layout(tmp_path):
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     after = synced.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _typo_row(tmp_path, recipe_path, value="dog"):
+    manifest = tmp_path / "tiny.csv"
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    rows[0]["mask_state"] = value
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return recipe_path
+
+
+def test_an_undeclared_label_value_is_an_error_with_its_count(tmp_path):
+    path = _typo_row(tmp_path, tiny_recipe(tmp_path))  # classes are declared: wear, incorrect, not_wear
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and ": data.target.classes:" in result.output, result.output
+    assert "'dog' (1 row)" in result.output and "map" in result.output
+
+
+def test_a_class_found_with_a_single_row_is_a_warning_when_classes_are_not_declared(tmp_path):
+    path = tiny_recipe(tmp_path)
+    _edit(path, lambda r: r["data"]["target"].pop("classes"))
+    _typo_row(tmp_path, path)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0 and "very few rows: 'dog' (1)" in result.output, result.output
+    assert "declare `classes`" in result.output

@@ -145,8 +145,12 @@ def encode(rows: list[dict], target, where: tuple, lenient: bool = False) -> tup
         unknown = [v for v in found if v not in declared]
         if unknown:
             w = where + (("composite", name) if name else ()) + ("classes",)
-            raise FieldError(w, f"label value(s) {unknown[:5]} of column {spec.column!r} are not in the declared "
-                             f"classes {declared}.", "add them to `classes`, or rename them with `map`.", DataError)
+            counts = {v: sum(1 for x, ok in zip(part_values[name], present) if ok and x == v) for v in unknown}
+            listed = ", ".join(f"{v!r} ({n} row{'s' if n > 1 else ''})" for v, n in list(counts.items())[:8])
+            raise FieldError(w, f"label value(s) of column {spec.column!r} that are not declared classes {declared}: "
+                             f"{listed}{' ...' if len(counts) > 8 else ''}.",
+                             "add them to `classes`, rename them with `map` (e.g. a typo onto its class), or drop "
+                             "those rows with a source `filter`.", DataError)
         part_classes[name] = declared
     index = {n: {c: k for k, c in enumerate(cl)} for n, cl in part_classes.items()}
     labels = LabelSet.composite(part_classes) if target.composite else LabelSet(part_classes[""])
