@@ -150,3 +150,16 @@ def test_a_backbone_of_one_input_size_is_built_for_the_recipes_size(backbone):
         out = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert out["mask"].shape == (2, 3)
     assert any("built for 64x64 inputs (its default is 160x160)" in n for n in notes)
+
+
+def test_a_class_absent_from_the_data_is_left_out_of_macro_f1_and_named():
+    """A 3-class model on a 2-class set: its stray predictions of the third class cost the others their recall,
+    but the absent class is not averaged in as an F1 of 0 (0.615 instead of 0.92 for hard_aug on chandrikadeb7)."""
+    from framework.engine.metrics import confusion, format_report, scores
+
+    y_true = np.array([0] * 10 + [2] * 10)
+    y_pred = np.array([0] * 9 + [1] + [2] * 10)  # one `wear` face called `incorrect`, a class the set lacks
+    s = scores(confusion(y_true, y_pred, 3), ["wear", "incorrect", "not_wear"])
+    f1_wear = 2 * 1.0 * 0.9 / 1.9
+    assert s["macro_f1"] == pytest.approx((f1_wear + 1.0) / 2) and s["absent"] == ["incorrect"]
+    assert "incorrect never occur in this data" in format_report(s)

@@ -12,22 +12,25 @@ def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
 
 
 def scores(cm: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1 (over classes with support or predictions) and per-class precision/recall/F1."""
+    """Accuracy, macro-F1 (over the classes present in the data; `absent` names the others) and per-class
+    precision/recall/F1."""
     tp = np.diag(cm).astype(float)
     support = cm.sum(1).astype(float)
     predicted = cm.sum(0).astype(float)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
-    counted = (support > 0) | (predicted > 0)
-    total = cm.sum()
-    return {
+    counted = support > 0  # a class absent from the data is left out of the mean, as scikit-learn's labels= does;
+    total = cm.sum()       # predictions of it still cost the true classes their recall
+    out = {
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "macro_f1": float(f1[counted].mean()) if counted.any() else 0.0,
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion": cm.tolist(),
     }
+    absent = [c for i, c in enumerate(classes) if support[i] == 0]
+    return out | ({"absent": absent} if absent and total else {})
 
 
 def format_report(s: dict) -> str:
@@ -36,6 +39,10 @@ def format_report(s: dict) -> str:
     lines = [f"{'class':<{name_w}}  precision  recall     f1  support"]
     for c, m in s["per_class"].items():
         lines.append(f"{c:<{name_w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    if s.get("absent"):
+        lines.append(f"warning: {', '.join(s['absent'])} never occur in this data, so macro-F1 is the mean over the "
+                     f"other {len(s['per_class']) - len(s['absent'])} classes (predictions of them still count as "
+                     "errors)")
     return "\n".join(lines)
 
 
