@@ -74,7 +74,7 @@ def _augmentations(loaded: LoadedRecipe, size: tuple[int, int]) -> None:
     errors = T.size_errors(augs, size)
     if errors:
         raise FieldError.many(errors)
-    for path, message, fix in T.lint(augs, size):
+    for path, message, fix in T.lint(augs, size) + T.dropped(loaded.recipe.transforms):
         loaded.warn(path, message, fix)
 
 

@@ -121,7 +121,28 @@ def load_saved_pipeline(path: str):
     except Exception as e:
         raise FieldError(("transforms", "train_file"), f"albumentations could not load {p}: {e}.",
                          "write it with A.save(pipeline, path) from albumentations 2.0.") from None
-    return list(loaded.transforms) if isinstance(loaded, A.Compose) else [loaded]
+    items = list(loaded.transforms) if isinstance(loaded, A.Compose) else [loaded]
+    for t in items:
+        if type(t).__name__ == "Normalize":
+            raise _normalize_error(("transforms", "train_file"), t.mean, t.std)
+    return [t for t in items if type(t).__name__ not in _MODEL_DOES]
+
+
+# what the model does itself: a pipeline's tensor conversion is left out (with a warning); Normalize is an error
+_MODEL_DOES = {"ToTensorV2"}
+
+
+def _normalize_error(where: tuple, mean, std) -> FieldError:
+    return FieldError(where, "Normalize would normalise the images a second time: the model normalises its own "
+                      "inputs (the backbone's mean/std, or transforms.normalize) in training and in every prediction.",
+                      f"remove it; if mean {list(mean)} and std {list(std)} are not the backbone's, set "
+                      "transforms.normalize: {mean: [...], std: [...]} (0..1 pixel values).")
+
+
+def dropped(tcfg) -> list[tuple[tuple, str, str]]:
+    """Warnings for pipeline items left out because the model does their work (ToTensorV2)."""
+    return [(("transforms", "train", i), f"{spec.get('name')} is left out: images become tensors in the loader.",
+             "remove it from the list.") for i, spec in enumerate(tcfg.train) if spec.get("name") in _MODEL_DOES]
 
 
 def build_augmentations(tcfg, size: tuple[int, int] | None = None) -> list:
@@ -131,6 +152,12 @@ def build_augmentations(tcfg, size: tuple[int, int] | None = None) -> list:
         return load_saved_pipeline(tcfg.train_file)
     out, problems = [], []
     for i, spec in enumerate(tcfg.train):
+        if spec.get("name") in _MODEL_DOES:
+            continue
+        if spec.get("name") == "Normalize":
+            problems += _normalize_error(("transforms", "train", i), spec.get("mean", (0.485, 0.456, 0.406)),
+                                         spec.get("std", (0.229, 0.224, 0.225))).items
+            continue
         try:
             out.append(build_transform(spec, ("transforms", "train", i), size))
         except FieldError as e:

@@ -160,3 +160,28 @@ def test_a_class_found_with_a_single_row_is_a_warning_when_classes_are_not_decla
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0 and "very few rows: 'dog' (1)" in result.output, result.output
     assert "declare `classes`" in result.output
+
+
+def test_normalize_in_the_pipeline_is_an_error_and_totensorv2_is_left_out_with_a_warning(tmp_path):
+    """The model normalises its own inputs: an albumentations Normalize would do it twice (silently wrong), and
+    ToTensorV2 (habit from other projects) is the loader's job."""
+    path = tiny_recipe(tmp_path, transforms={"image_size": 32, "train": [
+        {"name": "HorizontalFlip"}, {"name": "Normalize", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}]})
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and ": transforms.train[1]:" in result.output, result.output
+    assert "a second time" in result.output and "transforms.normalize" in result.output
+    path = tiny_recipe(tmp_path, transforms={"image_size": 32, "train": [{"name": "HorizontalFlip"},
+                                                                        {"name": "ToTensorV2"}]})
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0 and "ToTensorV2 is left out" in result.output, result.output
+
+
+def test_a_saved_pipeline_with_normalize_is_an_error(tmp_path):
+    from framework.libs import albumentations
+
+    A = albumentations()
+    saved = tmp_path / "aug.yaml"
+    A.save(A.Compose([A.HorizontalFlip(), A.Normalize()]), str(saved), data_format="yaml")
+    path = tiny_recipe(tmp_path, transforms={"image_size": 32, "train_file": str(saved), "train": []})
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and ": transforms.train_file:" in result.output and "a second time" in result.output
