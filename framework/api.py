@@ -290,7 +290,8 @@ def registered(recipe: str | Path | None = None) -> dict[str, list[tuple[str, st
 
 
 def schema() -> dict:
-    """The recipe's JSON Schema (for editor completion and checks)."""
-    from framework.recipe.schema import Recipe
+    """The JSON Schema of recipe files as written (partial files that `extends` others), for editors and
+    check-jsonschema (framework.recipe.editor)."""
+    from framework.recipe.editor import editor_schema
 
-    return Recipe.model_json_schema()
+    return editor_schema()

@@ -85,3 +85,31 @@ def test_the_last_line_of_a_run_is_rounded_like_the_epoch_lines(tmp_path):
     assert result.exit_code == 0, result.output
     done = next(line for line in result.output.splitlines() if line.startswith("done:"))
     assert re.search(r"best val/macro_f1 = \d\.\d{4} at epoch 1 ", done), done
+
+
+def test_the_editor_schema_accepts_every_shipped_recipe_and_rejects_broken_ones():
+    """`recipe schema` describes recipe files as written: partial files that `extends` others validate; an
+    unknown key, a wrong type or an unknown source type does not. recipe.schema.json (what .vscode/settings.json
+    points editors at) is the command's output."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    from framework import api
+
+    schema = api.schema()
+    repo = Path(__file__).resolve().parents[1]
+    assert json.loads((repo / "recipe.schema.json").read_text()) == schema, "run: recipe schema --out recipe.schema.json"
+    validator = jsonschema.Draft202012Validator(schema)
+    recipes = sorted((repo / "recipes").glob("*.yaml"))
+    assert len(recipes) > 10
+    for path in recipes:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, f"{path.name}: {errors[:3]}"
+    broken = [{"extends": "base.yaml", "train": {"lr": 0.001}},  # lr belongs in train.optimizer
+              {"train": {"epochs": "ten"}},
+              {"data": {"sources": [{"type": "csv", "name": "a", "manifest": "m.csv", "colour": "x"}]}},
+              {"train": {"optimizer": {"name": "adamw", "momentum": 0.9}}}]
+    for recipe in broken:
+        assert list(validator.iter_errors(recipe)), recipe
