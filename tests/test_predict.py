@@ -184,6 +184,20 @@ def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_pa
     assert (truth["age"] >= 0).all() and truth["age"].max() <= 2
 
 
+def test_evaluate_scores_the_tasks_a_set_has_labels_for(multitask_run, tmp_path):
+    """A mask-only manifest for a mask + gender + age model: the mask task is scored, the others are named as not
+    scored (training handles exactly such missing labels)."""
+    from tests.conftest import tiny_manifest
+
+    mask_only = tiny_manifest(tmp_path / "mask_only.csv", per_class=3)  # path, mask_state, group
+    result = CliRunner().invoke(main, ["evaluate", str(multitask_run), "--csv", str(mask_only), "--out",
+                                       str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "not scored (this data has no labels for them): gender, age" in result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
+    assert set(metrics["tasks"]) == {"mask"} and metrics["macro_f1"] == metrics["tasks"]["mask"]["macro_f1"]
+
+
 def test_evaluate_on_a_labelled_csv_writes_report_pngs_and_distribution(multitask_run, tmp_path):
     from PIL import Image
 

@@ -57,13 +57,15 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float 
     per = {}
     for j, (task, lab) in enumerate(labels.items()):
         has = y_true[:, j] >= 0
+        if len(labels) > 1 and not has.any():
+            continue  # a task this data has no labels for is not scored (nor averaged in as 0)
         per[task] = scores(confusion(y_true[has, j], y_pred[has, j], len(lab.classes)), lab.classes)
         per[task].update((extras or {}).get(task, {}))  # a regression task's MAE, an anomaly task's threshold
-    if len(per) == 1:
+    if len(labels) == 1:
         out = dict(next(iter(per.values())))
     else:
-        out = {"accuracy": float(np.mean([p["accuracy"] for p in per.values()])),
-               "macro_f1": float(np.mean([p["macro_f1"] for p in per.values()])), "tasks": per}
+        out = {"accuracy": float(np.mean([p["accuracy"] for p in per.values()])) if per else 0.0,
+               "macro_f1": float(np.mean([p["macro_f1"] for p in per.values()])) if per else 0.0, "tasks": per}
         full = (y_true >= 0).all(1)
         if full.any():
             combined = LabelSet.composite({t: lab.classes for t, lab in labels.items()})

@@ -34,13 +34,23 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         else:
             specs[task] = spec.model_copy(update={"classes": lab.classes})
     try:
-        rows, outside = _within_classes(read(), specs)
+        rows, outside = _within_classes(_with_missing_columns(read(), specs), specs)
         return (*label_rows(rows, specs, "drop", named=run.recipe.tasks is not None), outside)
     except FieldError as e:
         if where is not None:
             raise where.located(e) from None
         raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file or run.run_dir / "split.csv"), fix=f)
                         for p, m, f in e.items]) from None
+
+
+def _with_missing_columns(rows: list[dict], specs: dict) -> list[dict]:
+    """With several tasks, a column no row has (a mask-only set for a mask + gender + age model) means no labels for
+    that task, as in training: it is added empty, and that task is not scored."""
+    if len(specs) < 2:
+        return rows
+    columns = {s.column for spec in specs.values() for s in (spec.composite or {"": spec}).values() if s.column}
+    missing = [c for c in columns if not any(c in r for r in rows)]
+    return [r | dict.fromkeys(missing, "") for r in rows] if missing else rows
 
 
 def _csv_data(run, csv_file):
@@ -121,12 +131,12 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     name = Path(data).stem if data else "its validation split"
     out = Path(out) if out else loaded.run_dir / "evaluations" / (default_folder(data) if data else "validation")
     out.mkdir(parents=True, exist_ok=True)
-    parts = {t: result["tasks"][t] for t in loaded.labels} if "tasks" in result else {next(iter(loaded.labels)): result}
+    parts = {t: result["tasks"][t] for t in loaded.labels if t in result["tasks"]} if "tasks" in result \
+        else {next(iter(loaded.labels)): result}
     if "composite" in result:
         parts["composite"] = result["composite"]
     report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
-    if outside:
-        report.append("left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items()))
+    report += _left_out(loaded, outside, result)
     decision = _decision_steps(loaded, y_true, task_probs, y_pred, rule)
     report += [rule] + [f"[{t}] macro-F1 here: argmax {d['argmax']:.4f} -> with the decision rule {d['rule']:.4f}"
                         for t, d in decision.items()] if rule else []
@@ -149,12 +159,22 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     return {"out": out, "report": "\n".join(report), "metrics": result}
 
 
+def _left_out(loaded, outside: dict, result: dict) -> list[str]:
+    """Report lines: labels that are no class of the run, and tasks the data has no labels for."""
+    lines = ["left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items())] if outside else []
+    unscored = [t for t in loaded.labels if "tasks" in result and t not in result["tasks"]]
+    if unscored:
+        lines.append(f"not scored (this data has no labels for them): {', '.join(unscored)}")
+    return lines
+
+
 def _prior_lines(prior_report: dict) -> list[str]:
     return [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
-            f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}); macro-F1 {r['macro_f1']:.4f} -> "
-            f"{r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> {r['accuracy_shifted']:.4f}, "
-            f"log-loss {r['log_loss']:.3f} -> {r['log_loss_shifted']:.3f} after re-weighting to the estimate"
-            for q, r in prior_report.items()]
+            f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}). Two steps, raw -> calibrated on the "
+            f"run's validation split -> re-weighted to the estimate: macro-F1 {r['macro_f1']:.4f} -> "
+            f"{r['macro_f1_calibrated']:.4f} -> {r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> "
+            f"{r['accuracy_calibrated']:.4f} -> {r['accuracy_shifted']:.4f}, log-loss {r['log_loss']:.3f} -> "
+            f"{r['log_loss_calibrated']:.3f} -> {r['log_loss_shifted']:.3f}" for q, r in prior_report.items()]
 
 
 def number_errors(loaded, rows: list[dict], pred) -> dict:
@@ -272,17 +292,18 @@ def _prior_report(run, probs: dict, truth: dict, tta: str | None = None) -> dict
         true = np.bincount(truth[q][has], minlength=n) / has.sum()
         train = np.array(list(counts[q].values()), float) / max(1, sum(counts[q].values()))
         c = calib[q]
-        estimate, adjusted, _ = PS.em_priors(PS.calibrate(p[has], c["temperature"], c["bias"]), np.array(c["prior"]))
-        names = classes[q]
+        calibrated = PS.calibrate(p[has], c["temperature"], c["bias"])
+        estimate, adjusted, _ = PS.em_priors(calibrated, np.array(c["prior"]))
+        names, y = classes[q], truth[q][has]
         out[q] = {"true": dict(zip(names, true.tolist())), "train": dict(zip(names, train.tolist())),
                   "estimated": dict(zip(names, estimate.tolist())),
                   "calibration": c,
                   "l1_train": float(np.abs(train - true).sum()), "l1_estimated": float(np.abs(estimate - true).sum()),
-                  "macro_f1": macro_f1(truth[q][has], p[has].argmax(1), n),
-                  "macro_f1_shifted": macro_f1(truth[q][has], adjusted.argmax(1), n),
-                  "accuracy": float((p[has].argmax(1) == truth[q][has]).mean()),
-                  "accuracy_shifted": float((adjusted.argmax(1) == truth[q][has]).mean()),
-                  "log_loss": _log_loss(p[has], truth[q][has]), "log_loss_shifted": _log_loss(adjusted, truth[q][has])}
+                  **{f"{metric}{suffix}": value for suffix, probs_ in (("", p[has]), ("_calibrated", calibrated),
+                                                                     ("_shifted", adjusted))
+                     for metric, value in (("macro_f1", macro_f1(y, probs_.argmax(1), n)),
+                                           ("accuracy", float((probs_.argmax(1) == y).mean())),
+                                           ("log_loss", _log_loss(probs_, y)))}}
     return out
 
 
