@@ -105,7 +105,8 @@ def stored(run) -> dict | None:
 
 
 def offsets_of(run) -> dict[str, np.ndarray]:
-    """Question -> offsets in class order, from the run's decision.json (empty: argmax)."""
+    """Question -> offsets in class order, from the run's decision.json (none: argmax; all-zero offsets, the
+    argmax kept because the offsets did not help on held-out parts, count as none)."""
     data = stored(run)
     if data is None:
         return {}
@@ -113,7 +114,9 @@ def offsets_of(run) -> dict[str, np.ndarray]:
     out = {}
     for q, entry in data["questions"].items():
         if q in classes and isinstance(entry, dict) and set(entry.get("offsets", {})) == set(classes[q]):
-            out[q] = np.array([float(entry["offsets"][c]) for c in classes[q]])
+            offsets = np.array([float(entry["offsets"][c]) for c in classes[q]])
+            if np.any(offsets):
+                out[q] = offsets
     return out
 
 
@@ -160,8 +163,11 @@ def fit_and_store(runs: list, how: str, preds: list[dict]) -> dict:
         n, off = probs.shape[1], fit_offsets(probs, y)
         classes = runs[0].questions()[q]
         steps = {"argmax": probs.argmax(1), "cross_fitted": cross_fitted(probs, y, parts), "fitted": pick(probs, off)}
-        report[q] = {"offsets": {c: round(float(v), 4) for c, v in zip(classes, off)}, "images": int(len(y)),
-                     **{f"macro_f1_{k}": macro_f1(y, v, n) for k, v in steps.items()},
+        scores = {f"macro_f1_{k}": macro_f1(y, v, n) for k, v in steps.items()}
+        kept = scores["macro_f1_cross_fitted"] > scores["macro_f1_argmax"]  # else the offsets only fit noise
+        report[q] = {"offsets": {c: round(float(v), 4) if kept else 0.0 for c, v in zip(classes, off)},
+                     "kept": "offsets" if kept else "argmax", "fitted_offsets": [round(float(v), 4) for v in off],
+                     "images": int(len(y)), **scores,
                      "class_f1": {k: _class_f1(y, v, classes) for k, v in steps.items()}}
     fitted_on = f"{how} ({len(y)} images)"
     summary = ", ".join(f"{q}: argmax {r['macro_f1_argmax']:.4f}, cross-fitted {r['macro_f1_cross_fitted']:.4f}"
@@ -198,5 +204,9 @@ def report_lines(result: dict) -> list[str]:
         f1 = r["class_f1"]
         lines.append("    class F1 (argmax / cross-fitted): " + ", ".join(
             f"{c} {f1['argmax'][c]:.3f}/{f1['cross_fitted'][c]:.3f}" for c in f1["argmax"]))
-        lines.append("    offsets stored: " + ", ".join(f"{c} {v:+.2f}" for c, v in r["offsets"].items()))
+        if r["kept"] == "offsets":
+            lines.append("    offsets stored and used: " + ", ".join(f"{c} {v:+.2f}" for c, v in r["offsets"].items()))
+        else:
+            lines.append("    not used: on held-out parts the offsets did no better than the argmax (too few "
+                         "images to tune on); predictions keep the argmax")
     return lines
