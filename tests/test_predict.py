@@ -1,5 +1,6 @@
 """Several tasks, predict, evaluate and ensembles, on tiny runs trained on the real data."""
 import csv
+from collections import Counter
 import json
 
 import numpy as np
@@ -181,6 +182,15 @@ def test_composite_head_and_several_heads_give_the_same_prediction_format(tmp_pa
     assert sum(train_counts(loaded[0])["age"].values()) == len(split_rows(loaded[0], "train"))
     paths, truth = truth_from_splits(loaded, loaded[0].questions())
     assert set(truth) == {"gender", "age"} and len(paths) == len(split_rows(loaded[1], "val"))
+    # evaluate's file gives the answer its report scores (the composite head's joint choice) and the true labels
+    result = api.evaluate(one_run, tmp_path / "utk.csv", out=tmp_path / "ev")
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv", encoding="utf-8")))
+    assert {"gender_true", "age_true"} <= set(rows[0]) and all(r["gender_true"] in ("male", "female") for r in rows)
+    predicted = {k: v["predicted"] for k, v in json.loads((tmp_path / "ev" / "metrics.json").read_text())
+                 ["distribution"]["label"].items()}
+    assert {k: v for k, v in predicted.items() if v} == dict(Counter(r["composite"] for r in rows))
+    assert result["metrics"]["accuracy"] == pytest.approx(
+        np.mean([r["composite"] == f"{r['gender_true']}/{r['age_true']}" for r in rows]))
     assert (truth["age"] >= 0).all() and truth["age"].max() <= 2
 
 

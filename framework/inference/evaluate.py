@@ -114,7 +114,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     matrix PNGs and the predicted vs true class distribution, written to `out`."""
     from framework.engine.metrics import summarize
     from framework.inference.decision import apply
-    from framework.inference.predict import predict_tasks, questions_of, write_predictions
+    from framework.inference.predict import predict_tasks, question_picks, questions_of, write_predictions
     from framework.inference.run import load_run
     from framework.io import atomic_write_text, write_json
 
@@ -153,9 +153,10 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
                                       "metrics": result, "distribution": distribution, "prior_shift": prior_report,
                                       "mae": errors,
                                       "decision": {"rule": rule, "macro_f1": decision} if rule else None})
-    pred.probs = probs
+    pred.probs = probs  # the file's columns are the answer the report scored (a composite head's joint choice)
+    pred.truth = _truth_names(loaded, _question_truth(loaded, ys, ok))
     write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order(),
-                      picks=apply(loaded, probs)[0])
+                      picks=question_picks(loaded, picks))
     return {"out": out, "report": "\n".join(report), "metrics": result}
 
 
@@ -260,6 +261,11 @@ def _per_task(parts: dict, out: Path, report: list[str]) -> dict:
                    "class distribution (true -> predicted): " + ", ".join(
                        f"{c} {d['true']}->{d['predicted']}" for c, d in distribution[task].items())]
     return distribution
+
+
+def _truth_names(run, truth: dict) -> dict[str, list[str]]:
+    classes = run.questions()
+    return {q: [classes[q][k] if k >= 0 else "" for k in t] for q, t in truth.items()}
 
 
 def _question_truth(run, ys: dict, ok: list[int]) -> dict:

@@ -28,6 +28,7 @@ class Predictions:
     probs: dict[str, np.ndarray]  # per task (or question): (len(ok), classes)
     failures: list[tuple[str, str]]  # (path, why) of the unreadable images
     values: dict[str, np.ndarray] = field(default_factory=dict)  # regression tasks: the predicted number (len(ok),)
+    truth: dict[str, list[str]] = field(default_factory=dict)  # evaluate: each question's true class (len(ok),)
 
     def subset(self, ok: list[int]) -> "Predictions":
         """The same predictions for the images `ok` (each in self.ok): members of an ensemble aligned."""
@@ -85,6 +86,16 @@ def questions_of(run: LoadedRun, task_probs: dict[str, np.ndarray]) -> dict[str,
     return out
 
 
+def question_picks(run: LoadedRun, task_picks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each question's class from each task's pick: a composite head's joint choice is split into its parts (the
+    same answer its metrics score), other tasks are their own question."""
+    out = {}
+    for task, codes in task_picks.items():
+        lab = run.labels[task]
+        out.update(lab.decode(codes) if lab.parts else {task: codes})
+    return out
+
+
 def composite_of(order: list[str], classes: dict[str, list[str]]) -> LabelSet:
     """The composite label set of these questions, in this order."""
     return LabelSet.composite({q: classes[q] for q in order})
@@ -93,14 +104,15 @@ def composite_of(order: list[str], classes: dict[str, list[str]]) -> LabelSet:
 def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]], order: list[str] | None,
                       with_proba: bool = False, picks: dict[str, np.ndarray] | None = None) -> None:
     """The prediction CSV: path, one column per question, composite and composite_index, the number of each
-    regression question (`<question>_value`), optional probabilities."""
+    regression question (`<question>_value`), each question's true class when known (`<question>_true`, from
+    evaluate; empty where the image has none), optional probabilities."""
     probs, values = pred.probs, pred.values
     picks = picks or {q: p.argmax(1) for q, p in probs.items()}
     header = ["path"] + list(probs)
     if order:
         header += ["composite", "composite_index"]
         comp = composite_of(order, classes).encode([picks[q] for q in order])
-    header += [f"{q}_value" for q in values]
+    header += [f"{q}_value" for q in values] + [f"{q}_true" for q in pred.truth]
     if with_proba:
         header += [f"{q}:{c}" for q in probs for c in classes[q]]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +123,7 @@ def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]
             row = [pred.paths[i]] + [classes[q][picks[q][k]] for q in probs]
             if order:
                 row += ["/".join(classes[q][picks[q][k]] for q in order), int(comp[k])]
-            row += [f"{values[q][k]:.3f}" for q in values]
+            row += [f"{values[q][k]:.3f}" for q in values] + [pred.truth[q][k] for q in pred.truth]
             if with_proba:
                 row += [f"{v:.6f}" for q in probs for v in probs[q][k]]
             w.writerow(row)

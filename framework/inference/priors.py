@@ -202,6 +202,15 @@ def distribution_table(classes: dict[str, list[str]], train: dict[str, np.ndarra
     return "\n".join(lines), data
 
 
+def _choose(run, task_probs: dict) -> tuple[dict, str | None]:
+    """Each question's class as the run chooses it (the same answer `evaluate` scores), and the rule's sentence."""
+    from framework.inference.decision import apply
+    from framework.inference.predict import question_picks
+
+    task_picks, rule = apply(run, task_probs)
+    return question_picks(run, task_picks), rule
+
+
 def predict_images(run: str | Path, images, out: str | Path = "predictions.csv", tta: str | None = None,
             proba: bool = False, prior_shift: str | None = None) -> dict:
     """Predict `images` (an ImageList: framework.inference.run.list_images) with a run's own evaluation transform; unreadable images are listed, not fatal.
@@ -209,24 +218,27 @@ def predict_images(run: str | Path, images, out: str | Path = "predictions.csv",
     Also writes `<out>.distribution.json`: per question, the class shares of the training split and of the
     predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
     estimated (or given) test priors before classes are chosen."""
-    from framework.inference.decision import apply
-    from framework.inference.predict import Predictions, predict_proba, write_failures, write_predictions
+    from framework.inference.predict import Predictions, predict_tasks, questions_of, write_failures, write_predictions
     from framework.inference.run import face_boxes, load_run
     from framework.io import write_json
 
     loaded = load_run(run)
-    pred = predict_proba(loaded, images.paths, tta, face_boxes(loaded, images.csv_file), progress=True)
-    classes, probs = loaded.questions(), pred.probs
+    pred = predict_tasks(loaded, images.paths, tta, face_boxes(loaded, images.csv_file), progress=True)
+    task_probs = pred.probs
+    pred.probs = probs = questions_of(loaded, task_probs)
+    classes = loaded.questions()
     train = {q: np.array(list(c.values()), float) / max(1, sum(c.values())) for q, c in train_counts(loaded).items()}
     estimated = adjusted = None
     if prior_shift:
         adjusted, estimated = shift(probs, prior_shift, classes, calibration(loaded, tta))
     final = adjusted or probs
-    # the run's decision rule (decision.json) chooses the classes, unless the probabilities were re-weighted
-    picks, rule = ({q: p.argmax(1) for q, p in final.items()}, None) if adjusted else apply(loaded, probs)
+    # the run's own choice (a composite head's joint class; its decision rule), unless the probabilities were
+    # re-weighted: then each question's re-weighted argmax
+    picks, rule = ({q: p.argmax(1) for q, p in final.items()}, None) if adjusted else _choose(loaded, task_probs)
     order = loaded.composite_order()
     composite = composite_shares(loaded, picks, order) if order and pred.ok else None
-    chosen = {q: np.eye(len(classes[q]))[picks[q]] for q in probs} if rule else probs  # shares of what is written
+    # "predicted": the shares of what is written (with a prior shift: of the unadjusted argmax, beside the shifted)
+    chosen = probs if adjusted else {q: np.eye(len(classes[q]))[picks[q]] for q in probs}
     table, shares = distribution_table(classes, train, chosen, estimated, adjusted, composite)
     out = Path(out)
     write_predictions(out, Predictions(pred.paths, pred.ok, final, pred.failures, pred.values), classes, order, proba,
