@@ -1,5 +1,6 @@
 """Review tools on runs the tests train on the real data: explain, inspect, compare and sweep."""
 import csv
+from pathlib import Path
 import json
 import os
 import platform
@@ -352,3 +353,16 @@ def test_the_inspect_heading_says_what_the_list_under_it_shows():
     text = format_report(report([], [["a.jpg", "b.jpg"]]))
     assert "leakage audit: LEAK: no group id is on both sides, but 1 byte-identical file pair(s) are" in text
     assert "leakage audit: LEAK: group g1 (2 train, 1 val)" in format_report(report(["group g1 (2 train, 1 val)"], []))
+
+
+@pytest.mark.slow
+def test_explain_captions_carry_the_true_label_when_it_is_known(tmp_path):
+    """Images of the run's own split, and CSVs with the run's label column: the caption says the true class too."""
+    run_dir = api.run(tiny_recipe(tmp_path, train=FAST), name="t", log=lambda *_: None)
+    manifest = tmp_path / "tiny.csv"
+    result = api.explain(run_dir, [str(manifest)], out=tmp_path / "cam")
+    rows = {str(Path(r["path"]).resolve()): r["mask_state"] for r in csv.DictReader(open(manifest, encoding="utf-8"))}
+    assert result["items"] and all(it["true"] == rows[str(Path(it["path"]).resolve())] for it in result["items"])
+    stranger = DATA / "quirks" / "files" / "with_mask175.jpg"  # in no split and no CSV: no true label
+    other = api.explain(run_dir, [str(stranger)], out=tmp_path / "cam2")
+    assert other["items"][0]["true"] is None

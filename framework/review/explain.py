@@ -185,8 +185,10 @@ def contact_sheet(items: list[dict], tile: int = 160, cols: int = 4) -> np.ndarr
         scale = tile / max(im.size)  # small faces are enlarged too, so every tile is readable
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
         sheet.paste(im, (c * (tile + 4), r * (tile + 30)))
-        draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 2),
-                  f"{it['task']}: {it['class']} {it['prob']:.2f}", fill="black")
+        true = it.get("true")
+        caption = f"{it['task']}: {it['class']} {it['prob']:.2f}" + (f" (true {true})" if true else "")
+        draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 2), caption,
+                  fill="black" if true in (None, it["class"]) else "red")
         draw.text((c * (tile + 4) + 2, r * (tile + 30) + tile + 15), Path(it["path"]).name[:24], fill="gray")
     return np.asarray(sheet)
 
@@ -213,6 +215,9 @@ def explain(run_path, images: list[str], out: str | Path, task=None, target=None
         known = R.data_boxes(run)
         boxes = [b or known.get(str(Path(p).resolve())) for p, b in zip(paths, boxes)]
     items = cams(run, paths, task, target, layer, boxes)
+    truth = true_labels(run, [Path(i) for i in images if Path(i).suffix.lower() == ".csv"])
+    for it in items:
+        it["true"] = truth.get(str(Path(it["path"]).resolve()), {}).get(it["task"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -223,6 +228,35 @@ def explain(run_path, images: list[str], out: str | Path, task=None, target=None
         written.append(name)
     Image.fromarray(contact_sheet(items)).save(out / "contact_sheet.png")
     return {"out": out, "files": written, "items": items}
+
+
+def true_labels(run, csv_files: list[Path]) -> dict[str, dict[str, str]]:
+    """Known true classes by resolved image path: the run's own split (split.csv), and CSVs given to explain that
+    carry the run's label columns (read with the run's task definitions: maps, bins)."""
+    import csv
+
+    from framework.data.labels import label_value
+    from framework.inference.run import split_rows
+
+    out: dict[str, dict[str, str]] = {}
+    for side in ("train", "val"):
+        for r in split_rows(run, side):
+            out[str(Path(r["path"]).resolve())] = {t: r[t] for t in run.labels if r.get(t)}
+    specs = {t: s for t, s in run.recipe.task_specs().items() if not s.composite}
+    for f in csv_files:
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            for r in csv.DictReader(fh):
+                known = {}
+                for t, spec in specs.items():
+                    try:
+                        value = label_value(r, spec, (), lenient=True)
+                    except Exception:  # a value the run's task cannot read (not a number for bins ...)
+                        value = None
+                    if value in run.labels[t].classes:
+                        known[t] = value
+                path = Path(r.get("path", ""))
+                out[str((path if path.is_absolute() else f.parent / path).resolve())] = known
+    return out
 
 
 class CamHook:
