@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from framework.cli import main
@@ -113,3 +114,13 @@ def test_the_editor_schema_accepts_every_shipped_recipe_and_rejects_broken_ones(
               {"train": {"optimizer": {"name": "adamw", "momentum": 0.9}}}]
     for recipe in broken:
         assert list(validator.iter_errors(recipe)), recipe
+
+
+def test_validate_print_shows_the_image_size_auto_stands_for(tmp_path):
+    from tests.conftest import tiny_recipe
+
+    path = tiny_recipe(tmp_path, model={"backbone": "resnet10t"}, transforms={"image_size": "auto"})
+    result = CliRunner().invoke(main, ["validate", str(path), "--print"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output.split("\n#")[0].split("ok:")[0])
+    assert printed["transforms"]["image_size"] == [176, 176]
