@@ -91,3 +91,11 @@ class FieldError(Exception):
         err = cls(items[0][0], items[0][1], items[0][2], kind)
         err.items = list(items)
         return err
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """The first line of `text`, cut at a word boundary (with an ellipsis) when longer than `limit`."""
+    first = (text.splitlines() or [""])[0]
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

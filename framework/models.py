@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.errors import FieldError, did_you_mean
+from framework.errors import FieldError, did_you_mean, shorten
 from framework.weights import resolve_file, source as weight_source
 
 
@@ -159,7 +159,7 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
             if not model_cfg.pretrained:
                 raise
             raise FieldError(("model", "pretrained"), f"hub weights for {model_cfg.backbone!r} cannot be loaded "
-                             f"here ({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
+                             f"here ({type(e).__name__}: {shorten(str(e))}).",
                              "download the weights elsewhere and set model.weights: path/to/file.safetensors "
                              "with pretrained: false.") from None
         # the pooled features' width: after a conv head (mobilenetv3, lcnet, ghostnet ...) it is not num_features
@@ -171,6 +171,32 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
         notes += load_weights(net, resolve_file(model_cfg.weights, model_cfg.backbone), model_cfg.weights)
     model = Classifier(net, mean, std)
     return (model.channels_last_() if model_cfg.channels_last else model), notes
+
+
+def check_pretrained(model_cfg) -> None:
+    """`model.pretrained: true` offline (the CLI's default, HF_HUB_OFFLINE=1) needs the hub weights in the local
+    cache: else a located error now, before a run folder exists, instead of a failed run."""
+    import os
+
+    import timm
+
+    if not model_cfg.pretrained or _plugin_backbone(model_cfg.backbone) is not None:
+        return
+    cfg = timm.get_pretrained_cfg(model_cfg.backbone)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise FieldError(("model", "pretrained"), f"{model_cfg.backbone} has no hub weights in timm.",
+                         "set pretrained: false (and model.weights: a local file, if you have one).")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes") or not cfg.hf_hub_id:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    if not any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names):
+        raise FieldError(("model", "pretrained"), f"the hub weights of {model_cfg.backbone} ({cfg.hf_hub_id}) are "
+                         "not in the local Hugging Face cache, and hub downloads are off (HF_HUB_OFFLINE=1, which "
+                         "`recipe` sets unless you set it yourself).",
+                         "with internet, run with HF_HUB_OFFLINE=0 once; without, set model.weights to a local file "
+                         "(weights: imagenet for tf_efficientnet_lite0/1/2) and pretrained: false.")
 
 
 def check_input_size(model_cfg, size: tuple[int, int]) -> None:
@@ -191,7 +217,7 @@ def check_input_size(model_cfg, size: tuple[int, int]) -> None:
     except Exception as e:  # whatever the backbone raises: the size is the cause either way
         native = backbone_defaults(model_cfg.backbone)["input_size"]
         raise FieldError(("transforms", "image_size"), f"{model_cfg.backbone} cannot take {size[0]}x{size[1]} images "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]}).",
+                         f"({type(e).__name__}: {shorten(str(e))}).",
                          f"use a larger image size, e.g. its default {native[0]}x{native[1]} (transforms.image_size: "
                          "auto), or another backbone.") from None
 

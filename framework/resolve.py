@@ -51,7 +51,7 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
 def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     """The backbone's name and its input size (`image_size: auto` becomes the backbone's own, so that the run folder
     reruns as is); the weights file; the size checked by a shapes-only forward pass."""
-    from framework.models import check_input_size, read_state_dict, resolve_inputs
+    from framework.models import check_input_size, check_pretrained, read_state_dict, resolve_inputs
     from framework.weights import resolve_file
 
     recipe = loaded.recipe
@@ -61,6 +61,7 @@ def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     if recipe.model.weights:
         # a source's weights are converted (once, then cached); a file exists, reads, holds tensors (no code runs)
         read_state_dict(resolve_file(recipe.model.weights, recipe.model.backbone))
+    check_pretrained(recipe.model)
     check_input_size(recipe.model, size)
     return size
 

@@ -49,6 +49,8 @@ CASES = [
      "transforms.train[0]", ["RandomCrop outputs (48, 48), but the image size is (32, 32)"]),
     ("size-the-backbone-cannot-take", lambda t: (tiny_recipe(t), ["model.backbone=inception_v3"]),
      "transforms.image_size", ["inception_v3 cannot take 32x32 images"]),
+    ("hub-weights-offline", lambda t: (tiny_recipe(t), ["model.backbone=resnet18", "model.pretrained=true"]),
+     "model.pretrained", ["not in the local Hugging Face cache", "HF_HUB_OFFLINE=0"]),  # offline: conftest
     ("regression-loss-on-a-class-task", lambda t: (tiny_recipe(t), ["train.loss.name=mse"]), "train.loss.name",
      ["'mse' is a regression loss"]),
 ]
