@@ -124,3 +124,10 @@ def test_validate_print_shows_the_image_size_auto_stands_for(tmp_path):
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output.split("\n#")[0].split("ok:")[0])
     assert printed["transforms"]["image_size"] == [176, 176]
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion_scripts_as_the_readme_gives_them(shell):
+    out = subprocess.run(["recipe"], env={**__import__("os").environ, "_RECIPE_COMPLETE": f"{shell}_source"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "_RECIPE_COMPLETE" in out.stdout, out.stderr
