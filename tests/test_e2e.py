@@ -82,6 +82,14 @@ def test_tensorboard_events_hold_scalars_images_and_recipe(trained):
     assert any("recipe" in t for t in tags["tensors"])  # add_text is stored as a tensor summary
     f1 = [e.value for e in acc.Scalars("val/macro_f1")]
     assert f1 == pytest.approx([r["val"]["macro_f1"] for r in _metrics(trained)])
+    # every training step's loss and learning rate, and every class's validation F1, precision and recall
+    steps = acc.Scalars("train_step/loss")
+    assert [e.step for e in steps] == list(range(len(steps))) and len(steps) >= 2 * 3
+    assert [e.step for e in acc.Scalars("train_step/lr")] == [e.step for e in steps]
+    last = _metrics(trained)[-1]["val"]["per_class"]
+    for c in ("wear", "incorrect", "not_wear"):
+        for m in ("f1", "precision", "recall"):
+            assert acc.Scalars(f"val/{m}/{c}")[-1].value == pytest.approx(last[c][m])
 
 
 def test_resume_continues_exactly(trained, tmp_path):

@@ -163,3 +163,16 @@ def test_a_class_absent_from_the_data_is_left_out_of_macro_f1_and_named():
     f1_wear = 2 * 1.0 * 0.9 / 1.9
     assert s["macro_f1"] == pytest.approx((f1_wear + 1.0) / 2) and s["absent"] == ["incorrect"]
     assert "incorrect never occur in this data" in format_report(s)
+
+
+def test_confusion_matrix_columns_are_labelled_with_class_names():
+    """Columns carry the class names (they used to read 0/1/2): the cells widen to fit the longest name, and the
+    label row under the matrix holds ink below every column."""
+    from framework.engine.tb import confusion_image
+
+    cm = np.array([[3, 1], [0, 4]])
+    narrow = confusion_image(cm, ["a", "b"])
+    wide = confusion_image(cm, ["incorrect", "not_wear"])
+    assert wide.shape[1] > narrow.shape[1]
+    label_row = wide[-18:-2]  # the names under the columns
+    assert (label_row < 128).any(axis=(0, 2)).sum() > 20  # dark pixels: text across the columns

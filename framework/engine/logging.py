@@ -33,13 +33,14 @@ class RunLog:
         if acc.log_with:
             acc.init_trackers(self.run_dir.name, config=json.loads(recipe.model_dump_json()))
 
-    def epoch(self, record: dict, best: dict) -> None:
-        """The epoch's console line, metrics.jsonl line, TensorBoard scalars and images, tracker values."""
+    def epoch(self, record: dict, best: dict, steps: dict | None = None) -> None:
+        """The epoch's console line, metrics.jsonl line, TensorBoard scalars (and each training step's loss and
+        learning rate, `steps`) and images, tracker values."""
         if self.main:
             self.say(console_line(record, best, self.built.recipe.checkpoint.monitor, self.built.recipe.train.epochs))
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            _log_tb(self.writer, record, self.labels)
+            _log_tb(self.writer, record, self.labels, steps or {})
         if self.built.accelerator.log_with:
             flat = flat_metrics(record)
             self.built.accelerator.log({k: v for k, v in flat.items() if isinstance(v, (int, float))},
@@ -111,7 +112,7 @@ def _sample_grid(writer, built, labels: dict) -> None:
     writer.add_image("train/augmented_samples", sample_grid([im for im, _, _ in items], names), 0, dataformats="HWC")
 
 
-def _log_tb(writer, record: dict, labels: dict) -> None:
+def _log_tb(writer, record: dict, labels: dict, steps: dict) -> None:
     if writer is None:
         return
     from framework.engine.tb import confusion_image
@@ -119,6 +120,11 @@ def _log_tb(writer, record: dict, labels: dict) -> None:
     epoch = record["epoch"]
     for k, v in flat_metrics(record).items():
         writer.add_scalar(k, v, epoch)
+    for k, v in class_scalars(record).items():
+        writer.add_scalar(k, v, epoch)
+    for i, (loss, lr) in enumerate(zip(steps.get("loss", []), steps.get("lr", []))):
+        writer.add_scalar("train_step/loss", loss, steps["first"] + i)
+        writer.add_scalar("train_step/lr", lr, steps["first"] + i)
     val = record.get("val")
     if val is not None:
         if "tasks" not in val:
@@ -129,6 +135,16 @@ def _log_tb(writer, record: dict, labels: dict) -> None:
             writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
                              epoch, dataformats="HWC")
     writer.flush()
+
+
+def class_scalars(record: dict) -> dict[str, float]:
+    """Every class's validation precision, recall and F1 (`val/<task>/f1/<class>`, without the task for one task)."""
+    val = record.get("val")
+    if val is None:
+        return {}
+    parts = {"": val} if "per_class" in val else dict(val.get("tasks", {}))
+    return {f"val/{t + '/' if t else ''}{m}/{c}": v[m] for t, sc in parts.items()
+            for c, v in sc.get("per_class", {}).items() for m in ("precision", "recall", "f1") if m in v}
 
 
 def trim_metrics(path: Path, start_epoch: int) -> None:

@@ -50,6 +50,7 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
     start = time.perf_counter()
     bar = _bar(loader, f"epoch {epoch}", progress and acc.is_main_process)
     interrupted = False
+    steps = {"first": (epoch - 1) * len(b.train_loader) + tally.batches, "loss": [], "lr": []}  # for TensorBoard
     with _shard_log(acc) as shard_log:
         for images, labels, index in bar:  # labels: (N, T), -1 where a task has no label; index: dataset rows
             shard_log(f"{epoch} {' '.join(map(str, index.tolist()))}\n")
@@ -60,6 +61,8 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
             value = float(loss.detach())
             if not math.isfinite(value):
                 _not_finite(value, epoch, tally.batches + 1)
+            steps["loss"].append(value)
+            steps["lr"].append(b.optimizer.param_groups[-1]["lr"])
             tally.loss_sum += value * len(labels)
             tally.seen += len(labels)
             tally.batches += 1
@@ -71,7 +74,8 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
                 break
     elapsed = time.perf_counter() - start
     out = {"images_per_sec": (tally.seen - (partial or {}).get("seen", 0)) / max(elapsed, 1e-9) * acc.num_processes,
-           "seconds": elapsed, "y_true": torch.cat(tally.targets).numpy(), "y_pred": torch.cat(tally.preds).numpy()}
+           "seconds": elapsed, "y_true": torch.cat(tally.targets).numpy(), "y_pred": torch.cat(tally.preds).numpy(),
+           "steps": steps}
     if interrupted:
         return out | {"interrupted": True, "partial": tally.partial()}
     mean_loss = acc.reduce(torch.tensor([tally.loss_sum, tally.seen], dtype=torch.float64, device=acc.device),

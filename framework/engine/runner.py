@@ -115,7 +115,7 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
         r.best = {"value": flat_metrics(record)[cp.monitor], "epoch": epoch}
     if r.log.main:  # the checkpoint first: a metrics line never names an epoch that has none (a kill in between)
         ckpt.save_epoch(r.run_dir / "checkpoints", ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
-    r.log.epoch(record, r.best)
+    r.log.epoch(record, r.best, t_stats["steps"])
     if r.log.main:
         r.summary.update(best_metric=cp.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
                          epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})

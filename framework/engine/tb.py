@@ -9,6 +9,8 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
     """The confusion matrix as an RGB image (H, W, 3): rows = true class, columns = predicted, row-normalised colour."""
     cm = np.asarray(cm)
     n = len(classes)
+    short = [c if len(c) <= 12 else c[:11] + "~" for c in classes]  # column labels: names, cut to 12 characters
+    cell = max(cell, 7 * max(len(c) for c in short) + 8)
     label_w = 8 + 7 * max(len(c) for c in classes)
     top = 24
     header = "predicted ->   (rows: true class)"
@@ -25,7 +27,7 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
             draw.text((x0 + 4, y0 + cell // 2 - 5), str(int(cm[t, p])), fill="black" if shade > 120 else "white")
     draw.text((label_w, 6), header, fill="black")
     for p in range(n):
-        draw.text((label_w + p * cell + 4, top + n * cell + 4), str(p), fill="black")
+        draw.text((label_w + p * cell + 4, top + n * cell + 4), short[p], fill="black")
     return np.asarray(img)
 
 
