@@ -39,6 +39,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     dist.wait_for_everyone()
     plan = resolved.plan
     say(f"run folder: {run_dir}")
+    say(_threads(resolved.recipe.train.threads))
     say("images per class (train / val): " + plan.describe())
     if plan.indices("unused"):
         say(f"left out: {len(plan.indices('unused'))} image(s) of train_only sources whose group is in validation")
@@ -50,6 +51,16 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         for line in decision.report_lines(decision.fit_runs([run_dir])):
             say(line)
     return run_dir
+
+
+def _threads(wanted: int | None) -> str:
+    """Set the training threads (train.threads) and say how many there are, and how idle ones wait."""
+    import torch
+
+    if wanted:
+        torch.set_num_threads(wanted)
+    return (f"threads: {torch.get_num_threads()} per process ({'train.threads' if wanted else 'the default'}; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
 
 
 def _prepare(path, overrides, name, resume, dist):

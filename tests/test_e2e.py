@@ -406,3 +406,17 @@ def test_a_training_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_goo
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in _metrics(run_dir)] == [1]
+
+
+def test_train_threads_sets_and_reports_the_thread_count(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    lines = []
+    try:
+        api.run(tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0, "threads": 1}),
+                name="one-thread", log=lines.append)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert any(ln.startswith("threads: 1 per process (train.threads") for ln in lines), lines

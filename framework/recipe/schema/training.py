@@ -219,6 +219,10 @@ class TrainSection(_Section):
     finetune: FineTune = Field(default_factory=FineTune)
     seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
     num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of each training process "
+                                "(torch.set_num_threads); null = torch's default, the core count. Another count "
+                                "changes the last digits of the figures (the order of the sums), so it is part of "
+                                "the recipe.")
 
 
 class TaskSpec(TargetSpec):
