@@ -165,6 +165,12 @@ def test_compare_what_changed_is_right_for_runs_that_differ_in_two_keys(tmp_path
         assert result.exit_code == 0 and f"train.optimizer.lr: 0.001 {arrow} 0.01" in result.output
     html = CliRunner().invoke(main, ["compare", str(tmp_path / "runs"), "--format", "html"]).output
     assert html.startswith("<!doctype html>") and "sortBy(" in html and "<script" in html and "http" not in html
+    # without --baseline each run is compared with its nearest earlier run, not with one far-away baseline
+    third = api.run(path, ["train.optimizer.lr=0.01", "transforms.image_size=40", "train.seed=3"], name="third",
+                    log=lambda *_: None)
+    by_name = {r["run"]: r for r in sheet([base, other, third])[1]}
+    assert by_name["base"]["changed"] == "baseline"
+    assert by_name["third"]["changed"] == "vs other: train.seed: 0 -> 3"
 
 
 def test_a_class_never_found_is_named_at_the_end_of_a_run(tmp_path):

@@ -214,18 +214,21 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             entries.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
     if not entries:
         return [], []
-    base = baseline or min((e[0] for e in entries),
-                           key=lambda r: json.loads((r / "summary.json").read_text()).get("started", ""))
-    base_recipe = _recipe(base) if (base / "recipe.resolved.yaml").exists() else {}
+    summaries = {e[0]: json.loads((e[0] / "summary.json").read_text(encoding="utf-8")) for e in entries}
+    recipes = {r: _recipe(r) if (r / "recipe.resolved.yaml").exists() else {} for r in summaries}
+    if baseline is not None and baseline not in recipes:
+        recipes[baseline] = _recipe(baseline) if (baseline / "recipe.resolved.yaml").exists() else {}
     rows, metric_cols = [], []
     for run, name, pooled in entries:
-        s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-        recipe = _recipe(run) if (run / "recipe.resolved.yaml").exists() else {}
+        s, recipe = summaries[run], recipes[run]
+        base = baseline or _nearest_earlier(run, summaries, recipes)
         scores = _best_scores(run, s.get("best_epoch")) if pooled is None else _val_scores(pooled["val"])
         for k in scores:
             if k not in metric_cols:
                 metric_cols.append(k)
-        diff = changed(recipe, base_recipe)
+        diff = [] if base is None else changed(recipe, recipes[base])
+        if base is not None and baseline is None and base != run:
+            diff = [f"vs {base.name}:"] + diff if diff else [f"as {base.name}"]
         if pooled is not None:  # the pooled row stands for every fold
             diff = [d for d in diff if not d.startswith("validation.fold:")]
         rows.append({
@@ -236,7 +239,8 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             **{k: scores.get(k) for k in metric_cols},
             "wall_s": s.get("wall_seconds") if pooled is None else pooled.get("wall_seconds"),
             "notes": _notes(s),
-            "changed": "baseline" if run == base and pooled is None else "; ".join(diff),
+            "changed": "baseline" if (base is None or run == base) and pooled is None else "; ".join(diff).replace(
+                ":;", ":"),
         })
     order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
     metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k.count("/"),
@@ -250,6 +254,17 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     if key:
         rows.sort(key=lambda r: (r.get(key) is None, -(r.get(key) or 0) if "loss" not in key else (r.get(key) or 0)))
     return cols, rows
+
+
+def _nearest_earlier(run: Path, summaries: dict, recipes: dict) -> Path | None:
+    """The run started before `run` whose recipe differs from its in the fewest keys (the experiment it most
+    likely changed), or None for the first run: every row then says what it changed from its closest parent,
+    not from one fixed baseline that other recipes differ from in 40 keys."""
+    started = summaries[run].get("started", "")
+    earlier = [r for r in summaries if r != run and summaries[r].get("started", "") < started]
+    if not earlier:
+        return None
+    return min(earlier, key=lambda r: (len(changed(recipes[run], recipes[r])), summaries[r].get("started", "")))
 
 
 def _notes(summary: dict) -> str:
