@@ -67,3 +67,15 @@ def write_csv(path: Path, header: list[str], rows) -> None:
     w.writerow(header)
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def bar_size() -> dict:
+    """tqdm's size options for stderr's terminal: follow its size when it reports one; a fixed one when it reports
+    0 x 0 (some pseudo-terminals, CI runners), where tqdm would otherwise hide every bar."""
+    try:
+        size = os.get_terminal_size(2)
+    except OSError:
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": 100, "nrows": 24}

@@ -420,3 +420,39 @@ def test_train_threads_sets_and_reports_the_thread_count(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert any(ln.startswith("threads: 1 per process (train.threads") for ln in lines), lines
+
+
+@pytest.mark.slow
+def test_progress_bars_show_in_a_terminal_and_not_in_logs(tmp_path):
+    """tqdm bars for each epoch and validation when a person watches (a pseudo-terminal), none in a pipe (logs, CI)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0}, logging={"progress": True})
+
+    def run(name, terminal):
+        cmd = [sys.executable, "-m", "framework.cli", "run", str(path), "--name", name]
+        if not terminal:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=300).stderr
+        master, slave = os.openpty()
+        proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=300)
+        os.close(master)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    shown = run("tty", True)
+    assert "epoch 1:" in shown and ("batch/s" in shown or "s/batch" in shown), shown[-2000:]
+    assert "validate:" in shown
+    piped = run("pipe", False)
+    assert "batch/s" not in piped and "s/batch" not in piped

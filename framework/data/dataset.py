@@ -240,7 +240,9 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: str | None = N
     it = range(len(rows))
     if progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=progress, unit="img", leave=False)
+
+        from framework.io import bar_size
+        it = tqdm(it, desc=progress, unit="img", leave=False, **bar_size())
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(work, it))
     if cache is not None:

@@ -208,7 +208,9 @@ def _bar(it, desc: str, show: bool):
     if not show or not sys.stderr.isatty():  # bars only for people watching; logs get the epoch lines
         return it
     from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+    from framework.io import bar_size
+    return tqdm(it, desc=desc, unit="batch", leave=False, **bar_size())
 
 
 class _shard_log:
