@@ -162,7 +162,10 @@ class Regression(Head):
         return torch.where(torch.isnan(col), torch.full_like(band, -1), band)
 
     def _loss(self, out, col, fn):
-        return fn(out[:, 0].float(), (col.float() - self.center) / self.scale)
+        pred, target = out[:, 0].float(), (col.float() - self.center) / self.scale
+        if isinstance(fn, torch.nn.SmoothL1Loss):  # its beta is in the data's units (5 years): the same in z-units
+            return F.smooth_l1_loss(pred, target, beta=fn.beta / self.scale, reduction=fn.reduction)
+        return fn(pred, target)  # l1, mse: the loss in years divided by the scale (its square): the same optimum
 
     def eval_loss(self):
         return torch.nn.L1Loss(reduction="sum")  # in standard units, as training's

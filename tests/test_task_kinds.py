@@ -269,3 +269,20 @@ def test_the_one_class_score_grows_with_the_distance_from_the_normal_images():
     assert float(head.score(near)) < 0.2 < 0.9 < float(head.score(far))
     head.threshold = 0.5
     assert head.predict(torch.cat([near, far])).tolist() == [0, 1]
+
+
+def test_a_standardised_regression_loss_is_the_loss_in_years_divided_by_the_scale():
+    """Standardising changes the loss's size, not what it is: smooth L1's beta stays in years (5), so the same
+    errors are quadratic or linear as before, and the optimum is the same."""
+    from framework.losses import build_loss
+    from framework.recipe.schema import LossSpec
+
+    head = head_class("regression")("age", ["<30", "30-59", "60+"], [30, 60])
+    head.center, head.scale = 40.0, 16.0
+    ages = torch.tensor([20.0, 33.0, 61.0, 90.0])
+    guess_years = torch.tensor([23.0, 45.0, 61.5, 70.0])
+    out = ((guess_years - head.center) / head.scale)[:, None]
+    for name in ("smooth_l1", "l1"):
+        fn = build_loss(LossSpec(name=name), 1, [])
+        in_years = fn(guess_years, ages)
+        assert float(head.loss(out, ages, fn)) == pytest.approx(float(in_years) / head.scale, rel=1e-5), name
