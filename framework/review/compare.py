@@ -206,12 +206,7 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
           crossvals: list[Path] = ()) -> tuple[list[str], list[dict]]:
     """Columns and rows of the experiment sheet: one row per run, and one per cross-validation (its folds pooled,
     described by its first fold's run)."""
-    entries = [(run, run.name, None) for run in runs]
-    for path in crossvals:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        first = path.parent / result["runs"][0]
-        if (first / "summary.json").is_file() and not damaged(first):
-            entries.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
+    entries = [(run, run.name, None) for run in runs] + _crossval_entries(crossvals)
     if not entries:
         return [], []
     summaries = {e[0]: json.loads((e[0] / "summary.json").read_text(encoding="utf-8")) for e in entries}
@@ -226,11 +221,6 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
         for k in scores:
             if k not in metric_cols:
                 metric_cols.append(k)
-        diff = [] if base is None else changed(recipe, recipes[base])
-        if base is not None and baseline is None and base != run:
-            diff = [f"vs {base.name}:"] + diff if diff else [f"as {base.name}"]
-        if pooled is not None:  # the pooled row stands for every fold
-            diff = [d for d in diff if not d.startswith("validation.fold:")]
         rows.append({
             "run": name, "date": s.get("started", "")[:16].replace("T", " "), "status": s.get("status", "?"),
             "backbone": s.get("backbone", recipe.get("model.backbone", "")),
@@ -239,8 +229,7 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             **{k: scores.get(k) for k in metric_cols},
             "wall_s": s.get("wall_seconds") if pooled is None else pooled.get("wall_seconds"),
             "notes": _notes(s),
-            "changed": "baseline" if (base is None or run == base) and pooled is None else "; ".join(diff).replace(
-                ":;", ":"),
+            "changed": _changed_cell(run, pooled, base, baseline is not None, recipes),
         })
     order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
     metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k.count("/"),
@@ -256,15 +245,40 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     return cols, rows
 
 
+def _crossval_entries(crossvals: list[Path]) -> list[tuple]:
+    """(first fold's run, row name, pooled result) of each readable cross-validation."""
+    out = []
+    for path in crossvals:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        first = path.parent / result["runs"][0]
+        if (first / "summary.json").is_file() and not damaged(first):
+            out.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
+    return out
+
+
+def _changed_cell(run: Path, pooled, base: Path | None, explicit: bool, recipes: dict) -> str:
+    """What a row's recipe changed from its base (`vs NAME: ...` when the base was found, not given)."""
+    if (base is None or run == base) and pooled is None:
+        return "baseline"
+    diff = [] if base is None else changed(recipes[run], recipes[base])
+    if pooled is not None:  # the pooled row stands for every fold
+        diff = [d for d in diff if not d.startswith("validation.fold:")]
+    if base is not None and not explicit and base != run:
+        return f"vs {base.name}: " + "; ".join(diff) if diff else f"as {base.name}"
+    return "; ".join(diff)
+
+
 def _nearest_earlier(run: Path, summaries: dict, recipes: dict) -> Path | None:
     """The run started before `run` whose recipe differs from its in the fewest keys (the experiment it most
     likely changed), or None for the first run: every row then says what it changed from its closest parent,
     not from one fixed baseline that other recipes differ from in 40 keys."""
-    started = summaries[run].get("started", "")
-    earlier = [r for r in summaries if r != run and summaries[r].get("started", "") < started]
+    def when(r):  # runs started in the same second (a fast sweep) are ordered by name
+        return summaries[r].get("started", ""), r.name
+
+    earlier = [r for r in summaries if when(r) < when(run)]
     if not earlier:
         return None
-    return min(earlier, key=lambda r: (len(changed(recipes[run], recipes[r])), summaries[r].get("started", "")))
+    return min(earlier, key=lambda r: (len(changed(recipes[run], recipes[r])), when(r)))
 
 
 def _notes(summary: dict) -> str:
