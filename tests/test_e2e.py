@@ -408,6 +408,7 @@ def test_a_training_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_goo
     assert [r["epoch"] for r in _metrics(run_dir)] == [1]
 
 
+@pytest.mark.slow
 def test_train_threads_sets_and_reports_the_thread_count(tmp_path):
     import torch
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from framework import api
 from framework.review.compare import sheet
 from tests.conftest import tiny_manifest, tiny_recipe
 
 
+@pytest.mark.slow
 def test_validation_is_broken_down_by_source(tmp_path):
     tiny_manifest(tmp_path / "chandrikadeb7.csv", per_class=10, dataset="chandrikadeb7_mask2")
     recipe = tiny_recipe(tmp_path, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
