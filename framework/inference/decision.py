@@ -15,6 +15,7 @@ regression bands keep the argmax).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -85,11 +86,18 @@ def questions(run) -> list[str]:
 
 def stamp(run) -> str:
     """The checkpoint the offsets belong to, by content (a copied run folder keeps them)."""
+    st = run.checkpoint.stat()
+    return f"{run.checkpoint.name}:{_digest(str(run.checkpoint), st.st_mtime_ns, st.st_size)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file (once per version of it: predict, evaluate and ensemble ask several times)."""
     h = hashlib.sha256()
-    with open(run.checkpoint, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return f"{run.checkpoint.name}:{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16]
 
 
 def stored(run) -> dict | None:
