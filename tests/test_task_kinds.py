@@ -286,3 +286,16 @@ def test_a_standardised_regression_loss_is_the_loss_in_years_divided_by_the_scal
         fn = build_loss(LossSpec(name=name), 1, [])
         in_years = fn(guess_years, ages)
         assert float(head.loss(out, ages, fn)) == pytest.approx(float(in_years) / head.scale, rel=1e-5), name
+
+
+
+@pytest.mark.slow
+def test_ordinal_and_banded_class_runs_report_a_validation_mae_beside_regression(age_runs):
+    """The compare sheet shows an MAE for every age run: regression's predicted number, and the expected value
+    (band probabilities x each band's mean training age) for ordinal and banded classification."""
+    tmp, runs = age_runs
+    for kind in ("classification", "ordinal", "regression"):
+        val = [json.loads(x) for x in (runs[kind] / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+        assert 2 < val["mae"] < 40, (kind, val.get("mae"))
+    cols, rows = sheet([runs[k] for k in ("classification", "ordinal", "regression")])
+    assert "val/mae" in cols and all(r["val/mae"] is not None for r in rows)

@@ -185,6 +185,31 @@ def fit_normal_heads(b) -> None:
         h.fit_normal(torch.cat(kept[t]).numpy())
 
 
+def banded_mae(b, v_stats: dict) -> dict[str, dict]:
+    """Per task cut into bands from a number that does not predict the number itself (ordinal, banded classes):
+    the MAE of its expected value (each band's probability x the band's mean training value), so that `recipe
+    compare` sets it beside a regression run's MAE. Tasks whose training bands lack values are left out."""
+    from framework.data.labels import numbers
+
+    out = {}
+    val_rows = [b.loaders.val_loader.dataset.rows[i] for i in v_stats["index"]]
+    for task, spec in b.recipe.task_specs().items():
+        head = b.heads[task]
+        if spec.bins is None or not spec.column or head.regression or head.chooses_threshold:
+            continue
+        train = np.array(numbers(b.loaders.train_ds.rows, spec.column))
+        train = train[~np.isnan(train)]
+        band = np.searchsorted(np.asarray(head.bins), train, side="right")
+        if not all((band == k).any() for k in range(len(head.classes))):
+            continue
+        means = np.array([train[band == k].mean() for k in range(len(head.classes))])
+        truth = np.array(numbers(val_rows, spec.column))
+        has = ~np.isnan(truth)
+        if has.any():
+            out[task] = {"mae": float(np.abs(v_stats["proba"][task] @ means - truth)[has].mean())}
+    return out
+
+
 def after_validation(heads: dict, v_stats: dict) -> dict[str, dict]:
     """Each kind's own validation step (a regression task's MAE; an anomaly task's threshold, chosen on these
     predictions, which are redone with it): per task, the metrics it adds."""

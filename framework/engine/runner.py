@@ -17,7 +17,7 @@ import torch
 
 from framework.engine import checkpoint as ckpt
 from framework.engine.logging import RunLog
-from framework.engine.loop import after_validation, evaluate, fit_normal_heads, train_epoch
+from framework.engine.loop import after_validation, banded_mae, evaluate, fit_normal_heads, train_epoch
 from framework.engine.metrics import by_source, flat_metrics, summarize
 from framework.engine.signals import StopSignal
 from framework.errors import Interrupted, Issue
@@ -103,6 +103,8 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
         fit_normal_heads(b)
         v_stats = evaluate(b.accelerator, b.eval_model, b.val_loader, b.heads, recipe.logging.progress, recipe.eval.tta)
         extras = after_validation(b.heads, v_stats)
+        for task, added in banded_mae(b, v_stats).items():  # ordinal / banded classes: expected-value MAE
+            extras.setdefault(task, {}).update(added)
         record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], r.plan.labels, v_stats["loss"], extras)
         rows = b.loaders.val_loader.dataset.rows  # the validated rows (unreadable ones skipped), by position
         sources = by_source(v_stats["y_true"], v_stats["y_pred"], [rows[i]["source"] for i in v_stats["index"]],
