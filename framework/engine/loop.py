@@ -190,6 +190,7 @@ def banded_mae(b, v_stats: dict) -> dict[str, dict]:
     the MAE of its expected value (each band's probability x the band's mean training value), so that `recipe
     compare` sets it beside a regression run's MAE. Tasks whose training bands lack values are left out."""
     from framework.data.labels import numbers
+    from framework.engine.metrics import band_means
 
     out = {}
     val_rows = [b.loaders.val_loader.dataset.rows[i] for i in v_stats["index"]]
@@ -197,12 +198,9 @@ def banded_mae(b, v_stats: dict) -> dict[str, dict]:
         head = b.heads[task]
         if spec.bins is None or not spec.column or head.regression or head.chooses_threshold:
             continue
-        train = np.array(numbers(b.loaders.train_ds.rows, spec.column))
-        train = train[~np.isnan(train)]
-        band = np.searchsorted(np.asarray(head.bins), train, side="right")
-        if not all((band == k).any() for k in range(len(head.classes))):
+        means = band_means(numbers(b.loaders.train_ds.rows, spec.column), head.bins, len(head.classes))
+        if means is None:
             continue
-        means = np.array([train[band == k].mean() for k in range(len(head.classes))])
         truth = np.array(numbers(val_rows, spec.column))
         has = ~np.isnan(truth)
         if has.any():

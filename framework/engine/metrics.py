@@ -118,6 +118,17 @@ def by_source(y_true: np.ndarray, y_pred: np.ndarray, sources: list[str], labels
     return out
 
 
+def band_means(values, bins, n: int) -> np.ndarray | None:
+    """Each of the `n` bands' mean value (bands: `bins` cut points, as the heads cut them), or None when a band has
+    no value: what an ordinal or banded class prediction's expected value is made of."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    band = np.searchsorted(np.asarray(bins), values, side="right")
+    if not all((band == k).any() for k in range(n)):
+        return None
+    return np.array([values[band == k].mean() for k in range(n)])
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
     """Macro-F1 over `n` classes of the samples that have a label (y_true >= 0)."""
     has = y_true >= 0

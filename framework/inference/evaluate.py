@@ -210,16 +210,11 @@ def number_errors(loaded, rows: list[dict], pred) -> dict:
 
 def _band_means(loaded, task: str) -> np.ndarray | None:
     """Each band's mean value over the run's training images (split.csv `<task>_value`), or None without them."""
+    from framework.engine.metrics import band_means
     from framework.inference.run import split_rows
 
-    values = np.array([float(r[f"{task}_value"]) for r in split_rows(loaded, "train") if r.get(f"{task}_value")])
-    if not len(values):
-        return None
-    band = np.searchsorted(np.asarray(loaded.heads[task].bins), values, side="right")
-    n = len(loaded.labels[task].classes)
-    if any(not (band == k).any() for k in range(n)):
-        return None
-    return np.array([values[band == k].mean() for k in range(n)])
+    values = [float(r[f"{task}_value"]) for r in split_rows(loaded, "train") if r.get(f"{task}_value")]
+    return band_means(values, loaded.heads[task].bins, len(loaded.labels[task].classes)) if values else None
 
 
 def _decision_steps(loaded, y_true, task_probs, y_pred, rule) -> dict:
