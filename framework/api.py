@@ -42,7 +42,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     say(_threads(resolved.recipe.train.threads))
     say("images per class (train / val): " + plan.describe())
     if plan.indices("unused"):
-        say(f"left out: {len(plan.indices('unused'))} image(s) of train_only sources whose group is in validation")
+        say(f"left out: {len(plan.indices('unused'))} image(s) (`unused` in split.csv)")
     summary["process"] = run_folders.this_process()  # who trains it (see run_folders.member_state)
     _train(resolved, run_dir, state, summary, say)
     if resolved.recipe.eval.decision == "macro_f1" and dist.is_main_process:

@@ -2,7 +2,7 @@
 record of everything a run is made of (`Built`: accelerator, loaders, model, heads, loss, optimizer, schedule)."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from framework.data.labels import LabelSet, assign_tasks, numbers, task_path
@@ -108,6 +108,20 @@ def check_classes(plan: DataPlan) -> None:
                              "remove them from `classes`, or add their images."))
     if problems:
         raise FieldError.many(problems, DataError)
+
+
+def keep_few(plan: DataPlan, per_class: int) -> int:
+    """A fast dev run: keep `per_class` images of each label combination on each side, spread over the rows; the
+    rest become `unused` (never decoded). Returns how many were left out."""
+    groups = defaultdict(list)
+    for i, (side, stratum) in enumerate(zip(plan.sides, plan.strata)):
+        if side in ("train", "val"):
+            groups[(side, stratum)].append(i)
+    keep = {i for idx in groups.values() for i in idx[::max(1, len(idx) // per_class)][:per_class]}
+    left_out = [i for idx in groups.values() for i in idx if i not in keep]
+    for i in left_out:
+        plan.sides[i] = "unused"
+    return len(left_out)
 
 
 # ------------------------------------------------------------------------------------------- the built run

@@ -11,9 +11,9 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from framework.build import DataPlan, build_data
+from framework.build import DataPlan, build_data, keep_few
 from framework.tasks import head_class
-from framework.errors import DataError, FieldError, Issue, did_you_mean
+from framework.errors import DataError, FieldError, Issue, RecipeError, did_you_mean
 from framework.recipe.loaded import LoadedRecipe
 
 
@@ -34,6 +34,7 @@ class Resolved:
 def resolve(loaded: LoadedRecipe) -> Resolved:
     """All the checks, in the order a user fixes them: model and augmentations, then the data, then the metric.
     Problems come back as one RecipeError naming file, line and field; warnings go to `loaded.warnings`."""
+    fast = _fast_dev_value()
     with loaded.errors_located():
         size = _model(loaded)
         _augmentations(loaded, size)
@@ -45,7 +46,29 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
         check_images(loaded, plan)
         check_monitor(loaded.recipe, plan)
     _data_warnings(loaded, plan)
+    if fast:
+        _fast_dev_run(loaded, plan, fast)
     return Resolved(loaded, plan, size, trackers)
+
+
+FAST_DEV_RUN = "RECIPE_FAST_DEV_RUN"
+
+
+def _fast_dev_value() -> int:
+    """`RECIPE_FAST_DEV_RUN=N` (like Lightning's fast_dev_run): the whole recipe runs, every check included, on N
+    images per class and side, to see that a recipe or a command works end to end in seconds. 0: unset."""
+    value = os.environ.get(FAST_DEV_RUN, "").strip()
+    if value and not value.isdigit():
+        raise RecipeError(Issue(f"{FAST_DEV_RUN}={value!r} is not a number of images.",
+                                fix=f"set {FAST_DEV_RUN} to images per class and side (e.g. 8), or unset it."))
+    return int(value or 0)
+
+
+def _fast_dev_run(loaded: LoadedRecipe, plan: DataPlan, per_class: int) -> None:
+    left_out = keep_few(plan, per_class)
+    loaded.warnings.append(Issue(f"fast dev run ({FAST_DEV_RUN}={per_class}): {left_out} image(s) left out, "
+                                 f"{per_class} per class and side kept; the figures of this run mean nothing.",
+                                 file=str(loaded.path), fix=f"unset {FAST_DEV_RUN} for a real run."))
 
 
 def _model(loaded: LoadedRecipe) -> tuple[int, int]:

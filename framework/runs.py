@@ -57,6 +57,7 @@ def create(run_dir: Path, resolved, recipe_path: Path, overrides) -> dict:
             "overrides": list(overrides), "backbone": recipe.model.backbone,
             "classes": {t: lab.classes for t, lab in plan.labels.items()},
             "counts": plan.counts(), "dropped_rows": plan.dropped, "unused_rows": len(plan.indices("unused")),
+            "fast_dev_run": int(os.environ.get("RECIPE_FAST_DEV_RUN") or 0) or None,
             "versions": _versions(), "git_commit": _git_commit(recipe_path.resolve().parent), "wall_seconds": 0.0}
 
 

@@ -187,3 +187,20 @@ def test_a_saved_pipeline_with_normalize_is_an_error(tmp_path):
     path = tiny_recipe(tmp_path, transforms={"image_size": 32, "train_file": str(saved), "train": []})
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2 and ": transforms.train_file:" in result.output and "a second time" in result.output
+
+
+def test_a_fast_dev_run_keeps_a_few_images_per_class_and_side_and_says_so(monkeypatch, tmp_path):
+    """RECIPE_FAST_DEV_RUN=N (what CI runs the README's commands with): the whole recipe, every check included, on
+    N images per class and side; the rest are `unused` (never decoded), and the run says its figures mean nothing."""
+    from framework.api import validate
+
+    path = tiny_recipe(tmp_path)
+    monkeypatch.setenv("RECIPE_FAST_DEV_RUN", "2")
+    resolved = validate(path)
+    counts = resolved.plan.counts()
+    assert all(n == 2 for side in ("train", "val") for n in counts[side]["label"].values()), counts
+    assert len(resolved.plan.indices("unused")) == len(resolved.plan.rows) - 12
+    assert any("fast dev run" in w.message and "mean nothing" in w.message for w in resolved.loaded.warnings)
+    monkeypatch.setenv("RECIPE_FAST_DEV_RUN", "few")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "RECIPE_FAST_DEV_RUN='few' is not a number" in result.output, result.output
