@@ -231,6 +231,15 @@ def predict(run: str | Path, images, out: str | Path = "predictions.csv", tta: s
     return predict_images(run, _images(images), out, tta, proba, prior_shift)
 
 
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, tta: str | None = None,
+           log=print) -> dict:
+    """Export a run's best checkpoint as one ONNX or TorchScript file, with export.json and MODEL_CARD.md
+    (framework.inference.export); `recipe predict` runs the folder."""
+    from framework.inference.export import export_run
+
+    return export_run(run, fmt, out, tta, log)
+
+
 def evaluate(run: str | Path, data: str | Path | None = None, out: str | Path | None = None,
              tta: str | None = None, overrides: list[str] | tuple = ()) -> dict:
     """Score a run on labelled data: a manifest CSV (`path` and the run's label columns), a recipe whose data is

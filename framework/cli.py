@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from framework.cli_options import (load_plugins, one_source, images_options, overrides_option, plugin_option,
+                                  prior_shift_option, tta_option)
 from framework.errors import RecipeError
 
 # Set before torch or albumentations load (the entry point runs first): no phoning home, hub look-ups that fail at
@@ -27,48 +29,6 @@ class _Group(click.Group):
         except RecipeError as e:
             click.echo(e.format(), err=True)
             sys.exit(e.exit_code)
-
-
-def overrides_option(f):
-    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                        help="Override a recipe value, e.g. --set train.optimizer.lr=3e-4 (repeatable; values are "
-                             "YAML).")(f)
-
-
-def tta_option(f):
-    return click.option("--tta", type=click.Choice(["hflip", "none"]),
-                        help="hflip: average with the mirror image; none: no TTA (default: the run's eval.tta).")(f)
-
-
-def images_options(f):
-    f = click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="CSV with a `path` column.")(f)
-    return click.option("--images", type=click.Path(file_okay=False), help="Folder of images (searched recursively).")(f)
-
-
-def prior_shift_option(f):
-    return click.option("--prior-shift", metavar="em|FILE",
-                        help="Re-weight probabilities to the test set's class priors: `em` estimates them from the "
-                             "unlabeled images (Saerens et al. 2002); a JSON file gives them, e.g. "
-                             "{\"mask\": {\"wear\": 0.2, ...}}.")(f)
-
-
-def plugin_option(f):
-    return click.option("--plugin", "plugins", multiple=True, metavar="FILE|MODULE",
-                        help="Load this plugin first (repeatable): a run folder's own plugin list is never imported, "
-                             "name the ones you trust.")(f)
-
-
-def _load_plugins(specs) -> None:
-    from framework.plugins import load_plugin
-
-    for spec in specs:
-        load_plugin(spec)
-
-
-def _one_source(images, csv_file):
-    if bool(images) == bool(csv_file):
-        raise click.UsageError("give either --images DIR or --csv FILE.")
-    return images or csv_file
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,7 +107,7 @@ def run(recipe, overrides, name, resume, all_folds, processes, plugins):
         sys.exit(_launch(processes, _run_args(recipe, overrides, name, resume, all_folds, plugins)))
     from framework import api
 
-    _load_plugins(plugins)
+    load_plugins(plugins)
 
     try:
         if all_folds:
@@ -189,11 +149,12 @@ def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
 @prior_shift_option
 @plugin_option
 def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
-    """Predict images with RUN (a run folder: its best checkpoint; or a checkpoint file)."""
+    """Predict images with RUN (a run folder: its best checkpoint; a checkpoint file; or a folder made by
+    `recipe export`, run with onnxruntime and without torch)."""
     from framework import api
 
-    _load_plugins(plugins)
-    result = api.predict(run, _one_source(images, csv_file), out, tta, proba, prior_shift)
+    load_plugins(plugins)
+    result = api.predict(run, one_source(images, csv_file), out, tta, proba, prior_shift)
     click.echo(result["distribution"])
     if result["decision"]:
         click.echo(result["decision"])
@@ -220,10 +181,28 @@ def evaluate(run, recipe_data, csv_file, out, tta, overrides, plugins):
         raise click.UsageError("give --recipe-data FILE or --csv FILE, not both (neither: the run's validation split).")
     from framework import api
 
-    _load_plugins(plugins)
+    load_plugins(plugins)
     result = api.evaluate(run, recipe_data or csv_file, out, tta, overrides)
     click.echo(result["report"])
     click.echo(f"written to {result['out']}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to create (default RUN/export-<format>).")
+@tta_option
+def export(run, fmt, out, tta):
+    """Export RUN's best checkpoint as one model file (uint8 images in, normalisation inside, dynamic batch), with
+    export.json and MODEL_CARD.md; checked against the run on its validation images. `recipe predict OUT` runs it."""
+    from framework import api
+
+    result = api.export(run, fmt, out, tta, log=click.echo)
+    if not result["finished"]:
+        src = result["source_run"]
+        click.echo(f"warning: {src['name']} is not finished ({src['status']}, {src['epochs_done']} of "
+                   f"{src['epochs']} epochs): exported its best checkpoint so far (epoch {src['best_epoch']}).", err=True)
+    click.echo(f"wrote {result['out']}: {result['file']}, export.json, MODEL_CARD.md")
 
 
 @main.command()
@@ -243,9 +222,9 @@ def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba
     from framework import api
     from framework.inference.ensemble import Voting
 
-    _load_plugins(plugins)
+    load_plugins(plugins)
     voting = Voting(method, weights, composite, tta, prior_shift)
-    result = api.ensemble(list(runs), _one_source(images, csv_file), out, voting, proba)
+    result = api.ensemble(list(runs), one_source(images, csv_file), out, voting, proba)
     for q, prior in result["estimated_priors"].items():
         click.echo(f"[{q}] test priors used: " + ", ".join(f"{v:.3f}" for v in prior))
     click.echo(f"wrote {result['out']}: {result['predicted']} images, weights {result['weights']}"
@@ -357,7 +336,7 @@ def explain(run, images, task, target, layer, out, plugins):
     that crop to faces, the recipe's box columns), and a contact sheet."""
     from framework import api
 
-    _load_plugins(plugins)
+    load_plugins(plugins)
     result = api.explain(run, list(images), out, task, target, layer)
     click.echo(f"wrote {len(result['files'])} heatmaps and {result['out']}/contact_sheet.png")
 

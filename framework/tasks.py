@@ -220,7 +220,8 @@ class Ordinal(_Binary):
     def probs(self, out):
         above = torch.sigmoid(out.float())  # P(band > k), k = 0 .. C-2
         ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
-        cum = torch.cat([ones, torch.cummin(above, dim=1).values, zeros], dim=1)  # monotone
+        running_min = [torch.amin(above[:, :k + 1], dim=1, keepdim=True) for k in range(above.shape[1])]
+        cum = torch.cat([ones, *running_min, zeros], dim=1)  # monotone (a running minimum; ONNX has no cummin)
         return (cum[:, :-1] - cum[:, 1:]).clamp(min=0)
 
 

@@ -20,7 +20,7 @@ LAYERS = [
     ["inference"],
     ["review"],
     ["runs", "api", "sweep"],
-    ["cli", "__init__"],
+    ["cli", "cli_options", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -51,7 +51,7 @@ def test_run_needs_a_recipe_or_resume():
 
 def test_the_commands_users_are_promised_exist():
     assert {"run", "validate", "schema", "plugins", "predict", "evaluate", "ensemble", "explain", "inspect", "compare",
-            "sweep"} <= set(main.commands)
+            "sweep", "export", "crossval"} <= set(main.commands)
 
 
 def test_help_does_not_import_torch():

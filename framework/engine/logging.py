@@ -159,3 +159,26 @@ def trim_metrics(path: Path, start_epoch: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def kept_record(run: Path, best_epoch: int | None) -> dict | None:
+    """The metrics.jsonl record of the epoch whose checkpoint the run kept as `best` (else the last validated
+    one); None when no epoch was validated."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    validated = [r for r in records if "val" in r]
+    if not validated:
+        return None
+    return next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
+
+
+def per_task(val: dict) -> dict[str, dict]:
+    """A validation record's scores by task name ("" for a single-task run)."""
+    return {"": val} if "per_class" in val else dict(val.get("tasks", {}))

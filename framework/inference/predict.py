@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from framework.data.labels import LabelSet
 from framework.inference.run import LoadedRun, resolve_tta
@@ -43,30 +42,32 @@ def predict_tasks(run: LoadedRun, paths: list[str], tta: str | None = None, boxe
     `boxes` (one face box or None per image) feed a face-cropping resize stage; images without one get the face
     detector's box. `tta` None means the run's own `eval.tta` (what its validation figures were measured with);
     "none" turns it off."""
-    from framework.data.dataset import prepare
-    from framework.models import outputs
-
     tta = resolve_tta(run, tta)
-    rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
-    detect = run.recipe.transforms.resize.face_margin is not None
-    images, _, failures = prepare(rows, run.resize, progress="decode" if progress else None, detect=detect)
-    bad = {i for i, _ in failures}
-    ok = [i for i in range(len(paths)) if i not in bad]
+    images, ok, failures = prepared(run, paths, boxes, progress)
     raw: dict[str, list] = {}
     values: dict[str, list] = {}
-    with torch.no_grad():
-        for start in range(0, len(ok), BATCH):
-            batch = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)
-                                 for i in ok[start:start + BATCH]])  # (N, 3, H, W) uint8
-            out = outputs(run.model, batch, tta)
-            for t, v in out.items():
-                raw.setdefault(t, []).append(run.heads[t].probs(v).numpy())
-                if run.heads[t].regression:
-                    values.setdefault(t, []).append(run.heads[t].value(v).numpy())
+    for start in range(0, len(ok), BATCH):
+        batch = np.stack([np.ascontiguousarray(images[i]).transpose(2, 0, 1) for i in ok[start:start + BATCH]])
+        for t, (p, v) in run.forward(batch, tta).items():  # (N, 3, H, W) uint8 in
+            raw.setdefault(t, []).append(p)
+            if v is not None:
+                values.setdefault(t, []).append(v)
     probs = {t: np.concatenate(raw[t]) if raw.get(t) else np.zeros((0, len(lab.classes)))
              for t, lab in run.labels.items()}
     return Predictions(list(paths), ok, probs, [(paths[i], why) for i, why in failures],
                        {t: np.concatenate(v) for t, v in values.items()})
+
+
+def prepared(run: LoadedRun, paths: list[str], boxes: list | None = None, progress: bool = False):
+    """The images through the run's resize stage (face-cropped by `boxes`, else detected, when the run crops to
+    faces): (images, indices of the readable ones, [(index, why) of the others])."""
+    from framework.data.dataset import prepare
+
+    rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
+    detect = run.recipe.transforms.resize.face_margin is not None
+    images, _, failures = prepare(rows, run.resize, progress="decode" if progress else None, detect=detect)
+    bad = {i for i, _ in failures}
+    return images, [i for i in range(len(paths)) if i not in bad], failures
 
 
 def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, boxes: list | None = None,

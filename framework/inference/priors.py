@@ -9,6 +9,7 @@ calibrated on the run's validation split (bias-corrected temperature scaling), s
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +110,11 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
 
 def train_counts(run) -> dict[str, dict[str, int]]:
-    """Per question, the training split's class counts (from the run's split.csv)."""
+    """Per question, the training split's class counts (from the run's split.csv; an exported run stores them)."""
     from framework.inference.run import split_rows
 
+    if run.class_counts is not None:
+        return run.class_counts
     rows = split_rows(run, "train")
     out: dict[str, dict[str, int]] = {}
     for q, classes in run.questions().items():
@@ -165,14 +168,23 @@ def shift(probs: dict[str, np.ndarray], how: str, classes: dict[str, list[str]],
 def composite_shares(run, picks: dict[str, np.ndarray], order: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Composite class names, the predicted shares, and the training split's shares (rows with every part)."""
     from framework.inference.predict import composite_of
-    from framework.inference.run import split_rows
 
     codec = composite_of(order, run.questions())
     names = codec.classes
     predicted = np.bincount(codec.encode([picks[q] for q in order]), minlength=len(names)) / max(len(next(iter(picks.values()))), 1)
-    values = ["/".join(r[q] for q in order) for r in split_rows(run, "train") if all(r.get(q) for q in order)]
-    counts = np.array([values.count(n) for n in names], dtype=float)
+    counts = np.array([composite_counts(run, order)[n] for n in names], dtype=float)
     return names, predicted, counts / max(counts.sum(), 1)
+
+
+def composite_counts(run, order: list[str]) -> dict[str, int]:
+    """The training split's count of each composite class (rows with every part; an exported run stores them)."""
+    from framework.inference.predict import composite_of
+    from framework.inference.run import split_rows
+
+    if run.composite_counts is not None:
+        return run.composite_counts
+    values = Counter("/".join(r[q] for q in order) for r in split_rows(run, "train") if all(r.get(q) for q in order))
+    return {n: values.get(n, 0) for n in composite_of(order, run.questions()).classes}
 
 
 def _shares(p: np.ndarray, n: int) -> np.ndarray:
@@ -222,7 +234,14 @@ def predict_images(run: str | Path, images, out: str | Path = "predictions.csv",
     from framework.inference.run import face_boxes, load_run
     from framework.io import write_json
 
-    loaded = load_run(run)
+    from framework.inference.exported import load_export
+    from framework.inference.run import is_export
+
+    if prior_shift and is_export(run):
+        raise RunError(Issue("--prior-shift needs the run folder (its validation split calibrates the probabilities); "
+                             f"{run} is an exported model.", field="--prior-shift",
+                             fix="predict with the run folder the export came from (export.json: source_run)."))
+    loaded = load_export(run) if is_export(run) else load_run(run)
     pred = predict_tasks(loaded, images.paths, tta, face_boxes(loaded, images.csv_file), progress=True)
     task_probs = pred.probs
     pred.probs = probs = questions_of(loaded, task_probs)

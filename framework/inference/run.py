@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from framework.data.labels import LabelSet
 from framework.errors import Issue, RunError
@@ -22,10 +22,12 @@ class LoadedRun:
     run_dir: Path
     recipe: object
     labels: dict[str, LabelSet]  # task -> its classes (and a composite's parts)
-    model: torch.nn.Module
+    model: object  # torch.nn.Module (an exported run: its onnxruntime session or TorchScript module)
     resize: object
     checkpoint: Path
     heads: dict | None = None  # task -> framework.tasks.Head
+    class_counts: dict | None = None  # per question, the training split's class counts (else read from split.csv)
+    composite_counts: dict | None = None  # the same for each composite class (else read from split.csv)
 
     @property
     def name(self) -> str:
@@ -37,6 +39,18 @@ class LoadedRun:
         for task, lab in self.labels.items():
             out.update(lab.parts or {task: lab.classes})
         return out
+
+    def forward(self, batch: np.ndarray, tta: str | None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Task -> (probabilities (N, C), the number (N,) of a regression task, else None) for a (N, 3, H, W) uint8
+        batch, with test-time augmentation `tta`."""
+        import torch
+
+        from framework.models import outputs
+
+        with torch.no_grad():
+            out = outputs(self.model, torch.from_numpy(batch), tta)
+        return {t: (self.heads[t].probs(v).numpy(), self.heads[t].value(v).numpy() if self.heads[t].regression else None)
+                for t, v in out.items()}
 
     def composite_order(self) -> list[str] | None:
         for lab in self.labels.values():
@@ -57,7 +71,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     from framework import transforms as T
     from framework.tasks import build_heads, head_class, load_head_states, set_targets
 
-    path = Path(path)
+    path = _not_an_export(Path(path))
     if path.is_file():
         ckpt_path, run_dir = path, path.parent.parent
     else:
@@ -96,6 +110,20 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     model.load_state_dict(state["model"])
     model.eval()
     return LoadedRun(run_dir, recipe, labels, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)
+
+
+EXPORT_FILE = "export.json"  # what marks an exported model folder (framework.inference.export)
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / EXPORT_FILE).is_file()
+
+
+def _not_an_export(path: Path) -> Path:
+    if is_export(path):
+        raise RunError(Issue(f"{path} is an exported model: `recipe predict` runs it; this command needs a run "
+                             "folder.", field="RUN", fix="give the run folder it came from (export.json: source_run)."))
+    return path
 
 
 @dataclass

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from framework.engine.logging import kept_record, per_task
+
 IGNORED_KEYS = ("output.root", "notes", "logging.progress")  # never an experimental change
 
 
@@ -124,24 +126,6 @@ def _short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def kept_record(run: Path, best_epoch: int | None) -> dict | None:
-    """The metrics.jsonl record of the epoch whose checkpoint the run kept as `best` (else the last validated
-    one); None when no epoch was validated."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    validated = [r for r in records if "val" in r]
-    if not validated:
-        return None
-    return next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
-
-
 def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
     """Lines for the end of a run: every class's F1 (and validation count) at the kept epoch, and a warning for a
     class none of whose validation images were found, which the overall accuracy hides."""
@@ -149,7 +133,7 @@ def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
     if chosen is None:
         return []
     lines = []
-    for task, sc in _per_task(chosen["val"]).items():
+    for task, sc in per_task(chosen["val"]).items():
         prefix = f"{task}: " if task else ""
         per = {c: m for c, m in sc.get("per_class", {}).items() if "f1" in m}
         if not per:
@@ -178,17 +162,12 @@ def _val_scores(val: dict) -> dict[str, float]:
 
     scores = {k: v for k, v in flat_metrics({"lr": None, "val": val}).items()
               if k.startswith("val/") and not k.endswith("threshold")}
-    for task, sc in _per_task(val).items():
+    for task, sc in per_task(val).items():
         prefix = f"{task}/" if task else ""
         for c, m in sc.get("per_class", {}).items():
             if "f1" in m:
                 scores[f"val/{prefix}f1/{c}"] = m["f1"]
     return scores
-
-
-def _per_task(val: dict) -> dict[str, dict]:
-    """A validation record's scores by task name ("" for a single-task run)."""
-    return {"": val} if "per_class" in val else dict(val.get("tasks", {}))
 
 
 def find_crossvals(paths: list[str | Path]) -> list[Path]:

@@ -51,7 +51,8 @@ def pooled(runs: list[Path]) -> dict:
 
 def _fold(run: Path) -> dict:
     """One fold run: its fold index, k, its resolved recipe (flat) and the validation record of its kept epoch."""
-    from framework.review.compare import flatten, kept_record
+    from framework.engine.logging import kept_record
+    from framework.review.compare import flatten
 
     recipe_path, summary_path = run / "recipe.resolved.yaml", run / "summary.json"
     if not recipe_path.is_file() or not summary_path.is_file():
