@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -180,3 +181,32 @@ def test_commands_that_need_a_run_folder_say_so_for_an_export(tmp_path):
     assert result.exit_code == 2 and "is an exported model" in result.output
     broken = CliRunner().invoke(main, ["predict", str(tmp_path), "--images", str(tmp_path)])
     assert broken.exit_code == 2 and "not a readable export description" in broken.output
+
+
+@pytest.mark.slow
+def test_a_composite_k_fold_run_exports_its_questions_and_its_card_has_the_out_of_fold_figures(tmp_path):
+    _utk_manifest(tmp_path / "utk.csv", n=24)
+    path = tiny_recipe(tmp_path, data={"sources": [{"type": "csv", "allow_outside_root": True, "name": "utk",
+                                                    "manifest": "utk.csv", "group_column": "group"}],
+                                       "target": {"composite": {"gender": {"column": "gender",
+                                                                           "classes": ["male", "female"]},
+                                                                "age": {"column": "age", "bins": [30, 60]}}}},
+                       validation={"type": "kfold", "k": 2, "fold": 0, "group_by": "group"}, train=FAST)
+    api.run_all_folds(path, name="cv", log=lambda *_: None)
+    run = tmp_path / "runs" / "cv-fold0"
+    info = api.export(run, out=tmp_path / "exp", **QUIET)
+    assert info["outputs"] == ["label.logits", "label.probs", "gender.probs", "age.probs"]
+    assert info["composite"] == {"questions": ["gender", "age"], "formula": "gender*3 + age"}
+    rows = _same_predictions(run, tmp_path / "exp", _photos(tmp_path, "utkface_subset"), tmp_path)
+    assert {"gender", "age", "composite", "composite_index"} <= set(rows[0])
+    from framework.inference.exported import load_export
+
+    exported = load_export(tmp_path / "exp")  # the question outputs are the joint's marginals
+    batch = np.zeros((3, 3, 32, 32), dtype=np.uint8)
+    named = dict(zip(exported.outputs, exported.model(batch)))
+    assert np.allclose(named["label.probs"].reshape(3, 2, 3).sum(2), named["gender.probs"], atol=1e-6)
+    card = (tmp_path / "exp" / "MODEL_CARD.md").read_text()
+    pooled = json.loads((tmp_path / "runs" / "cv-cv.json").read_text())["val"]["per_class"]
+    assert "## Out-of-fold metrics (2 folds pooled" in card
+    for c, m in pooled.items():
+        assert f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |" in card

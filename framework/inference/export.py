@@ -37,18 +37,25 @@ class Servable(torch.nn.Module):
     def __init__(self, run, tta: str | None):
         super().__init__()
         self.model, self.heads, self.tta = run.model, run.heads, tta
+        self.parts = {t: lab.parts for t, lab in run.labels.items() if lab.parts}  # a composite head's questions
+        self.sizes = {t: run.labels[t].sizes for t in self.parts}
 
     def names(self) -> list[str]:
         return [f"{t}.{part}" for t, h in self.heads.items()
-                for part in ("logits", "probs") + (("value",) if h.regression else ())]
+                for part in ("logits", "probs") + (("value",) if h.regression else ())] + \
+               [f"{q}.probs" for parts in self.parts.values() for q in parts]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from framework.models import outputs
 
         out = outputs(self.model, images, self.tta)
-        result = []
+        result, probs = [], {}
         for task, head in self.heads.items():
-            result += [out[task].float(), head.probs(out[task])] + ([head.value(out[task])] if head.regression else [])
+            probs[task] = head.probs(out[task])
+            result += [out[task].float(), probs[task]] + ([head.value(out[task])] if head.regression else [])
+        for task, sizes in self.sizes.items():  # each question's probabilities: the joint summed over the others
+            joint, axes = probs[task].reshape(-1, *sizes), range(1, len(sizes) + 1)
+            result += [joint.sum(dim=tuple(a for a in axes if a != k)) for k in axes]
         return tuple(result)
 
 
@@ -160,7 +167,7 @@ def _describe(run, servable: Servable, model_file: Path, fmt: str, tta: str | No
         "outputs": servable.names(),
         "tasks": {t: {"kind": h.kind, "classes": run.labels[t].classes} for t, h in run.heads.items()},
         "labels": labels, "questions": run.questions(), "composite": _composite(run),
-        "tta": tta or "none", "train_counts": train_counts(run),
+        "tta": tta or "none", "train_counts": train_counts(run), "calibration": _calibration(run),
         "composite_counts": composite_counts(run, run.composite_order()) if run.composite_order() else None,
         "resize": run.recipe.transforms.resize.model_dump(mode="json"),
         "box_columns": [getattr(s, "box_columns", None) for s in run.recipe.data.sources],
@@ -180,6 +187,14 @@ def _composite(run) -> dict | None:
 
     order = run.composite_order()
     return {"questions": order, "formula": composite_of(order, run.questions()).formula} if order else None
+
+
+def _calibration(run) -> dict | None:
+    """The run's calibration (BCTS per question, fitted on its validation split by `--prior-shift`), if stored."""
+    try:
+        return json.loads((run.run_dir / "calibration.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _summary(run_dir: Path) -> dict:
