@@ -210,3 +210,44 @@ def test_a_composite_k_fold_run_exports_its_questions_and_its_card_has_the_out_o
     assert "## Out-of-fold metrics (2 folds pooled" in card
     for c, m in pooled.items():
         assert f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |" in card
+
+
+@pytest.mark.slow
+def test_a_damaged_or_edited_export_is_refused_with_a_located_error(cnn_run, tmp_path):
+    tmp, run = cnn_run
+    api.export(run, out=tmp_path / "exp", **QUIET)
+    photos = _photos(tmp_path)
+    info_file = tmp_path / "exp" / "export.json"
+    info = json.loads(info_file.read_text())
+
+    def predict():
+        return CliRunner().invoke(main, ["predict", str(tmp_path / "exp"), "--images", str(photos),
+                                         "--out", str(tmp_path / "p.csv")])
+    info_file.write_text(json.dumps(info | {"input": info["input"] | {"size": [64, 64]}}))
+    result = predict()
+    assert result.exit_code == 2 and "the model takes images of [32, 32], export.json says [64, 64]" in result.output
+    info_file.write_text(json.dumps(info | {"outputs": ["x.probs"]}))
+    assert predict().exit_code == 2
+    info_file.write_text(json.dumps(info))
+    (tmp_path / "exp" / "model.onnx").write_bytes(b"not a model")
+    result = predict()
+    assert result.exit_code == 2 and "cannot be loaded by onnxruntime" in result.output, result.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+def test_an_export_whose_validation_images_moved_is_checked_on_random_images_and_says_so(cnn_run, tmp_path):
+    import shutil
+
+    tmp, run = cnn_run
+    moved = shutil.copytree(run, tmp_path / "moved")
+    rows = _rows(moved / "split.csv")
+    with open(moved / "split.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([r | {"path": "/nowhere/" + r["path"].split("/")[-1]} for r in rows])
+    result = CliRunner().invoke(main, ["export", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert "check: 8 random images (no validation image could be read)" in result.output
+    info = json.loads((moved / "export-onnx" / "export.json").read_text())
+    assert info["check"]["images"] == 0 and info["check"]["max_abs_difference"] <= 1e-4

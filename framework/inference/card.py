@@ -49,7 +49,7 @@ def _header(run, info: dict, summary: dict) -> str:
               f"- Input: uint8 RGB images (N, 3, {h}, {w}), normalised inside the model; the recipe's resize stage "
               f"(`{run.recipe.transforms.resize.mode}`) comes first. Test-time augmentation inside: {info['tta']}.",
               f"- Outputs: {', '.join(f'`{o}`' for o in info['outputs'])}.",
-              f"- Export check: {check['images']} validation images, largest absolute difference to the run's model "
+              f"- Export check: {check['on']}, largest absolute difference to the run's model "
               f"{check['max_abs_difference']:.2e} (tolerance {check['tolerance']:g}).", ""]
     return "\n".join(lines)
 

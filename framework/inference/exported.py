@@ -24,8 +24,15 @@ def onnx_session(path: Path):
                              fix='pip install -e ".[export]"  (or: pip install onnxruntime)')) from None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {"images": batch})
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # a damaged or foreign file: onnxruntime's message says what it could not read
+        raise RunError(Issue(f"{path} cannot be loaded by onnxruntime: {str(e).splitlines()[0][:300]}",
+                             field="EXPORT_DIR", fix="export the run again: recipe export RUN --out DIR.")) from None
+    run = lambda batch: session.run(None, {"images": batch})  # noqa: E731
+    run.names = [o.name for o in session.get_outputs()]
+    run.input_shape = list(session.get_inputs()[0].shape)
+    return run
 
 
 def load_model(path: Path, fmt: str):
@@ -85,6 +92,24 @@ def load_export(folder: str | Path) -> ExportedRun:
         raise RunError(Issue(f"{model_file} is missing.", field="EXPORT_DIR", fix="export the run again."))
     recipe = SimpleNamespace(transforms=SimpleNamespace(resize=resize), data=SimpleNamespace(sources=sources),
                              eval=SimpleNamespace(tta=None if tta == "none" else tta))  # what predict reads
-    return ExportedRun(folder, recipe, labels, load_model(model_file, fmt), T.resize_stage(size, resize), model_file,
+    model = load_model(model_file, fmt)
+    _check_model(model, folder, outputs, size, labels)
+    return ExportedRun(folder, recipe, labels, model, T.resize_stage(size, resize), model_file,
                        class_counts=info.get("train_counts"), composite_counts=info.get("composite_counts"),
                        outputs=outputs, baked_tta=tta)
+
+
+def _check_model(model, folder: Path, outputs: list, size: tuple, labels: dict) -> None:
+    """export.json and the model file agree (names of the outputs, input size), and every task has its output."""
+    problems = []
+    if getattr(model, "names", outputs) != outputs:
+        problems.append(f"the model's outputs {model.names} are not those export.json lists ({outputs})")
+    shape = getattr(model, "input_shape", None)
+    if shape is not None and [d for d in shape[2:]] != list(size):
+        problems.append(f"the model takes images of {shape[2:]}, export.json says {list(size)}")
+    missing = [t for t in labels if f"{t}.probs" not in outputs]
+    if missing:
+        problems.append(f"no `.probs` output for task(s) {missing}")
+    if problems:
+        raise RunError(Issue(f"{folder}: " + "; ".join(problems) + ".", field="EXPORT_DIR",
+                             fix="export the run again: recipe export RUN --out DIR (do not edit the folder)."))
