@@ -114,6 +114,10 @@ def test_a_torchscript_export_with_mirror_tta_inside_predicts_the_same(cnn_run, 
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "ts"), "--images", str(tmp_path / "photos"),
                                        "--tta", "none", "--out", str(tmp_path / "x.csv")])
     assert result.exit_code == 2 and "exported with test-time augmentation 'hflip' inside" in result.output
+    (tmp_path / "ts" / "model.pt").write_bytes(b"not a model")
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "ts"), "--images", str(tmp_path / "photos"),
+                                       "--out", str(tmp_path / "x.csv")])
+    assert result.exit_code == 2 and "cannot be loaded as TorchScript" in result.output, result.output
 
 
 def _utk_manifest(path, n=16):

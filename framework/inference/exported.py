@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from framework.errors import Issue, RunError
-from framework.inference.run import EXPORT_FILE as FILE, LoadedRun, is_export  # noqa: F401 (is_export: for callers)
+from framework.inference.run import EXPORT_FILE as FILE, LoadedRun
 
 
 def onnx_session(path: Path):
@@ -46,7 +46,11 @@ def load_model(path: Path, fmt: str):
 
     with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; it still loads
         warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path)).eval()
+        try:
+            module = torch.jit.load(str(path)).eval()
+        except Exception as e:  # a damaged or foreign file
+            raise RunError(Issue(f"{path} cannot be loaded as TorchScript: {str(e).splitlines()[0][:300]}",
+                                 field="EXPORT_DIR", fix="export the run again: recipe export RUN --out DIR.")) from None
 
     def run_torchscript(batch):
         with torch.no_grad():
