@@ -172,7 +172,8 @@ def composite_shares(run, picks: dict[str, np.ndarray], order: list[str]) -> tup
     codec = composite_of(order, run.questions())
     names = codec.classes
     predicted = np.bincount(codec.encode([picks[q] for q in order]), minlength=len(names)) / max(len(next(iter(picks.values()))), 1)
-    counts = np.array([composite_counts(run, order)[n] for n in names], dtype=float)
+    train = composite_counts(run, order)
+    counts = np.array([train[n] for n in names], dtype=float)
     return names, predicted, counts / max(counts.sum(), 1)
 
 
@@ -231,11 +232,9 @@ def predict_images(run: str | Path, images, out: str | Path = "predictions.csv",
     predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
     estimated (or given) test priors before classes are chosen."""
     from framework.inference.predict import Predictions, predict_tasks, questions_of, write_failures, write_predictions
-    from framework.inference.run import face_boxes, load_run
-    from framework.io import write_json
-
     from framework.inference.exported import load_export
-    from framework.inference.run import is_export
+    from framework.inference.run import face_boxes, is_export, load_run
+    from framework.io import write_json
 
     if prior_shift and is_export(run):
         raise RunError(Issue("--prior-shift needs the run folder (its validation split calibrates the probabilities); "
