@@ -78,3 +78,13 @@ def tiny_recipe(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def load_script(path: Path):
+    """A script (not a package module) imported as a module, to test its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,5 +1,4 @@
 """Test-set class distribution: shares next to predictions, EM estimate of the priors, re-weighting."""
-import importlib.util
 import json
 
 import numpy as np
@@ -10,14 +9,11 @@ from framework import api
 from framework.inference.ensemble import Voting
 from framework.cli import main
 from framework.inference.priors import adjust, calibrate, em_priors, fit_bcts
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location("prior_shift", REPO / "scripts" / "prior_shift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "prior_shift.py")
 
 
 def test_em_recovers_shifted_priors_from_exact_posteriors():

@@ -1,16 +1,14 @@
 """The README's commands are what CI runs (.ci/readme_commands.py): the extraction finds every one of them, and the
 tables of skipped, failing-on-purpose and interrupted commands match the README as it is."""
-import importlib.util
 from pathlib import Path
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("readme_commands", REPO / ".ci" / "readme_commands.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / ".ci" / "readme_commands.py")
 
 
 def test_every_readme_command_is_found_and_the_tables_match_the_readme():
