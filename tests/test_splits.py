@@ -134,6 +134,31 @@ def test_train_only_source_trains_and_leaves_the_other_split_unchanged(data_root
     assert any(r["source"] == "chandrikadeb7" and s == "val" for r, s in zip(joint.rows, joint.sides))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [{"type": "holdout", "ratio": 0.2}, {"type": "kfold", "k": 5, "fold": 3}])
+def test_per_source_split_is_each_single_source_recipes_split(data_root, policy):
+    """`per_source: true`: every source is split exactly as a recipe of that source alone splits it (same images in
+    validation), and a training image whose group is validated in the other source is left out, not trained on."""
+    both = build_data(_mask_recipe(data_root, {}, {**policy, "per_source": True, "seed": 0}))
+    val_groups = {r["group"] for r, s in zip(both.rows, both.sides) if s == "val"}
+    for name, manifest in (("kaggle", "face_mask_kaggle3/crops_manifest.csv"),
+                           ("chandrikadeb7", "chandrikadeb7_mask2/manifest.csv")):
+        alone = build_data(Recipe.model_validate({
+            "data": {"root": str(data_root), "target": {"column": "mask_state"}, "sources": [
+                {"type": "csv", "name": name, "manifest": manifest, "group_column": "group"}]},
+            "validation": {**policy, "seed": 0}, "model": {"backbone": "resnet18"}}))
+        mine = [(r["path"], s) for r, s in zip(both.rows, both.sides) if r["source"] == name]
+        assert [p for p, _ in mine] == [r["path"] for r in alone.rows]
+        for (path, s), r, s_alone in zip(mine, alone.rows, alone.sides):
+            # the same side, except a training image of a group that the other source validates
+            assert s == s_alone or (s, s_alone) == ("unused", "train") and r["group"] in val_groups, path
+    # the two sets share scenes (same group id): on the 8:2 split some of them are validated on one side only
+    assert ("unused" in both.sides) == (policy["type"] == "holdout")
+    assert audit(both.rows, both.sides)[0] == []
+    joint = build_data(_mask_recipe(data_root, {}, {**policy, "seed": 0}))
+    assert joint.sides != both.sides and "unused" not in joint.sides
+
+
 def test_train_only_source_cannot_be_the_validation_source(data_root):
     with pytest.raises(FieldError) as e:
         build_data(_mask_recipe(data_root, {"train_only": True}, {"type": "source", "source": "chandrikadeb7"}))

@@ -90,24 +90,42 @@ def build_split(rows: list[dict], y: list[int], policy, train_only: frozenset | 
     """`train` / `val` for each row, following the recipe's validation policy.
 
     Rows of `train_only` sources (extra training data) take no part in the policy, so the other sources' split is
-    the same with or without them; they train, except those whose group is in validation: `unused` (a leak)."""
+    the same with or without them. With `per_source`, each source is split on its own, as a recipe of that source
+    alone would split it. Either way a row that would train while its group is validated in another part of the
+    data is `unused` (a leak), never trained on."""
     if policy.type == "source" and policy.source in train_only:
         raise FieldError(("validation", "source"), f"source {policy.source!r} is `train_only`, so it cannot be the "
                          "validation set.", f"drop train_only from {policy.source!r}, or validate on another source.",
                          DataError)
-    if not any(r["source"] in train_only for r in rows):
+    parts = _parts(rows, train_only, getattr(policy, "per_source", False))
+    if len(parts) == 1 and len(parts[0]) == len(rows):
         return _policy_split(rows, y, policy)
-    keep = [i for i, r in enumerate(rows) if r["source"] not in train_only]
     sides = ["train"] * len(rows)
-    for i, side in zip(keep, _policy_split([rows[i] for i in keep], [y[i] for i in keep], policy)):
-        sides[i] = side
+    part_of = [-1] * len(rows)  # -1: a train_only row
+    for n, part in enumerate(parts):
+        for i, side in zip(part, _policy_split([rows[i] for i in part], [y[i] for i in part], policy)):
+            sides[i], part_of[i] = side, n
     group_by = getattr(policy, "group_by", "group")
     if group_by:
-        in_val = {rows[i].get(group_by) for i in keep if sides[i] == "val"} - {None, ""}
+        val_parts: dict = defaultdict(set)  # group -> the parts that validate it
         for i, r in enumerate(rows):
-            if r["source"] in train_only and r.get(group_by) in in_val:
+            if sides[i] == "val" and r.get(group_by):
+                val_parts[r[group_by]].add(part_of[i])
+        for i, r in enumerate(rows):
+            if sides[i] == "train" and val_parts.get(r.get(group_by), set()) - {part_of[i]}:
                 sides[i] = "unused"
     return sides
+
+
+def _parts(rows: list[dict], train_only, per_source: bool) -> list[list[int]]:
+    """The row indices the policy splits at once: every row not in a train_only source, or each source's rows."""
+    keep = [i for i, r in enumerate(rows) if r["source"] not in train_only]
+    if not per_source:
+        return [keep]
+    by_source: dict = defaultdict(list)
+    for i in keep:
+        by_source[rows[i]["source"]].append(i)
+    return list(by_source.values())
 
 
 def _policy_split(rows: list[dict], y: list[int], policy) -> list[str]:

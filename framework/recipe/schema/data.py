@@ -172,6 +172,10 @@ class _SplitOptions(_Section):
                                                    "= by that column, false = no stratification.")
     group_by: str | None = Field("group", description="Column whose values never sit on both sides (`group` = "
                                                       "each source's group column); null = every image alone.")
+    per_source: bool = Field(False, description="Split each source on its own, exactly as a recipe of that "
+                             "source alone would (same seed, same validation images), so one model trained on "
+                             "several sources is scored on the images each single-source recipe is. A group "
+                             "validated in one source does not train from another (`unused` in split.csv).")
 
 
 class HoldoutSplit(_SplitOptions):
