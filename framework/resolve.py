@@ -173,9 +173,9 @@ def check_images(loaded: LoadedRecipe, plan: DataPlan) -> None:
     raise FieldError.many(items, DataError)
 
 
-def monitor_names(recipe, labels: dict) -> list[str]:
-    """Metrics `checkpoint.monitor` can name: overall, per task, the composite of all tasks, and the MAE of
-    regression tasks (use checkpoint.mode: min for those)."""
+def monitor_names(recipe, labels: dict, sources: list[str] | tuple = ()) -> list[str]:
+    """Metrics `checkpoint.monitor` can name: overall, per task, the composite of all tasks, the MAE of regression
+    tasks (use checkpoint.mode: min for those), and per validated source when there are several (`sources`)."""
     specs = recipe.task_specs()
     names = []
     for side in ("val", "train"):
@@ -185,11 +185,14 @@ def monitor_names(recipe, labels: dict) -> list[str]:
     regression = [t for t in labels if head_class(specs[t].kind).regression]
     if regression:
         names += ["val/mae"] + [f"val/{t}/mae" for t in regression]
+    if len(sources) > 1:
+        names += [f"val/source/{name}/{m}" for name in sources for m in ("macro_f1", "accuracy")]
     return names
 
 
 def check_monitor(recipe, plan: DataPlan) -> None:
-    monitors = monitor_names(recipe, plan.labels)
+    validated = sorted({plan.rows[i]["source"] for i in plan.indices("val")})
+    monitors = monitor_names(recipe, plan.labels, validated)
     if recipe.checkpoint.monitor not in monitors:
         raise FieldError(("checkpoint", "monitor"), f"unknown metric {recipe.checkpoint.monitor!r}."
                          f"{did_you_mean(recipe.checkpoint.monitor, monitors)}", f"use one of: {', '.join(monitors)}.")

@@ -43,6 +43,8 @@ CASES = [
      ["unknown tracker 'tensorbord'", "Did you mean 'tensorboard'"]),
     ("unknown-monitor", lambda t: (tiny_recipe(t), ["checkpoint.monitor=val/macro_f2"]), "checkpoint.monitor",
      ["unknown metric 'val/macro_f2'", "Did you mean 'val/macro_f1'"]),
+    ("monitor-of-a-lone-source", lambda t: (tiny_recipe(t), ["checkpoint.monitor=val/source/maskon/macro_f1"]),
+     "checkpoint.monitor", ["unknown metric 'val/source/maskon/macro_f1'"]),  # per-source: several sources only
     ("missing-image", _missing_image, "data.sources[0]", ["1 image(s) of source 'maskon' do not exist",
                                                          "face.jpg", "bad_images: skip"]),
     ("oversize-crop", lambda t: (tiny_recipe(t), ["transforms.train=[{name: RandomCrop, height: 48, width: 48}]"]),

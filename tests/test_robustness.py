@@ -317,3 +317,23 @@ def test_two_processes_match_one_process_at_the_same_global_batch_unless_batch_n
             losses[backbone, name] = [(r["train"]["loss"], r["val"]["loss"]) for r in _metrics(folder / "runs" / name)]
     assert np.allclose(losses["test_vit", "one"], losses["test_vit", "two"], atol=1e-5)
     assert not np.allclose(losses["test_resnet", "one"], losses["test_resnet", "two"], atol=1e-3)
+
+
+def test_fast_path_resolution_is_path_resolve(tmp_path):
+    """The manifest reader resolves each folder once (validate on 100k rows must not lstat every component of every
+    path); the result is exactly Path.resolve(), with links to files and to folders, `..`, `.` and missing files."""
+    from framework.data.readers import _RealPaths
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.jpg").write_bytes(b"x")
+    (tmp_path / "data" / "a" / "f.jpg").write_bytes(b"x")
+    (tmp_path / "data" / "a" / "link.jpg").symlink_to(tmp_path / "outside" / "o.jpg")
+    (tmp_path / "data" / "dirlink").symlink_to(tmp_path / "outside")
+    (tmp_path / "data" / "a" / "chain.jpg").symlink_to("link.jpg")  # relative link to a link
+    root = tmp_path / "data"
+    cases = ["a/f.jpg", "a/link.jpg", "a/chain.jpg", "dirlink/o.jpg", "a/../a/f.jpg", "dirlink/../data/a/f.jpg",
+             "a/./f.jpg", "a/missing.jpg", "nowhere/x.jpg", "a/..", "a/.", "a/", str(tmp_path / "outside/o.jpg")]
+    real = _RealPaths()
+    for rel in cases * 2:  # the second round is served from the folder cache
+        assert real(root / rel) == (root / rel).resolve(), rel
