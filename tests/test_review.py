@@ -18,7 +18,7 @@ from framework import api
 from framework.cli import main
 from framework.review.compare import changed, flatten, sheet
 from framework.sweep import expand, split_values
-from tests.conftest import DATA, read_manifest, tiny_recipe
+from tests.conftest import DATA, read_manifest, tiny_manifest, tiny_recipe
 
 FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0}
 
@@ -140,6 +140,26 @@ def test_inspect_lists_images_that_fail_to_decode(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert [p for p, _ in report["unreadable"]] == [str(tmp_path / "zero.jpg")]
     assert "unreadable images: 1" in result.output
+
+
+def test_inspect_splits_like_the_run_does_with_a_train_only_source(tmp_path):
+    """inspect's counts per source and side are the run's split: a train_only source never shows in validation."""
+    from framework.review.inspect import inspect_recipe
+
+    tiny_manifest(tmp_path / "extra.csv", per_class=10, dataset="chandrikadeb7_mask2")
+    path = tiny_recipe(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["data"]["sources"].append({"type": "csv", "allow_outside_root": True, "name": "extra", "train_only": True,
+                                    "manifest": "extra.csv", "group_column": "group"})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    report = inspect_recipe(path, decode_all=False)
+    plan = api.validate(path).plan
+    expected: dict = {}
+    for r, side, k in zip(plan.rows, plan.sides, plan.ys["label"]):
+        c = expected.setdefault(r["source"], {}).setdefault(side, {})
+        c[plan.labels["label"].classes[k]] = c.get(plan.labels["label"].classes[k], 0) + 1
+    assert report["counts"]["label"] == expected
+    assert set(expected["extra"]) == {"train"} and "val" in expected["maskon"]
 
 
 @pytest.mark.slow
