@@ -66,8 +66,7 @@ def build_data(recipe) -> DataPlan:
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
     plan.values = {t: numbers(rows, s.column) for t, s in specs.items() if head_class(s.kind).regression}
     plan.numbers = {t: numbers(rows, s.column) for t, s in specs.items() if s.bins is not None and s.column}
-    train_only = {s.name for s in recipe.data.sources if getattr(s, "train_only", False)}
-    plan.sides = build_split(rows, plan.strata, recipe.validation, train_only)
+    plan.sides = build_split(rows, plan.strata, recipe.validation, recipe.data.train_only)
     group_by = getattr(recipe.validation, "group_by", "group")
     errors, plan.duplicates = audit(rows, plan.sides, group_by)
     if errors:

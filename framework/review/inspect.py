@@ -63,8 +63,7 @@ def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None
                                                recipe.tasks is not None)
         keys = list(zip(*ys.values()))
         strata_ids = {k: n for n, k in enumerate(sorted(set(keys)))}
-        train_only = {s.name for s in recipe.data.sources if getattr(s, "train_only", False)}
-        sides = build_split(rows, [strata_ids[k] for k in keys], recipe.validation, train_only)
+        sides = build_split(rows, [strata_ids[k] for k in keys], recipe.validation, recipe.data.train_only)
     leaks, dupes = audit(rows, sides, getattr(recipe.validation, "group_by", "group"))
     with ThreadPoolExecutor(8) as pool:
         facts = list(pool.map(file_facts, [r["path"] for r in rows]))

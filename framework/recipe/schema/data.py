@@ -156,6 +156,11 @@ class DataSection(_Section):
     cache_max_gb: float = Field(20.0, gt=0, description="Size limit of the disk cache; least recently used "
                                                         "entries go first.")
 
+    @property
+    def train_only(self) -> set[str]:
+        """Names of the sources that only train (never validated on)."""
+        return {s.name for s in self.sources if getattr(s, "train_only", False)}
+
     @model_validator(mode="after")
     def _unique_names(self):
         names = [s.name for s in self.sources]
