@@ -9,8 +9,70 @@ import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+MAX_TEXT_BYTES = 64 << 20  # a recipe, manifest or run-folder file larger than this is not one
+
+
+class FileProblem(Exception):
+    """A file that cannot be read as asked (missing, not a regular file, too large, not UTF-8): `reason` says
+    which, in words that follow the file's name."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def read_bytes(path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A pipe, device or folder is refused before anything
+    is read from it (opening a FIFO does not wait for a writer; /dev/zero is never read), and so is a larger file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileProblem(path, "not found") from None
+    except OSError as e:
+        raise FileProblem(path, f"cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem(path, "is not a regular file (a folder, pipe or device)")
+        if st.st_size > limit:
+            raise FileProblem(path, f"is {st.st_size:,} bytes, more than the {limit:,} such a file can be")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise FileProblem(path, f"cannot be read ({e.strerror})") from None
+    if len(data) > limit:  # grew while it was read
+        raise FileProblem(path, f"is more than the {limit:,} bytes such a file can be")
+    return data
+
+
+def read_text(path, limit: int = MAX_TEXT_BYTES) -> str:
+    """A regular file's UTF-8 text (see `read_bytes`); a file that is not UTF-8 is a FileProblem naming the line."""
+    raw = read_bytes(path, limit)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FileProblem(path, f"is not UTF-8 text (line {line}, byte 0x{raw[e.start]:02x})") from None
+
+
+def check_writable_folder(path) -> None:
+    """A FileProblem unless `path` is a folder this process can create files in, or can be made as one: its nearest
+    existing parent is a folder in which a folder can be made (tried, then removed: permissions alone do not tell a
+    read-only mount or /proc)."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileProblem(target, f"cannot be a folder: {probe} is a file" if probe != target else "is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".recipe-write-check-", dir=probe))
+    except OSError as e:
+        raise FileProblem(target, f"cannot be written ({e.strerror} in {probe})") from None
 
 
 def atomic_write_bytes(path: Path, write) -> None:

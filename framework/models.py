@@ -270,6 +270,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def fitting_tensors(net, state: dict, path) -> tuple[dict, list[str], dict]:
+    """The tensors of `state` that fit `net` (by name and shape), the names whose shapes differ, and the state as
+    named for `net`. A file none of whose weight tensors fits (only counters such as BatchNorm's
+    num_batches_tracked would) is for another model: an error, not a run from scratch. Weights must be finite."""
+    if not any(k.startswith(("features.", "heads.")) for k in state):
+        state = {f"features.{k}": v for k, v in state.items()}
+    own = net.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if not any(own[k].is_floating_point() and own[k].numel() > 1 for k in fitting):
+        raise FieldError(("model", "weights"), f"no weight tensor of {path} fits {net.features.__class__.__name__} "
+                         f"({len(mismatched)} of the same name have other shapes, e.g. "
+                         f"{(mismatched or list(state) or ['-'])[0]!r}): it is another model's file.",
+                         "give weights of this backbone (or change model.backbone to the file's).")
+    bad = [k for k, v in fitting.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FieldError(("model", "weights"), f"{path}: tensor {bad[0]} holds NaN or infinite values.",
+                         "give weights from a run that did not diverge.")
+    return fitting, mismatched, state
+
+
+def check_weights_fit(model_cfg, path, size: tuple[int, int]) -> None:
+    """The weights file fits the backbone (names and shapes, on the meta device: no memory, no arithmetic)."""
+    cfg = model_cfg.model_copy(update={"weights": None, "pretrained": False, "compile": False, "channels_last": False})
+    try:
+        with torch.device("meta"):
+            model, _ = build_model(cfg, {}, (0.5,) * 3, (0.5,) * 3, size)
+    except Exception:  # noqa: BLE001 - a backbone that cannot be built on the meta device: the real build tells
+        return
+    fitting_tensors(model.net, read_state_dict(path), path)
+
+
 def load_weights(net: Net, path: Path, name: str | None = None) -> list[str]:
     """Load what fits; report tensors re-initialised (missing or shape mismatch) and ignored (unexpected).
     `name` is what the recipe wrote (a weight source's name, or the path).
@@ -277,14 +309,8 @@ def load_weights(net: Net, path: Path, name: str | None = None) -> list[str]:
     A checkpoint of this framework fills backbone and heads; a plain backbone state_dict (timm's layout, e.g.
     face-task weights) fills the backbone, and its classifier is ignored."""
     state = read_state_dict(path)
-    if not any(k.startswith(("features.", "heads.")) for k in state):
-        state = {f"features.{k}": v for k, v in state.items()}
+    fitting, mismatched, state = fitting_tensors(net, state, path)
     own = net.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    if not fitting:
-        raise FieldError(("model", "weights"), f"no tensor of {path} fits {type(net).__name__} "
-                         f"(e.g. {next(iter(state), '-')!r}).", "check that the file belongs to this backbone.")
     result = net.load_state_dict(fitting, strict=False)
     shown = path if name in (None, str(path)) else f"{name} ({path})"
     notes = [f"loaded {len(fitting)}/{len(own)} tensors from {shown}"]

@@ -36,12 +36,14 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
     Problems come back as one RecipeError naming file, line and field; warnings go to `loaded.warnings`."""
     fast = _fast_dev_value()
     with loaded.errors_located():
+        check_model_args(loaded.recipe)
         size = _model(loaded)
         _augmentations(loaded, size)
         trackers = check_trackers(loaded.recipe.logging.trackers)
         _task_losses(loaded.recipe)
         _review_hooks(loaded.recipe)
         check_sync_batchnorm(loaded.recipe.train, int(os.environ.get("WORLD_SIZE", "1")))
+        check_places(loaded.recipe)
         plan = build_data(loaded.recipe)
         check_images(loaded, plan)
         check_monitor(loaded.recipe, plan)
@@ -58,7 +60,7 @@ def _fast_dev_value() -> int:
     """`RECIPE_FAST_DEV_RUN=N` (like Lightning's fast_dev_run): the whole recipe runs, every check included, on N
     images per class and side, to see that a recipe or a command works end to end in seconds. 0: unset."""
     value = os.environ.get(FAST_DEV_RUN, "").strip()
-    if value and not value.isdigit():
+    if value and not (value.isascii() and value.isdigit() and len(value) < 10):  # (str.isdigit takes '²')
         raise RecipeError(Issue(f"{FAST_DEV_RUN}={value!r} is not a number of images.",
                                 fix=f"set {FAST_DEV_RUN} to images per class and side (e.g. 8), or unset it."))
     return int(value or 0)
@@ -74,7 +76,7 @@ def _fast_dev_run(loaded: LoadedRecipe, plan: DataPlan, per_class: int) -> None:
 def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     """The backbone's name and its input size (`image_size: auto` becomes the backbone's own, so that the run folder
     reruns as is); the weights file; the size checked by a shapes-only forward pass."""
-    from framework.models import check_input_size, check_pretrained, read_state_dict, resolve_inputs
+    from framework.models import check_input_size, check_pretrained, check_weights_fit, resolve_inputs
     from framework.weights import resolve_file
 
     recipe = loaded.recipe
@@ -83,10 +85,37 @@ def _model(loaded: LoadedRecipe) -> tuple[int, int]:
         recipe.transforms.image_size = size
     if recipe.model.weights:
         # a source's weights are converted (once, then cached); a file exists, reads, holds tensors (no code runs)
-        read_state_dict(resolve_file(recipe.model.weights, recipe.model.backbone))
+        check_weights_fit(recipe.model, resolve_file(recipe.model.weights, recipe.model.backbone), size)
     check_pretrained(recipe.model)
     check_input_size(recipe.model, size)
     return size
+
+
+def check_places(recipe) -> None:
+    """The folders a run writes (output.root, the disk cache) can be written, so a run never fails after its folder
+    exists."""
+    from framework.io import FileProblem, check_writable_folder
+
+    places = [(("output", "root"), recipe.output.root, "give a folder you can write, e.g. --set output.root=runs.")]
+    if recipe.data.cache == "disk":
+        places.append((("data", "cache_dir"), recipe.data.cache_dir, "give a folder you can write, or "
+                       "data.cache: memory."))
+    for where, folder, fix in places:
+        try:
+            check_writable_folder(folder)
+        except FileProblem as e:
+            raise FieldError(where, f"{e.path} {e.reason}.", fix) from None
+
+
+def check_model_args(recipe) -> None:
+    """model.args carries no file for timm to load on its own: weights go through `model.weights`."""
+    loaders = sorted(set(recipe.model.args) & {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                                                 "pretrained"})
+    if loaders:
+        raise FieldError(("model", "args", loaders[0]), f"model.args.{loaders[0]} would have timm load weights on "
+                         "its own (unchecked, and failing with its own traceback).",
+                         "give the file as model.weights: PATH (read with weights_only, shapes checked) and "
+                         "pretrained weights as model.weights: NAME.")
 
 
 def _augmentations(loaded: LoadedRecipe, size: tuple[int, int]) -> None:

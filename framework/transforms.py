@@ -19,6 +19,7 @@ from framework.libs import albumentations
 _RESIZERS = {"Resize", "LongestMaxSize", "SmallestMaxSize", "RandomScale", "Downscale"}
 _VERTICAL = {"VerticalFlip", "Transpose"}
 _COMPOSITIONS = {"OneOf", "SomeOf", "Sequential"}
+_NEEDS_CODE = {"Lambda"}  # takes callables: nothing a YAML value can be
 # Crops whose output size must be the image size (subclasses, such as plugins' crops, included).
 _SIZE_BOUND = {"RandomResizedCrop", "RandomSizedCrop", "CenterCrop", "RandomCrop", "RandomSizedBBoxSafeCrop",
                "CropAndPad", "RandomCropNearBBox", "AtLeastOneBBoxRandomCrop", "BBoxSafeRandomCrop"}
@@ -42,6 +43,11 @@ def build_transform(spec: dict, where: tuple, size: tuple[int, int] | None = Non
         return _build_composition(A, name, args, where, size)
     from framework.registry import TRANSFORMS
 
+    if name in _NEEDS_CODE:
+        raise FieldError(where + ("name",), f"{name} runs Python functions, which a recipe cannot hold (its "
+                         "arguments would be strings, and the run would fail on its first image).",
+                         "write the function as a transform in a plugin file (see plugins/face_crop.py) and name "
+                         "that transform here.")
     cls = TRANSFORMS.get(name).load() if name in TRANSFORMS else getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
         choices = transform_names() + TRANSFORMS.names()
@@ -111,13 +117,26 @@ def _build_composition(A, name: str, args: dict, where: tuple, size: tuple[int, 
 
 def load_saved_pipeline(path: str):
     """A pipeline written by albumentations' `A.save` (YAML or JSON), as a list of transforms."""
+    import yaml
+
+    from framework.io import FileProblem, read_text
+
     A = albumentations()
     p = Path(path)
-    if not p.exists():
-        raise FieldError(("transforms", "train_file"), f"file not found: {p}.", "give the path of an A.save file.")
-    fmt = "yaml" if p.suffix.lower() in (".yaml", ".yml") else "json"
+    where = ("transforms", "train_file")
     try:
-        loaded = A.load(str(p), data_format=fmt)
+        text = read_text(p, 4 << 20)
+    except FileProblem as e:
+        raise FieldError(where, f"the pipeline file {p} {e.reason}.", "give the path of an A.save file "
+                         "(a YAML or JSON text file).") from None
+    try:
+        data = yaml.safe_load(text)  # (JSON is YAML too)
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a {type(data).__name__}, not a saved pipeline")
+        names = _names_in(data.get("transform"))
+        if names & _NEEDS_CODE:
+            raise ValueError(f"it uses {sorted(names & _NEEDS_CODE)}, which run Python functions a file cannot hold")
+        loaded = A.from_dict(data)
     except Exception as e:
         raise FieldError(("transforms", "train_file"), f"albumentations could not load {p}: {e}.",
                          "write it with A.save(pipeline, path) from albumentations 2.0.") from None
@@ -126,6 +145,15 @@ def load_saved_pipeline(path: str):
         if type(t).__name__ == "Normalize":
             raise _normalize_error(("transforms", "train_file"), t.mean, t.std)
     return [t for t in items if type(t).__name__ not in _MODEL_DOES]
+
+
+def _names_in(node) -> set[str]:
+    """The transform class names in a saved pipeline's tree (compositions included)."""
+    if not isinstance(node, dict):
+        return set()
+    name = str(node.get("__class_fullname__", "")).rsplit(".", 1)[-1]
+    children = node.get("transforms") if isinstance(node.get("transforms"), list) else []
+    return {name}.union(*(_names_in(c) for c in children))
 
 
 # what the model does itself: a pipeline's tensor conversion is left out (with a warning); Normalize is an error

@@ -19,8 +19,10 @@ def test_every_bundled_recipe_validates(path, tmp_path):
     if weights and "/runs/" in weights:  # starts from another recipe's run: validate says so until it exists
         with pytest.raises(RecipeError, match=r"model\.weights: weights file not found: .*train that run first"):
             api.validate(path)
+        import timm
         import torch
-        torch.save({}, tmp_path / "stand_in.pt")  # (empty: loads, holds no tensor that fits; checked at build)
+        backbone = api.load_recipe(path).recipe.model.backbone  # a stand-in of the right shapes (an untrained one)
+        torch.save(timm.create_model(backbone).state_dict(), tmp_path / "stand_in.pt")
         overrides = [f"model.weights={tmp_path / 'stand_in.pt'}"]
     resolved = api.validate(path, overrides)
     plan = resolved.plan

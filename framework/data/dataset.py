@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from pathlib import Path
 
 MAX_PIXELS = 120_000_000  # refuse decompression bombs (Pillow's own limit is about 89M and only warns)
+MAX_IMAGE_BYTES = 1 << 30  # the largest file taken for an image (16-bit TIFFs of MAX_PIXELS fit)
 
 
 class ImageError(Exception):
@@ -35,13 +36,15 @@ def regular_file(path: str) -> None:
     import stat
 
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except OSError as e:
         raise ImageError(path, f"cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise ImageError(path, "not a regular file (a device, pipe or folder)")
+    if st.st_size > MAX_IMAGE_BYTES:  # (checked before the disk cache hashes the file)
+        raise ImageError(path, f"{st.st_size:,} bytes is over the {MAX_IMAGE_BYTES:,} an image file can be")
 
 
 def decode(path: str) -> np.ndarray:

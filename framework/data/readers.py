@@ -15,6 +15,7 @@ from framework.registry import READERS, RegistryError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MASK_CONTEST_FILES = {**{f"mask{i}": "wear" for i in range(1, 6)}, "incorrect_mask": "incorrect", "normal": "not_wear"}
+MAX_MANIFEST_BYTES = 512 << 20  # about 5 million rows
 _PERSON = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>[^_]+)_(?P<age>\d+)$")
 
 
@@ -42,7 +43,25 @@ def read_sources(data_cfg) -> list[dict]:
         for r in got:
             r["source"] = src.name
         rows += got
+    _same_file_twice(rows)
     return rows
+
+
+def _same_file_twice(rows: list[dict]) -> None:
+    """One file listed twice - under two paths (a hard link, a second source over the same folder) - is one image
+    with two rows: it could sit on both sides of the split under two group ids, so it is refused."""
+    seen: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        try:
+            st = os.stat(r["path"])
+        except OSError:
+            continue  # a missing file is reported with the images
+        first = seen.setdefault((st.st_dev, st.st_ino), r)
+        if first is not r:
+            raise FieldError(("data", "sources"), f"the same file is listed twice: {first['path']} (source "
+                             f"{first['source']!r}) and {r['path']} (source {r['source']!r}) are one file (a hard "
+                             "link, a link or two sources over the same folder).",
+                             "list each image once (remove one of the rows, or the second source).", DataError)
 
 
 def _plugin_args(entry, src, where: tuple):
@@ -152,7 +171,12 @@ def read_table(path: Path, where: tuple) -> tuple[list[str], list[dict]]:
     data) is an error naming its line and the fix."""
     import io
 
-    raw = path.read_bytes()
+    from framework.io import FileProblem, read_bytes
+
+    try:
+        raw = read_bytes(path, MAX_MANIFEST_BYTES)
+    except FileProblem as e:
+        raise FieldError(where, f"the CSV {path} {e.reason}.", "give a CSV text file.", DataError) from None
     if b"\x00" in raw:
         line = raw[:raw.index(b"\x00")].count(b"\n") + 1
         raise FieldError(where, f"{path.name} line {line} holds a NUL byte: binary data, not CSV text.",

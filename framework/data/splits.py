@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
+import stat
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -159,15 +161,16 @@ def kfold_assignment(rows, y, policy) -> list[int]:
 
 
 def _from_file(rows: list[dict], path: Path) -> list[str]:
+    from framework.data.readers import read_table
+
     if not path.is_file():
         raise FieldError(("validation", "path"), f"split file not found: {path}.",
                          "give a CSV with columns path and split (e.g. a run's split.csv).", DataError)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"path", "split"} <= set(reader.fieldnames or []):
-            raise FieldError(("validation", "path"), f"{path.name} needs columns path and split, has "
-                             f"{reader.fieldnames}.", "write a CSV with columns path,split.", DataError)
-        side = {str(Path(r["path"])): r["split"].strip() for r in reader}
+    header, table = read_table(path, ("validation", "path"))
+    if not {"path", "split"} <= set(header):
+        raise FieldError(("validation", "path"), f"{path.name} needs columns path and split, has "
+                         f"{header}.", "write a CSV with columns path,split.", DataError)
+    side = {str(Path(r["path"] or "")): (r["split"] or "").strip() for r in table}
     bad = sorted({s for s in side.values() if s not in ("train", "val", "unused")})
     if bad:
         raise FieldError(("validation", "path"), f"{path.name}: split values {bad} are not train/val/unused.",
@@ -198,9 +201,11 @@ def audit(rows: list[dict], sides: list[str], group_by: str | None = "group") ->
     by_size: dict = defaultdict(lambda: {"train": [], "val": []})
     for r, s in zip(rows, sides):
         try:
-            by_size[Path(r["path"]).stat().st_size][s].append(r["path"])
+            st = os.stat(r["path"])
         except OSError:
             continue
+        if stat.S_ISREG(st.st_mode):  # (a pipe or device is reported when it is decoded, never read here)
+            by_size[st.st_size][s].append(r["path"])
     dupes = []
     for sides_ in by_size.values():
         if sides_["train"] and sides_["val"]:
@@ -213,8 +218,17 @@ def audit(rows: list[dict], sides: list[str], group_by: str | None = "group") ->
 
 
 def _digest(path: str) -> str:
+    """The file's content hash, read in blocks; a file too large to be an image (it fails to decode) is its own
+    path, never read."""
+    from framework.data.dataset import MAX_IMAGE_BYTES
+
+    if os.path.getsize(path) > MAX_IMAGE_BYTES:
+        return f"(too large) {path}"
+    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_split(path: Path, plan) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from framework.errors import Issue, RecipeError
+from framework.io import FileProblem, read_text
 
 Loc = tuple  # (file, line, column); line/column 1-based, None when unknown
 Locs = dict  # key path tuple -> Loc
@@ -40,8 +41,9 @@ _Loader.add_implicit_resolver(
 
 def _yaml_value(text: str):
     """A --set value, read as YAML within the same limits as a recipe file."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         return None if node is None else _construct(loader, node, (), SET_SOURCE, {}, [0])
     except RecipeError as e:  # a place inside the value means nothing on a command line
@@ -50,21 +52,25 @@ def _yaml_value(text: str):
         raise RecipeError(Issue(f"the value is nested too deeply (more than {MAX_DEPTH} levels).", file=SET_SOURCE,
                                 fix="check for runaway brackets.")) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: Path) -> tuple[Any, Locs]:
     """Parse one YAML file safely into plain data plus a location for every key and item."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(Issue(f"file not found (looked for {path.resolve()}).", file=str(path),
-                                fix="check the path; relative paths start at the recipe's folder."))
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(Issue(f"cannot read the file: {e}.", file=str(path), fix="save it as UTF-8 text."))
-    loader = _Loader(text)
+        text = read_text(path, MAX_RECIPE_BYTES)
+    except FileProblem as e:
+        if e.reason == "not found":
+            raise RecipeError(Issue(f"file not found (looked for {path.resolve()}).", file=str(path),
+                                    fix="check the path; relative paths start at the recipe's folder.")) from None
+        raise RecipeError(Issue(f"cannot read the recipe: it {e.reason}.", file=str(path),
+                                fix="give a recipe: a YAML text file (UTF-8) of at most "
+                                    f"{MAX_RECIPE_BYTES >> 20} MiB.")) from None
+    loader = None
     try:
+        loader = _Loader(text)  # (the reader refuses control characters such as NUL here)
         node = loader.get_single_node()
         locs: Locs = {}
         data = _construct(loader, node, (), str(path), locs, [0]) if node is not None else None  # None: empty
@@ -76,13 +82,20 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
         raise RecipeError(Issue(f"invalid YAML: {e.problem or e.context}.", file=str(path),
                                 line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
                                 fix="check indentation, colons and quotes on that line."))
+    except yaml.reader.ReaderError as e:
+        line = text[:e.position].count("\n") + 1
+        raise RecipeError(Issue(f"invalid YAML: character {e.character!r} is not allowed in a YAML file.",
+                                file=str(path), line=line, fix="remove that character (the file may be binary, "
+                                "or saved with a stray control character).")) from None
     except yaml.YAMLError as e:
         raise RecipeError(Issue(f"invalid YAML: {e}.", file=str(path), fix="check the YAML syntax."))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return ({} if data is None else data), locs
 
 
+MAX_RECIPE_BYTES = 4 << 20  # a real recipe is a few kB
 MAX_DEPTH = 50  # levels of nesting; a real recipe has fewer than 10
 MAX_NODES = 20_000  # values after aliases are expanded; a real recipe has a few hundred
 
@@ -274,7 +287,16 @@ def load_dict(path: str | Path, overrides: list[str] | None = None) -> tuple[dic
     """The merged recipe as plain data with locations, before validation."""
     data, locs = _with_extends(Path(path), ())
     apply_overrides(data, locs, list(overrides or []))
+    _absolute_default_root(data)
     return data, locs
+
+
+def _absolute_default_root(data: dict) -> None:
+    """A recipe that writes no data.root reads its data from the working directory: recorded as that absolute folder,
+    so the resolved recipe a run folder keeps (and resumes from) means the same folder wherever it is read."""
+    section = data.get("data")
+    if isinstance(section, dict) and "root" not in section:
+        section["root"] = str(Path.cwd())
 
 
 def _dotted(path: tuple) -> str:

@@ -172,7 +172,7 @@ class DataSection(_Section):
 
 # ----------------------------------------------------------------------------------------------- validation
 class _SplitOptions(_Section):
-    seed: int = Field(0, description="Seed of the split; the same seed gives the same split.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the split; the same seed gives the same split.")
     stratify: bool | str = Field(True, description="Keep class proportions: true = by the target, a column name "
                                                    "= by that column, false = no stratification.")
     group_by: str | None = Field("group", description="Column whose values never sit on both sides (`group` = "

@@ -217,7 +217,8 @@ class TrainSection(_Section):
                                                            "with this decay per optimizer step (e.g. 0.998); "
                                                            "validation, `best` and predictions use the average.")
     finetune: FineTune = Field(default_factory=FineTune)
-    seed: int = Field(0, description="Seed of weights, sampling and augmentation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of weights, sampling and augmentation "
+                                                         "(0 to 2**32 - 1: numpy's range).")
     num_workers: int | Literal["auto"] = Field("auto", description="Loader processes; auto = from the core count.")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of each training process "
                                 "(torch.set_num_threads); null = torch's default, the core count. Another count "
