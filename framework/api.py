@@ -17,6 +17,7 @@ from pathlib import Path
 from framework.errors import Interrupted, Issue, RunError
 from framework.recipe.loaded import LoadedRecipe, load_recipe
 from framework import runs as run_folders
+from framework.folders import RunFolder
 
 
 def validate(path: str | Path, overrides: list[str] | tuple = ()):
@@ -65,7 +66,6 @@ def _threads(wanted: int | None) -> str:
 
 def _prepare(path, overrides, name, resume, dist):
     """The resolved recipe, the run folder (made on the main process), the state to resume and the summary."""
-    from framework.io import atomic_write_text
     from framework.recipe.loaded import resolved_yaml
     from framework.resolve import resolve
 
@@ -76,7 +76,7 @@ def _prepare(path, overrides, name, resume, dist):
         run_folders.check_same_recipe(run_dir, resolved.recipe, state)
         run_folders.check_same_split(run_dir, resolved.plan)
         if overrides and dist.is_main_process:
-            atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(loaded.recipe))
+            RunFolder(run_dir).write_recipe(resolved_yaml(loaded.recipe))
         return resolved, run_dir, state, summary
     resolved = validate(path, overrides)
     root = Path(resolved.recipe.output.root)
@@ -92,7 +92,6 @@ def _train(resolved, run_dir: Path, state, summary: dict, say) -> None:
     from framework.build import build_run
     from framework.engine.logging import RunLog
     from framework.engine.runner import fit
-    from framework.io import write_json
 
     started, before = time.perf_counter(), summary.get("wall_seconds", 0.0)
     main = run_folders.distributed().is_main_process
@@ -118,7 +117,7 @@ def _train(resolved, run_dir: Path, state, summary: dict, say) -> None:
         summary["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
         if run_dir.exists() and main:
             try:
-                write_json(run_dir / "summary.json", summary)
+                RunFolder(run_dir).write_summary(summary)
             except (OSError, RunError):
                 pass  # e.g. the disk is full: the error being raised says so
 
@@ -290,6 +289,11 @@ def compare(paths: list[str | Path] = ("runs",), baseline: str | Path | None = N
     crossvals = [p for p in crossvals if not problems[p]]
     cols, rows = sheet(found, Path(baseline) if baseline else None, sort, crossvals)
     return render(cols, rows, fmt), len(rows), warnings
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """A run folder's summary.json, checked (a damaged one is a located RunError)."""
+    return RunFolder(run_dir).summary()
 
 
 def registered(recipe: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:

@@ -6,9 +6,7 @@ cross-validation agree about it.
 """
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -17,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from framework.errors import Issue, RunError
-from framework.io import atomic_write_text, write_json
+from framework.folders import RunFolder
 from framework.recipe.loaded import load_recipe, resolved_yaml
 
 
@@ -44,14 +42,12 @@ def new_run_dir(root: Path, stem: str, name: str | None) -> Path:
 
 def create(run_dir: Path, resolved, recipe_path: Path, overrides) -> dict:
     """Make the folder and write what the run is: resolved recipe, split, labels; returns the first summary."""
-    from framework.data.splits import write_split
-
-    recipe, plan = resolved.recipe, resolved.plan
+    recipe, plan, folder = resolved.recipe, resolved.plan, RunFolder(run_dir)
     run_dir.mkdir(parents=True)
-    (run_dir / "checkpoints").mkdir()
-    atomic_write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe))
-    write_split(run_dir / "split.csv", plan)
-    write_json(run_dir / "labels.json", {task: lab.to_json() for task, lab in plan.labels.items()})
+    folder.checkpoints.mkdir()
+    folder.write_recipe(resolved_yaml(recipe))
+    folder.write_split(plan)
+    folder.write_labels(plan.labels)
     return {"name": run_dir.name, "recipe": str(recipe_path.resolve()), "status": "running",
             "started": _dt.datetime.now().isoformat(timespec="seconds"), "notes": recipe.notes,
             "overrides": list(overrides), "backbone": recipe.model.backbone,
@@ -64,15 +60,16 @@ def create(run_dir: Path, resolved, recipe_path: Path, overrides) -> dict:
 def _never_trained(run_dir: Path) -> bool:
     """A run folder whose run failed, was stopped or was killed before its first epoch's checkpoint: nothing in it
     is worth keeping."""
+    folder = RunFolder(run_dir)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = folder.summary()
+    except RunError:
         return False
-    if not isinstance(summary, dict) or summary.get("name") != run_dir.name:
+    if summary["name"] != run_dir.name:
         return False
-    status = summary.get("status")
+    status = summary["status"]
     ended = status in ("failed", "interrupted") or (status == "running" and process_gone(summary.get("process")))
-    return ended and not summary.get("epochs_done") and not any((run_dir / "checkpoints").glob("*.pt"))
+    return ended and not summary.get("epochs_done") and not folder.has_checkpoint()
 
 
 def clean_partial_writes(run_dir: Path) -> list[Path]:
@@ -116,17 +113,13 @@ def this_process() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def read_split(path: Path) -> list[tuple[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [(r["path"], r["split"]) for r in csv.DictReader(f)]
-
-
 def resume_state(run_dir: Path, overrides) -> tuple:
     """The loaded recipe, the checkpoint and the summary of a run to continue, after checking that it can be:
     its folder, its last checkpoint, its data and split unchanged, epochs left. Returns (loaded, state, summary)."""
     from framework.engine import checkpoint as ckpt
 
-    resolved, last = run_dir / "recipe.resolved.yaml", run_dir / "checkpoints" / "last.pt"
+    folder = RunFolder(run_dir)
+    resolved, last = folder.recipe_file, folder.checkpoint("last")
     if not resolved.is_file():
         raise RunError(Issue(f"{run_dir} is not a run folder (no recipe.resolved.yaml).", field="--resume",
                              fix="give the folder that `recipe run` created."))
@@ -147,7 +140,9 @@ def resume_state(run_dir: Path, overrides) -> tuple:
     if state["epoch"] >= loaded.recipe.train.epochs:
         raise RunError(Issue(f"{run_dir.name} already finished its {loaded.recipe.train.epochs} epochs.",
                              field="--resume", fix="raise them with --set train.epochs=N to train longer."))
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = folder.summary()
+    folder.metrics()  # damaged files are refused now, before anything in the folder changes
+    folder.cam_images()
     summary.update(status="running", resumed_at_epoch=state["epoch"])
     clean_partial_writes(run_dir)
     return loaded, state, summary
@@ -165,15 +160,16 @@ def check_same_recipe(run_dir: Path, recipe, state: dict) -> None:
     if keys:
         shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
         raise RunError(Issue(f"the recipe changed since this run's checkpoint was written ({shown}); a resumed run "
-                             "must be the same experiment.", field="--resume", file=str(run_dir / "recipe.resolved.yaml"),
+                             "must be the same experiment.", field="--resume", file=str(RunFolder(run_dir).recipe_file),
                              fix="undo the edit, or start a new run with the change; only train.epochs can be raised "
                                  "(--set train.epochs=N)."))
 
 
 def check_same_split(run_dir: Path, plan) -> None:
-    if [(r["path"], s) for r, s in zip(plan.rows, plan.sides)] != read_split(run_dir / "split.csv"):
+    folder = RunFolder(run_dir)
+    if [(r["path"], s) for r, s in zip(plan.rows, plan.sides)] != folder.split_pairs():
         raise RunError(Issue("the data or its split changed since this run started (split.csv differs).",
-                             field="--resume", file=str(run_dir / "split.csv"),
+                             field="--resume", file=str(folder.file(folder.SPLIT)),
                              fix="restore the data, or start a new run."))
 
 
@@ -188,11 +184,11 @@ def member_state(path, overrides, name: str, concrete) -> tuple[str, Path] | Non
         return None
     again = f"remove {run_dir} to train it again, or choose another --name"
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        before = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        raise RunError(Issue(f"run folder {run_dir} already exists, and is not a readable run folder.",
-                             field="--name", fix=f"{again}.")) from None
+        folder = RunFolder(run_dir)
+        summary, before = folder.summary(), folder.recipe_dict()
+    except RunError as e:
+        raise RunError(Issue(f"run folder {run_dir} already exists, and is not a readable run folder "
+                             f"({e.issues[0].format()})", field="--name", fix=f"{again}.")) from None
     concrete(loaded)
     if before != yaml.safe_load(resolved_yaml(loaded.recipe)):
         raise RunError(Issue(f"run folder {run_dir} already exists and was trained with another recipe.",
@@ -206,7 +202,7 @@ def _decide(run_dir: Path, summary: dict, again: str) -> tuple[str, Path]:
         status = "interrupted"  # killed (out of memory, SIGKILL, a lost session) before it could say so
     if status == "finished":
         return "kept", run_dir
-    if status == "interrupted" and (run_dir / "checkpoints" / "last.pt").is_file():
+    if status == "interrupted" and RunFolder(run_dir).checkpoint("last").is_file():
         return "resume", run_dir
     if status == "failed":
         why = f"it failed earlier ({summary.get('error', 'no error recorded')})"

@@ -63,14 +63,17 @@ def source(name: str) -> WeightSource | None:
 def resolve_file(name: str, backbone: str) -> Path:
     """The weights file `model.weights` names: a source's (converted, cached), a run folder's best checkpoint, or
     the file itself."""
+    from framework.folders import RunFolder
+
     src = source(name)
     if src is not None:
         src.info(backbone)
         return src.path(backbone)
     p = Path(name)
-    if p.is_dir() and (p / "checkpoints").is_dir():  # another run, by its folder
-        best = p / "checkpoints" / "best.pt"
-        return best if best.is_file() else p / "checkpoints" / "last.pt"
+    run = RunFolder(p)
+    if p.is_dir() and run.checkpoints.is_dir():  # another run, by its folder
+        best = run.checkpoint("best")
+        return best if best.is_file() else run.checkpoint("last")
     return p
 
 

@@ -14,13 +14,13 @@ LAYERS = [
     ["errors", "io", "libs"],
     ["registry", "plugins"],
     ["recipe"],
-    ["data", "transforms", "weights", "models", "tasks", "losses", "optim"],
+    ["data", "transforms", "weights", "models", "tasks", "losses", "optim", "folders"],
     ["build", "resolve"],
     ["engine"],
     ["inference"],
     ["review"],
     ["runs", "api", "sweep"],
-    ["cli", "cli_options", "__init__"],
+    ["cli", "cli_options", "cli_launch", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

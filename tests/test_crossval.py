@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from framework.cli import main
-from framework.review.compare import kept_record
+from framework.folders import RunFolder
 from tests.conftest import REPO, tiny_recipe
 
 
@@ -46,7 +46,7 @@ def test_all_folds_trains_every_fold_and_scores_them_as_one(folds):
     result = json.loads((runs / "tiny-cv.json").read_text())
     val = result["val"]
     # every labelled item is scored once, and the pooled matrix is the sum of the kept epochs' matrices
-    kept = [kept_record(runs / n, json.loads((runs / n / "summary.json").read_text())["best_epoch"])
+    kept = [RunFolder(runs / n).kept_record(json.loads((runs / n / "summary.json").read_text())["best_epoch"])
             for n in names]
     cm = sum(np.array(k["val"]["confusion"]) for k in kept)
     assert val["confusion"] == cm.tolist() and cm.sum() == 36

@@ -184,7 +184,7 @@ def test_commands_that_need_a_run_folder_say_so_for_an_export(tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path)])
     assert result.exit_code == 2 and "is an exported model" in result.output
     broken = CliRunner().invoke(main, ["predict", str(tmp_path), "--images", str(tmp_path)])
-    assert broken.exit_code == 2 and "not a readable export description" in broken.output
+    assert broken.exit_code == 2 and "the export description" in broken.output and "export.json" in broken.output
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_an_export_whose_validation_images_moved_is_checked_on_random_images_and
     with open(moved / "split.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows([r | {"path": "/nowhere/" + r["path"].split("/")[-1]} for r in rows])
+        w.writerows([r | {"path": f"{tmp}/gone/" + r["path"].split("/")[-1]} for r in rows])  # moved away
     result = CliRunner().invoke(main, ["export", str(moved)])
     assert result.exit_code == 0, result.output
     assert "check: 8 random images (no validation image could be read)" in result.output

@@ -283,7 +283,7 @@ def test_eval_tta_validates_on_the_mirror_average_and_is_the_runs_default_for_pr
     """With eval.tta: hflip the run's validation figures (and so its `best`) are those of the mirror-averaged
     outputs, and predict / evaluate use them unless told `--tta none`."""
     from framework.inference import predict as P, run as R
-    from framework.review.compare import kept_record
+    from framework.folders import RunFolder
     from framework.engine.metrics import confusion
 
     path = tiny_recipe(tmp_path, eval={"tta": "hflip"}, train={"epochs": 1, "batch_size": 8, "num_workers": 0})
@@ -298,7 +298,7 @@ def test_eval_tta_validates_on_the_mirror_average_and_is_the_runs_default_for_pr
     plain = P.predict_tasks(loaded, paths, "none").probs
     assert np.array_equal(default["label"], hflip["label"])
     assert np.abs(default["label"] - plain["label"]).max() > 1e-4  # the mirror image changes the outputs
-    recorded = kept_record(run, 1)["val"]["confusion"]
+    recorded = RunFolder(run).kept_record(1)["val"]["confusion"]
     assert confusion(truth, default["label"].argmax(1), len(classes)).tolist() == recorded
     result = CliRunner().invoke(main, ["predict", str(run), "--csv", str(tmp_path / "tiny.csv"), "--tta", "none",
                                        "--out", str(tmp_path / "p.csv")])

@@ -203,7 +203,8 @@ def test_a_class_never_found_is_named_at_the_end_of_a_run(tmp_path):
                "not_wear": {"f1": 0.9, "recall": 0.9, "support": 6}}
         return {"accuracy": 0.95, "macro_f1": 0.62, "per_class": per}
 
-    records = [{"epoch": 1, "val": val(True)}, {"epoch": 2, "val": val(False)}]
+    train = {"macro_f1": 0.9, "accuracy": 0.9}
+    records = [{"epoch": 1, "train": train, "val": val(True)}, {"epoch": 2, "train": train, "val": val(False)}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     assert kept_classes(tmp_path, 1) == ["F1 per class at epoch 1 (validation images): wear 0.970 (90), "
                                          "incorrect 0.500 (4), not_wear 0.900 (6)"]
@@ -213,7 +214,7 @@ def test_a_class_never_found_is_named_at_the_end_of_a_run(tmp_path):
                               "accuracy is 0.950") and "train.sampler: balanced" in warning
     # several heads: one line per task, named
     (tmp_path / "metrics.jsonl").write_text(json.dumps(
-        {"epoch": 3, "val": {"accuracy": 0.9, "macro_f1": 0.7, "tasks": {"mask": val(True), "age": val(False)}}}))
+        {"epoch": 3, "train": train, "val": {"accuracy": 0.9, "macro_f1": 0.7, "tasks": {"mask": val(True), "age": val(False)}}}))
     lines = kept_classes(tmp_path, 3)
     assert [ln.split(" ")[0] for ln in lines] == ["mask:", "age:", "warning:"] and "age: none of" in lines[2]
 

@@ -201,12 +201,13 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
 
 
 def test_broken_metrics_line_from_a_crash_is_dropped_on_resume(tmp_path):
-    from framework.engine.logging import trim_metrics as _trim_metrics
+    from framework.folders import RunFolder
 
+    record = '{"epoch": %d, "train": {"macro_f1": 0.5}}'
     p = tmp_path / "metrics.jsonl"
-    p.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
-    _trim_metrics(p, 2)
-    assert p.read_text() == '{"epoch": 1}\n'
+    p.write_text(record % 1 + "\n" + record % 2 + '\n{"epo')
+    RunFolder(tmp_path).trim_metrics(2)
+    assert p.read_text() == record % 1 + "\n"
 
 
 def test_manifest_duplicates_and_paths_outside_the_root(tmp_path, data_root):

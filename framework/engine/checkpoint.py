@@ -40,6 +40,32 @@ def load(path: Path) -> dict:
     return state
 
 
+def load_for_inference(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """Put a checkpoint's `model` weights into `model` (eval mode), refusing what would predict nonsense: tensors
+    of other shapes or names (a checkpoint of another recipe), and weights that are not finite (a diverged or
+    damaged run, whose every prediction would be one class at probability 1)."""
+    from framework.errors import Issue, RunError
+
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise RunError(Issue(f"{path}: its `model` entry is not a set of named tensors.", field="model",
+                             fix="give a checkpoint written by `recipe run` (train the run again)."))
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunError(Issue(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}): "
+                             "the run diverged or the file was damaged.", field="model",
+                             fix="use an earlier checkpoint (checkpoints/epoch_NNNN.pt), or train again with a "
+                                 "lower train.optimizer.lr."))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches: another model's checkpoint
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
+        raise RunError(Issue(f"{path} does not fit the model its run folder's recipe builds ({first[:300]}).",
+                             field="model", fix="keep each checkpoint in the run folder it was trained in; "
+                                                "train the run again if it was replaced.")) from None
+    model.eval()
+
+
 def training_state(built, epoch: int, best: dict) -> dict:
     """Everything needed to predict with the model (`model`) and to continue training exactly."""
     acc, recipe = built.accelerator, built.recipe
@@ -64,12 +90,20 @@ def training_state(built, epoch: int, best: dict) -> dict:
 def restore(built, state: dict) -> tuple[int, dict, dict | None]:
     """Put a saved state back into the built objects; returns (first epoch to train, best so far, the partial
     epoch an interrupted run stopped in)."""
+    from framework.errors import Issue, RunError
+
     acc = built.accelerator
-    acc.unwrap_model(built.model).load_state_dict(state.get("train_model") or state["model"])
-    if built.ema is not None:
-        built.ema.load_state_dict(state["model"])
-    built.optimizer.load_state_dict(state["optimizer"])
-    built.scheduler.load_state_dict(state["scheduler"])
+    try:
+        acc.unwrap_model(built.model).load_state_dict(state.get("train_model") or state["model"])
+        if built.ema is not None:
+            built.ema.load_state_dict(state["model"])
+        built.optimizer.load_state_dict(state["optimizer"])
+        built.scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), (str(e).splitlines() or [""])[0])
+        raise RunError(Issue(f"the checkpoint does not fit this run's model or optimizer ({first[:300]}).",
+                             field="--resume", fix="restore checkpoints/last.pt from a copy of the run folder, or "
+                                                   "start the run again.")) from None
     if acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
     for task, t in state.get("thresholds", {}).items():
@@ -79,14 +113,15 @@ def restore(built, state: dict) -> tuple[int, dict, dict | None]:
     return state["epoch"] + 1, state["best"], state.get("partial")
 
 
-def save_epoch(folder: Path, state: dict, epoch: int, improved: bool, policy) -> None:
-    """last.pt always; best.pt when the monitored metric improved; epoch_NNNN.pt every `policy.every` epochs."""
-    save(folder / "last.pt", state)
+def save_epoch(run, state: dict, epoch: int, improved: bool, policy) -> None:
+    """In the RunFolder `run`: last.pt always; best.pt when the monitored metric improved; epoch_NNNN.pt every
+    `policy.every` epochs."""
+    save(run.checkpoint("last"), state)
     if improved:
-        save(folder / "best.pt", state)
+        save(run.checkpoint("best"), state)
     if policy.every and epoch % policy.every == 0:
-        save(folder / f"epoch_{epoch:04d}.pt", state)
-        prune(folder, policy.keep_last)
+        save(run.checkpoint(f"epoch_{epoch:04d}"), state)
+        prune(run.checkpoints, policy.keep_last)
 
 
 def prune(folder: Path, keep: int) -> None:
@@ -102,4 +137,4 @@ def improved(value: float | None, best: dict, mode: str) -> bool:
     return best["value"] is None or (value > best["value"] if mode == "max" else value < best["value"])
 
 
-__all__ = ["save", "load", "training_state", "restore", "save_epoch", "prune", "improved"]
+__all__ = ["save", "load", "load_for_inference", "training_state", "restore", "save_epoch", "prune", "improved"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from framework.engine.metrics import flat_metrics
-from framework.io import atomic_write_text, write_csv
+from framework.folders import RunFolder
+from framework.io import write_csv
 
 
 class RunLog:
@@ -29,7 +30,7 @@ class RunLog:
         if self.main:
             if "tensorboard" in recipe.logging.trackers:
                 self.writer = _writer(self.run_dir, self.built, self.labels, start_epoch)
-            trim_metrics(self.run_dir / "metrics.jsonl", start_epoch)
+            RunFolder(self.run_dir).trim_metrics(start_epoch)
         if acc.log_with:
             acc.init_trackers(self.run_dir.name, config=json.loads(recipe.model_dump_json()))
 
@@ -38,8 +39,7 @@ class RunLog:
         learning rate, `steps`) and images, tracker values."""
         if self.main:
             self.say(console_line(record, best, self.built.recipe.checkpoint.monitor, self.built.recipe.train.epochs))
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            RunFolder(self.run_dir).append_metrics(record)
             _log_tb(self.writer, record, self.labels, steps or {})
         if self.built.accelerator.log_with:
             flat = flat_metrics(record)
@@ -54,8 +54,9 @@ class RunLog:
 
     def skipped(self, skipped: list[tuple[str, str]]) -> None:
         if self.main and skipped:
-            write_csv(self.run_dir / "skipped.csv", ["path", "reason"], skipped)
-            self.say(f"skipped {len(skipped)} unreadable image(s), listed in {self.run_dir / 'skipped.csv'}")
+            path = RunFolder(self.run_dir).file(RunFolder.SKIPPED)
+            write_csv(path, ["path", "reason"], skipped)
+            self.say(f"skipped {len(skipped)} unreadable image(s), listed in {path}")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -83,7 +84,7 @@ def console_line(record: dict, best: dict, monitor: str, epochs: int) -> str:
 def _writer(run_dir: Path, built, labels: dict, start_epoch: int):
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch if start_epoch > 1 else None)
+    writer = SummaryWriter(str(RunFolder(run_dir).file(RunFolder.TB)), purge_step=start_epoch if start_epoch > 1 else None)
     if start_epoch == 1:
         import yaml
         text = yaml.safe_dump(json.loads(built.recipe.model_dump_json()), sort_keys=False)
@@ -145,38 +146,6 @@ def class_scalars(record: dict) -> dict[str, float]:
     parts = {"": val} if "per_class" in val else dict(val.get("tasks", {}))
     return {f"val/{t + '/' if t else ''}{m}/{c}": v[m] for t, sc in parts.items()
             for c, v in sc.get("per_class", {}).items() for m in ("precision", "recall", "f1") if m in v}
-
-
-def trim_metrics(path: Path, start_epoch: int) -> None:
-    """On resume, drop metric lines of epochs after the checkpoint (a crashed run may have written them)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(ln)["epoch"] < start_epoch:
-                keep.append(ln)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a crash
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def kept_record(run: Path, best_epoch: int | None) -> dict | None:
-    """The metrics.jsonl record of the epoch whose checkpoint the run kept as `best` (else the last validated
-    one); None when no epoch was validated."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    validated = [r for r in records if "val" in r]
-    if not validated:
-        return None
-    return next((r for r in validated if r.get("epoch") == best_epoch), validated[-1])
 
 
 def per_task(val: dict) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from framework.engine.loop import after_validation, banded_mae, evaluate, fit_no
 from framework.engine.metrics import by_source, flat_metrics, summarize
 from framework.engine.signals import StopSignal
 from framework.errors import Interrupted, Issue
-from framework.io import write_json
+from framework.folders import RunFolder
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _start(r: _Run, start_epoch: int) -> None:
     r.log.skipped(d.skipped)
     r.log.start(start_epoch)
     if r.log.main:
-        write_json(r.run_dir / "summary.json", r.summary)
+        RunFolder(r.run_dir).write_summary(r.summary)
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
@@ -116,12 +116,12 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
     if improved:
         r.best = {"value": flat_metrics(record)[cp.monitor], "epoch": epoch}
     if r.log.main:  # the checkpoint first: a metrics line never names an epoch that has none (a kill in between)
-        ckpt.save_epoch(r.run_dir / "checkpoints", ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
+        ckpt.save_epoch(RunFolder(r.run_dir), ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
     r.log.epoch(record, r.best, t_stats["steps"])
     if r.log.main:
         r.summary.update(best_metric=cp.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
                          epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})
-        write_json(r.run_dir / "summary.json", r.summary)
+        RunFolder(r.run_dir).write_summary(r.summary)
     if v_stats is not None:
         for hook in r.hooks:
             hook.after_validation(EpochContext(epoch, b, v_stats, r.log))
@@ -132,7 +132,7 @@ def _interrupted(r: _Run, epoch: int, stop: StopSignal, partial: dict) -> None:
     """Save where the epoch stopped (resumable exactly), then stop with the command that continues."""
     if r.log.main:
         state = ckpt.training_state(r.built, epoch - 1, r.best) | {"partial": partial}
-        ckpt.save(r.run_dir / "checkpoints" / "last.pt", state)
+        ckpt.save(RunFolder(r.run_dir).checkpoint("last"), state)
     r.built.accelerator.wait_for_everyone()
     raise Interrupted(Issue(f"stopped by {stop.received} in epoch {epoch} after {partial['batches']} batches; a "
                             f"resumable checkpoint is saved. Continue with `recipe run --resume {r.run_dir}`."))

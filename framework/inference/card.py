@@ -2,20 +2,21 @@
 on, how well it did per class, and what it should not be used for, from the run folder's own records."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
-from framework.engine.logging import kept_record, per_task
+from framework.engine.logging import per_task
+from framework.folders import RunFolder
 
 
 def model_card(run, info: dict) -> str:
     """Markdown: model, recipe, data per source, split and leakage audit, per-class metrics at the kept epoch
     (and out of fold for a k-fold run), calibration and decision rule, intended use and limits, data licences."""
-    summary = _read_json(run.run_dir / "summary.json") or {}
-    rows = _split_rows(run.run_dir / "split.csv")
+    folder = RunFolder(run.run_dir)
+    summary = folder.summary_or_none() or {}
+    rows = folder.split_rows() if folder.file(folder.SPLIT).exists() else []
     parts = [_header(run, info, summary), _recipe(run, summary), _data(run, rows), _split(run, rows),
              _metrics(run, summary), _out_of_fold(run), _rules(run, info), _limits(run, rows, summary),
              _licences(run, rows)]
@@ -23,18 +24,13 @@ def model_card(run, info: dict) -> str:
 
 
 def _read_json(path: Path):
+    """A NAME-cv.json beside the run (None when missing or unreadable: the card then has no out-of-fold part)."""
+    from framework.io import FileProblem, read_text
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json.loads(read_text(path))
+    except (FileProblem, ValueError):
         return None
-
-
-def _split_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []
 
 
 def _header(run, info: dict, summary: dict) -> str:
@@ -95,7 +91,7 @@ def _split(run, rows: list[dict]) -> str:
 
 
 def _metrics(run, summary: dict) -> str:
-    record = kept_record(run.run_dir, summary.get("best_epoch"))
+    record = RunFolder(run.run_dir).kept_record(summary.get("best_epoch"))
     if record is None:
         return "## Validation metrics\nNo epoch was validated.\n"
     lines = [f"## Validation metrics at the kept epoch ({record['epoch']})"]
@@ -130,7 +126,7 @@ def _out_of_fold(run) -> str:
 
 
 def _rules(run, info: dict) -> str:
-    calibration = _read_json(run.run_dir / "calibration.json")
+    calibration = RunFolder(run.run_dir).calibration()
     lines = ["## Calibration and decision rule"]
     if isinstance(calibration, dict) and isinstance(calibration.get("questions"), dict):
         lines.append("- Calibration fitted on the validation split (bias-corrected temperature scaling, for "
@@ -152,7 +148,7 @@ def _rules(run, info: dict) -> str:
 
 def _limits(run, rows: list[dict], summary: dict) -> str:
     sources = sorted({r["source"] for r in rows if r["split"] in ("train", "val")})
-    record = kept_record(run.run_dir, summary.get("best_epoch"))
+    record = RunFolder(run.run_dir).kept_record(summary.get("best_epoch"))
     thin = []
     for task, scores in (per_task(record["val"]).items() if record else ()):
         thin += [f"{c} ({m['support']})" for c, m in scores.get("per_class", {}).items()

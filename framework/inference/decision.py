@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ import numpy as np
 from framework.engine.metrics import macro_f1
 
 GRID = np.round(np.linspace(-3.0, 3.0, 61), 2)  # offsets on log-probabilities: factors e^-3 .. e^3
-FILE = "decision.json"
 
 
 def fit_offsets(probs: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
@@ -102,14 +100,17 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
 
 def stored(run) -> dict | None:
     """The run's decision.json when it belongs to the checkpoint in use, else None."""
-    path = run.run_dir / FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("checkpoint") != stamp(run) or not isinstance(data.get("questions"), dict):
-        return None
+    data = _folder(run).decision()  # (damaged or edited: a located RunError)
+    if data is None or data["checkpoint"] != stamp(run):
+        return None  # none, or fitted for another checkpoint
     return data
+
+
+def _folder(run):
+    """The folder the rule is kept in: a run folder, or an export folder (same file name)."""
+    from framework.folders import RunFolder
+
+    return RunFolder(run.run_dir)
 
 
 def offsets_of(run) -> dict[str, np.ndarray]:
@@ -118,13 +119,20 @@ def offsets_of(run) -> dict[str, np.ndarray]:
     data = stored(run)
     if data is None:
         return {}
+    from framework.folders import damaged
+
     classes = run.questions()
     out = {}
     for q, entry in data["questions"].items():
-        if q in classes and isinstance(entry, dict) and set(entry.get("offsets", {})) == set(classes[q]):
-            offsets = np.array([float(entry["offsets"][c]) for c in classes[q]])
-            if np.any(offsets):
-                out[q] = offsets
+        if q not in classes or set(entry["offsets"]) != set(classes[q]):
+            raise damaged(_folder(run).file(_folder(run).DECISION),
+                          f"the offsets of {q!r} name classes {sorted(entry['offsets'])}, but the run's "
+                          f"{q!r} has {classes.get(q)}.", field=f"questions.{q}.offsets",
+                          fix="remove decision.json, or fit it again with `recipe evaluate RUN --decision "
+                              "macro_f1`.")
+        offsets = np.array([float(entry["offsets"][c]) for c in classes[q]])
+        if np.any(offsets):
+            out[q] = offsets
     return out
 
 
@@ -158,8 +166,6 @@ def validation_predictions(run, tta: str | None = None) -> dict[str, tuple[np.nd
 def fit_and_store(runs: list, how: str, preds: list[dict]) -> dict:
     """Fit each question's offsets on the pooled predictions of `runs` (one run: its validation split; k fold
     runs: their out-of-fold predictions), write them into every run folder, return the three-step report."""
-    from framework.io import write_json
-
     report, y = {}, np.zeros(0)
     for q in preds[0]:
         probs = np.concatenate([p[q][0] for p in preds])
@@ -181,7 +187,7 @@ def fit_and_store(runs: list, how: str, preds: list[dict]) -> dict:
     summary = ", ".join(f"{q}: argmax {r['macro_f1_argmax']:.4f}, cross-fitted {r['macro_f1_cross_fitted']:.4f}"
                         for q, r in report.items())
     for run in runs:
-        write_json(run.run_dir / FILE, {"rule": "macro-F1 offsets", "checkpoint": stamp(run), "fitted_on": fitted_on,
+        _folder(run).write_decision({"rule": "macro-F1 offsets", "checkpoint": stamp(run), "fitted_on": fitted_on,
                                         "summary": summary, "questions": report})
     return {"fitted_on": fitted_on, "questions": report}
 

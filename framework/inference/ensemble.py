@@ -2,7 +2,6 @@
 ensemble, and the members' and the ensemble's validation scores when they share a split."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +50,9 @@ def soft_vote(member_probs: list[np.ndarray], weights: list[float]) -> np.ndarra
 def member_score(run_dir: Path, metric: str) -> float:
     """A run's best validation value of `metric` (e.g. `macro_f1`, `mask/macro_f1`) from metrics.jsonl."""
     key = metric if metric.startswith("val/") else f"val/{metric}"
-    values = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        flat = flat_metrics(json.loads(line))
-        if key in flat:
-            values.append(flat[key])
+    from framework.folders import RunFolder
+
+    values = [flat[key] for flat in map(flat_metrics, RunFolder(run_dir).metrics()) if key in flat]
     if not values:
         raise RunError(Issue(f"{run_dir.name} has no validation value of {key!r}.", field="--weights",
                              fix="use a metric its metrics.jsonl has, e.g. val:macro_f1."))

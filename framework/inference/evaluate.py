@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.folders import RunFolder
 from framework.errors import FieldError, RunError, Issue
 
 
@@ -39,7 +40,7 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
     except FieldError as e:
         if where is not None:
             raise where.located(e) from None
-        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file or run.run_dir / "split.csv"), fix=f)
+        raise RunError([Issue(m, field=".".join(map(str, p)), file=str(csv_file or RunFolder(run.run_dir).file(RunFolder.SPLIT)), fix=f)
                         for p, m, f in e.items]) from None
 
 

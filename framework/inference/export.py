@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -26,9 +25,11 @@ import numpy as np
 import torch
 
 from framework.errors import Issue, RunError
-from framework.inference.run import EXPORT_FILE as FILE
+from framework.folders import ExportFolder, RunFolder
+from framework.io import FileProblem, check_writable_folder
+
 TOLERANCE = 1e-4
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = ExportFolder.MODEL_FILES
 
 
 class Servable(torch.nn.Module):
@@ -66,8 +67,13 @@ def export_run(run_path: str | Path, fmt: str = "onnx", out: str | Path | None =
 
     run = load_run(run_path)
     out = Path(out) if out else run.run_dir / f"export-{fmt}"
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise RunError(Issue(f"{out} exists already.", field="--out", fix="remove it, or give another --out folder."))
+    try:
+        check_writable_folder(out.parent)
+    except FileProblem as e:
+        raise RunError(Issue(f"cannot write the export there: {e.path} {e.reason}.", field="--out",
+                             fix="give an --out folder in a place you can write.")) from None
     tta = resolve_tta(run, tta)
     servable = Servable(run, tta).eval()
     partial = out.with_name(f".{out.name}.partial")
@@ -150,7 +156,11 @@ def _check(servable: Servable, run, model_file: Path, fmt: str) -> dict:
     for batch in batches:
         with torch.no_grad():
             want = [t.numpy() for t in servable(torch.from_numpy(batch))]
-        worst = max([worst] + [float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(exported(batch), want)])
+        got = exported(batch)
+        if not all(np.isfinite(a).all() for a in got + want):
+            raise RunError(Issue("the model gives NaN or infinite outputs on the check images.", field="RUN",
+                                 fix="export a checkpoint whose training did not diverge (an earlier epoch's)."))
+        worst = max([worst] + [float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(got, want)])
     what = f"{len(ok)} validation images" if ok else "8 random images (no validation image could be read)"
     if not worst <= TOLERANCE:
         raise RunError(Issue(f"the exported {fmt} model differs from the run's by up to {worst:.3g} on {what} "
@@ -162,8 +172,8 @@ def _check(servable: Servable, run, model_file: Path, fmt: str) -> dict:
 def _describe(run, servable: Servable, model_file: Path, fmt: str, tta: str | None, check: dict) -> dict:
     from framework.inference.priors import composite_counts, train_counts
 
-    summary = _summary(run.run_dir)
-    recipe_text = (run.run_dir / "recipe.resolved.yaml").read_bytes()
+    summary = RunFolder(run.run_dir).summary_or_none() or {}
+    recipe_text = RunFolder(run.run_dir).recipe_file.read_bytes()
     labels = {t: lab.to_json() for t, lab in run.labels.items()}
     return {
         "format": fmt, "file": model_file.name,
@@ -196,18 +206,7 @@ def _composite(run) -> dict | None:
 
 def _calibration(run) -> dict | None:
     """The run's calibration (BCTS per question, fitted on its validation split by `--prior-shift`), if stored."""
-    try:
-        return json.loads((run.run_dir / "calibration.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _summary(run_dir: Path) -> dict:
-    try:
-        data = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return RunFolder(run.run_dir).calibration()
 
 
 def _write_folder(run, folder: Path, info: dict, tta: str | None) -> None:
@@ -221,12 +220,13 @@ def _write_folder(run, folder: Path, info: dict, tta: str | None) -> None:
     rule = decision.stored(run)
     recipe = run.recipe.model_copy(deep=True)
     recipe.eval.tta = tta
-    atomic_write_text(folder / "recipe.resolved.yaml", resolved_yaml(recipe))
-    shutil.copy(run.run_dir / "labels.json", folder / "labels.json")
+    out = ExportFolder(folder)
+    atomic_write_text(out.file(out.RECIPE), resolved_yaml(recipe))
+    write_json(out.file(out.LABELS), {t: lab.to_json() for t, lab in run.labels.items()})
     info["decision"] = None
     if rule is not None:
         exported = dataclasses.replace(run, run_dir=folder, checkpoint=folder / info["file"])
-        write_json(folder / decision.FILE, rule | {"checkpoint": decision.stamp(exported)})
+        write_json(out.file(out.DECISION), rule | {"checkpoint": decision.stamp(exported)})
         info["decision"] = {q: e.get("offsets") for q, e in rule["questions"].items()}
-    write_json(folder / FILE, info)
-    atomic_write_text(folder / "MODEL_CARD.md", model_card(run, info))
+    write_json(out.file(out.INFO), info)
+    atomic_write_text(out.file(out.CARD), model_card(run, info))

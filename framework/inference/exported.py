@@ -4,7 +4,6 @@ outputs (questions of a composite, the decision rule, the prediction CSV, class 
 from a run folder, so both write the same columns and the same answers."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from framework.errors import Issue, RunError
-from framework.inference.run import EXPORT_FILE as FILE, LoadedRun
+from framework.folders import ExportFolder, damaged
+from framework.inference.run import LoadedRun
+
+AGAIN = "export the run again: recipe export RUN --out DIR (do not edit the folder)."
 
 
 def onnx_session(path: Path):
@@ -76,35 +78,38 @@ class ExportedRun(LoadedRun):
 
 def load_export(folder: str | Path) -> ExportedRun:
     """The exported folder as a run predict can use: what the model needs in front of it (the resize stage, face
-    crop, box columns) comes from export.json, so neither the recipe's registries nor torch are loaded."""
+    crop, box columns) comes from export.json, so neither the recipe's registries nor torch are loaded. Everything
+    export.json says is checked against the model file before any image is predicted."""
+    from pydantic import ValidationError
+
     from framework import transforms as T
     from framework.data.labels import LabelSet
     from framework.recipe.schema.training import ResizeSpec
 
-    folder = Path(folder)
+    export = ExportFolder(folder)
+    raw, info = export.info()
     try:
-        info = json.loads((folder / FILE).read_text(encoding="utf-8"))
-        model_file = folder / info["file"]
-        labels = {t: LabelSet.from_json(v) for t, v in info["labels"].items()}
-        size, fmt, outputs, tta = tuple(info["input"]["size"]), info["format"], list(info["outputs"]), info["tta"]
-        resize = ResizeSpec.model_validate(info["resize"])
-        sources = [SimpleNamespace(box_columns=c) for c in info["box_columns"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(Issue(f"{folder / FILE} is not a readable export description ({e}).", field="EXPORT_DIR",
-                             fix="export the run again: recipe export RUN --out DIR.")) from None
-    if not model_file.is_file():
-        raise RunError(Issue(f"{model_file} is missing.", field="EXPORT_DIR", fix="export the run again."))
+        resize = ResizeSpec.model_validate(info.resize)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise damaged(export.file(export.INFO), f"the resize stage is not one: {err['msg']}.",
+                      field="resize." + ".".join(map(str, err["loc"])), fix=AGAIN) from None
+    model_file = export.model_file(info)
+    labels = {t: LabelSet(list(e.classes), e.parts) for t, e in info.labels.items()}
+    size, tta = tuple(info.input.size), info.tta
+    sources = [SimpleNamespace(box_columns=c) for c in info.box_columns]
     recipe = SimpleNamespace(transforms=SimpleNamespace(resize=resize), data=SimpleNamespace(sources=sources),
                              eval=SimpleNamespace(tta=None if tta == "none" else tta))  # what predict reads
-    model = load_model(model_file, fmt)
-    _check_model(model, folder, outputs, size, labels)
-    return ExportedRun(folder, recipe, labels, model, T.resize_stage(size, resize), model_file,
-                       class_counts=info.get("train_counts"), composite_counts=info.get("composite_counts"),
-                       outputs=outputs, baked_tta=tta)
+    model = load_model(model_file, info.format)
+    _check_model(model, export, list(info.outputs), size, labels)
+    return ExportedRun(export.path, recipe, labels, model, T.resize_stage(size, resize), model_file,
+                       class_counts=info.train_counts, composite_counts=info.composite_counts,
+                       outputs=list(info.outputs), baked_tta=tta)
 
 
-def _check_model(model, folder: Path, outputs: list, size: tuple, labels: dict) -> None:
-    """export.json and the model file agree (names of the outputs, input size), and every task has its output."""
+def _check_model(model, export: ExportFolder, outputs: list, size: tuple, labels: dict) -> None:
+    """export.json and the model file agree (names of the outputs, input size), every task has its output, and
+    each output's width is its classes' count (one blank image through the model), with finite values."""
     problems = []
     if getattr(model, "names", outputs) != outputs:
         problems.append(f"the model's outputs {model.names} are not those export.json lists ({outputs})")
@@ -114,6 +119,22 @@ def _check_model(model, folder: Path, outputs: list, size: tuple, labels: dict) 
     missing = [t for t in labels if f"{t}.probs" not in outputs]
     if missing:
         problems.append(f"no `.probs` output for task(s) {missing}")
+    if not problems:
+        problems = _output_problems(model, outputs, size, labels)
     if problems:
-        raise RunError(Issue(f"{folder}: " + "; ".join(problems) + ".", field="EXPORT_DIR",
-                             fix="export the run again: recipe export RUN --out DIR (do not edit the folder)."))
+        raise RunError(Issue(f"{export.path}: " + "; ".join(problems) + ".", field="EXPORT_DIR",
+                             file=str(export.file(export.INFO)), fix=AGAIN))
+
+
+def _output_problems(model, outputs: list, size: tuple, labels: dict) -> list[str]:
+    widths = {f"{t}.probs": len(lab.classes) for t, lab in labels.items()}  # (logits: a kind's own width)
+    widths |= {f"{q}.probs": len(c) for lab in labels.values() for q, c in (lab.parts or {}).items()}
+    try:
+        got = dict(zip(outputs, model(np.zeros((1, 3, *size), dtype=np.uint8))))
+    except Exception as e:  # noqa: BLE001 - the file runs, but not on what export.json says it takes
+        return [f"the model does not run on a {size[0]}x{size[1]} image ({str(e).splitlines()[0][:200]})"]
+    problems = [f"output {name} has {got[name].shape[-1]} values per image, but its task has {n} classes"
+                for name, n in widths.items() if name in got and got[name].shape[-1:] != (n,)]
+    if not all(np.isfinite(v).all() for v in got.values()):
+        problems.append("the model gives NaN or infinite outputs")
+    return problems

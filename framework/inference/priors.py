@@ -77,16 +77,16 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
 
     EM needs calibrated probabilities: label smoothing, class weights and balanced sampling all move them away
     from the training priors, and EM then estimates the wrong test priors."""
+    from framework.folders import RunFolder
     from framework.inference.predict import predict_proba
     from framework.inference.run import resolve_tta, run_boxes, split_rows
 
     mode = resolve_tta(run, tta)
-    path = run.run_dir / "calibration.json"
+    folder = RunFolder(run.run_dir)
     stamp = f"{run.checkpoint.name}:{run.checkpoint.stat().st_mtime_ns}:tta={mode or 'none'}"
-    if path.exists():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("checkpoint") == stamp:
-            return cached["questions"]
+    cached = folder.calibration()
+    if cached is not None and cached["checkpoint"] == stamp:
+        return cached["questions"]
     val = split_rows(run, "val")
     paths = [r["path"] for r in val]
     pred = predict_proba(run, paths, mode or "none", run_boxes(run, paths))
@@ -103,9 +103,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
         t, b = fit_bcts(p[has], y[has])
         prior = np.bincount(y[has], minlength=len(classes[q])) / has.sum()
         out[q] = {"temperature": t, "bias": b, "prior": prior.tolist()}
-    from framework.io import write_json
-
-    write_json(path, {"checkpoint": stamp, "questions": out})
+    folder.write_calibration({"checkpoint": stamp, "questions": out})
     return out
 
 
@@ -128,11 +126,16 @@ def train_counts(run) -> dict[str, dict[str, int]]:
 
 def known_priors(path: str | Path, classes: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """Priors from a JSON file {question: {class: share}} (shares are normalised)."""
+    from framework.io import FileProblem, read_text
+
+    example = 'write JSON such as {"mask": {"wear": 0.1, "incorrect": 0.1, "not_wear": 0.8}}.'
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunError(Issue(f"cannot read priors from {path}: {e}.", field="--prior-shift",
-                             fix='write JSON such as {"mask": {"wear": 0.1, "incorrect": 0.1, "not_wear": 0.8}}.'))
+        data = json.loads(read_text(path, 1 << 20))
+    except (FileProblem, ValueError) as e:
+        raise RunError(Issue(f"cannot read priors from {path}: {e}.", field="--prior-shift", fix=example)) from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise RunError(Issue(f"{path} holds no {{question: {{class: share}}}} mapping.", field="--prior-shift",
+                             fix=example))
     out = {}
     for q, shares in data.items():
         if q not in classes:

@@ -15,6 +15,7 @@ import numpy as np
 
 from framework.data.labels import LabelSet
 from framework.errors import Issue, RunError
+from framework.folders import ExportFolder, RunFolder, paths_outside_data
 
 
 @dataclass
@@ -76,23 +77,23 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
         ckpt_path, run_dir = path, path.parent.parent
     else:
         run_dir = path
-        ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+        ckpt_path = RunFolder(run_dir).checkpoint(checkpoint)
         if not ckpt_path.exists():
-            ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if not (run_dir / "recipe.resolved.yaml").is_file() or not ckpt_path.is_file():
+            ckpt_path = RunFolder(run_dir).checkpoint("last")
+    folder = RunFolder(run_dir)
+    if not folder.is_run() or not ckpt_path.is_file():
         raise RunError(Issue(f"{path} is not a trained run (needs recipe.resolved.yaml and checkpoints/*.pt).",
                              field="RUN", fix="give a folder made by `recipe run`, or a checkpoint inside one."))
     bad = [o for o in overrides if not (o.startswith("tasks.") and o.split("=")[0].endswith(".bins"))]
     if bad:
         raise RunError(Issue(f"--set {bad[0]}: only the bins of regression tasks can change after training.",
                              field="--set", fix="e.g. --set tasks.age.bins=[30,58]."))
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides, run_plugins=False).recipe  # (never its code)
-    stored = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    recipe = load_recipe(folder.recipe_file, overrides, run_plugins=False).recipe  # (never its code)
     state = ckpt.load(ckpt_path)
-    if not all(isinstance(v, dict) for v in stored.values()) or not isinstance(state.get("classes"), dict):
+    if not isinstance(state.get("classes"), dict):
         raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
-                             field="RUN", fix=f"train it again: recipe run {run_dir / 'recipe.resolved.yaml'}."))
-    labels = {task: LabelSet.from_json(v) for task, v in stored.items()}
+                             field="RUN", fix=f"train it again: recipe run {folder.recipe_file}."))
+    labels = folder.labels(classes=state["classes"])
     moved = {o.split(".")[1] for o in overrides}
     for task, spec in recipe.task_specs().items():
         if head_class(spec.kind).regression:
@@ -107,22 +108,18 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     size, mean, std = resolve_inputs(recipe)
     model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
     model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std, size)
-    model.load_state_dict(state["model"])
-    model.eval()
+    ckpt.load_for_inference(model, state, ckpt_path)
     return LoadedRun(run_dir, recipe, labels, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)
 
 
-EXPORT_FILE = "export.json"  # what marks an exported model folder (framework.inference.export)
-
-
 def is_export(path: str | Path) -> bool:
-    return (Path(path) / EXPORT_FILE).is_file()
+    return ExportFolder(path).is_export()
 
 
 def _not_an_export(path: Path) -> Path:
     if is_export(path):
         raise RunError(Issue(f"{path} is an exported model: `recipe predict` runs it; this command needs a run "
-                             "folder.", field="RUN", fix="give the run folder it came from (export.json: source_run)."))
+                             "folder.", field="RUN", fix=f"give the run folder it came from ({ExportFolder.INFO}: source_run)."))
     return path
 
 
@@ -182,8 +179,14 @@ def box_columns_in(run: LoadedRun, header) -> list[str] | None:
 def split_rows(run: LoadedRun, side: str) -> list[dict]:
     """The rows of the run's split.csv on one side ("train" or "val"), each with every question's class name
     (empty where the image has none): a composite label such as "wear/male/<30" is read into its parts."""
-    with open(run.run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == side]
+    folder = RunFolder(run.run_dir)
+    rows = folder.split_rows(side, tasks=list(run.labels))
+    outside = paths_outside_data([r["path"] for r in rows], run.recipe.data)
+    if outside:
+        raise RunError(Issue(f"{outside[0]!r} (and {len(outside) - 1} more) is not an image of the run's data "
+                             f"(outside data.root {run.recipe.data.root}, and no source lists it).", field="path",
+                             file=str(folder.file(folder.SPLIT)),
+                             fix="restore split.csv from a copy of the run folder (it must not be edited)."))
     for task, lab in run.labels.items():
         for k, part in enumerate(lab.parts or ()):
             for r in rows:

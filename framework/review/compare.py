@@ -9,48 +9,55 @@ import csv
 import html
 import io
 import json
+import os
 import re
 from pathlib import Path
 
-import yaml
-
-from framework.engine.logging import kept_record, per_task
+from framework.engine.logging import per_task
+from framework.errors import RunError
+from framework.folders import RunFolder
+from framework.io import FileProblem, read_text
 
 IGNORED_KEYS = ("output.root", "notes", "logging.progress")  # never an experimental change
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
     """Run folders among `paths`: each is a run folder or a folder of run folders."""
+    def has_summary(d: Path) -> bool:
+        return os.path.lexists(RunFolder(d).file(RunFolder.SUMMARY))
+
     runs = []
     for p in map(Path, paths):
-        if (p / "summary.json").is_file():
+        if has_summary(p):
             runs.append(p)
         elif p.is_dir():
-            runs += sorted(d for d in p.iterdir() if (d / "summary.json").is_file())
+            runs += sorted(d for d in p.iterdir() if d.is_dir() and has_summary(d))
     return runs
 
 
 def damaged(run: Path) -> str | None:
     """Why a run folder cannot be put on the sheet (a truncated or hand-edited summary.json or recipe), or None."""
+    folder = RunFolder(run)
     try:
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-        recipe = (run / "recipe.resolved.yaml")
-        resolved = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.exists() else {}
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if not isinstance(summary, dict):
-        return f"summary.json holds a {type(summary).__name__}, not a run's summary"
-    if not isinstance(resolved, (dict, type(None))):
-        return f"recipe.resolved.yaml holds a {type(resolved).__name__}, not a recipe"
+        folder.summary()
+        if folder.recipe_file.exists():
+            folder.recipe_dict()
+        folder.metrics()
+    except RunError as e:
+        return e.issues[0].format()
     return None
 
 
 def damaged_crossval(path: Path) -> str | None:
     """Why a NAME-cv.json cannot be a row, or None."""
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        ok = isinstance(result, dict) and isinstance(result.get("runs"), list) and result["runs"]
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        result = json.loads(read_text(path))
+        ok = (isinstance(result, dict) and isinstance(result.get("runs"), list) and result["runs"]
+              and all(isinstance(r, str) and "/" not in r and r not in (".", "..") for r in result["runs"])
+              and isinstance(result.get("val"), dict))
+    except FileProblem as e:
+        return f"{path} {e.reason}"
+    except ValueError as e:
         return f"unreadable ({type(e).__name__})"
     return None if ok else "not the result of `recipe run --all-folds`"
 
@@ -78,7 +85,7 @@ def _recipe(run: Path) -> dict:
 
     from framework.recipe.schema import Recipe
 
-    raw = yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {}
+    raw = RunFolder(run).recipe_dict()
     try:
         raw = Recipe.model_validate(raw).model_dump(mode="json", exclude_none=True)
     except ValidationError:  # e.g. a plugin's loss that is not loaded here: compare the file as written
@@ -129,7 +136,7 @@ def _short(v) -> str:
 def kept_classes(run: Path, best_epoch: int | None) -> list[str]:
     """Lines for the end of a run: every class's F1 (and validation count) at the kept epoch, and a warning for a
     class none of whose validation images were found, which the overall accuracy hides."""
-    chosen = kept_record(run, best_epoch)
+    chosen = RunFolder(run).kept_record(best_epoch)
     if chosen is None:
         return []
     lines = []
@@ -152,7 +159,7 @@ def _best_scores(run: Path, best_epoch: int | None) -> dict[str, float]:
     """Validation metrics of the epoch whose checkpoint the run kept as `best` (else the last validated one), with
     every class's F1 (`val/f1/<class>`, per task `val/<task>/f1/<class>`): the figures of the model one would ship,
     all from the same epoch, never the best of each metric over different epochs."""
-    chosen = kept_record(run, best_epoch)
+    chosen = RunFolder(run).kept_record(best_epoch)
     return {} if chosen is None else {"best_epoch": chosen["epoch"]} | _val_scores(chosen["val"])
 
 
@@ -188,10 +195,10 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
     entries = [(run, run.name, None) for run in runs] + _crossval_entries(crossvals)
     if not entries:
         return [], []
-    summaries = {e[0]: json.loads((e[0] / "summary.json").read_text(encoding="utf-8")) for e in entries}
-    recipes = {r: _recipe(r) if (r / "recipe.resolved.yaml").exists() else {} for r in summaries}
+    summaries = {e[0]: RunFolder(e[0]).summary() for e in entries}
+    recipes = {r: _recipe(r) if RunFolder(r).is_run() else {} for r in summaries}
     if baseline is not None and baseline not in recipes:
-        recipes[baseline] = _recipe(baseline) if (baseline / "recipe.resolved.yaml").exists() else {}
+        recipes[baseline] = _recipe(baseline) if RunFolder(baseline).is_run() else {}
     rows, metric_cols = [], []
     for run, name, pooled in entries:
         s, recipe = summaries[run], recipes[run]
@@ -228,9 +235,9 @@ def _crossval_entries(crossvals: list[Path]) -> list[tuple]:
     """(first fold's run, row name, pooled result) of each readable cross-validation."""
     out = []
     for path in crossvals:
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = json.loads(read_text(path))
         first = path.parent / result["runs"][0]
-        if (first / "summary.json").is_file() and not damaged(first):
+        if RunFolder(first).file(RunFolder.SUMMARY).is_file() and not damaged(first):
             out.append((first, f"{path.name[:-len('.json')]} ({result['folds']} folds pooled)", result))
     return out
 

@@ -7,11 +7,9 @@ share (92 `incorrect` faces instead of 18 on the kaggle crops), so one lucky or 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from framework.engine.metrics import scores
 from framework.errors import Issue, RunError
@@ -51,29 +49,33 @@ def pooled(runs: list[Path]) -> dict:
 
 def _fold(run: Path) -> dict:
     """One fold run: its fold index, k, its resolved recipe (flat) and the validation record of its kept epoch."""
-    from framework.engine.logging import kept_record
+    from framework.folders import RunFolder
     from framework.review.compare import flatten
 
-    recipe_path, summary_path = run / "recipe.resolved.yaml", run / "summary.json"
-    if not recipe_path.is_file() or not summary_path.is_file():
-        raise RunError(Issue(f"{run} is not a run folder (no recipe.resolved.yaml or summary.json).", field="RUNS",
+    folder = RunFolder(run)
+    recipe_path = folder.recipe_file
+    if not folder.is_run() or not folder.file(folder.SUMMARY).is_file():
+        raise RunError(Issue(f"{run} is not a run folder (no {folder.RECIPE} or {folder.SUMMARY}).", field="RUNS",
                              fix="give the folders that `recipe run --all-folds` created."))
-    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
-    policy = recipe.get("validation") or {}
+    recipe = folder.recipe_dict()
+    policy = recipe.get("validation") if isinstance(recipe.get("validation"), dict) else {}
     if policy.get("type") != "kfold":
         raise RunError(Issue(f"{run} was validated by {policy.get('type', 'an unknown policy')!r}, not by k-fold.",
                              field="validation", file=str(recipe_path),
                              fix="give the runs of a k-fold recipe (validation: {type: kfold, k: 5})."))
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = folder.summary()
     if summary.get("status") != "finished":
         raise RunError(Issue(f"{run} is {summary.get('status', 'unfinished')} (epoch {summary.get('epochs_done', 0)} "
                              f"of {(recipe.get('train') or {}).get('epochs', '?')}).", field="RUNS",
                              fix=f"finish it with `recipe run --resume {run}` first."))
-    record = kept_record(run, summary.get("best_epoch"))
+    record = folder.kept_record(summary.get("best_epoch"))
     if record is None:
         raise RunError(Issue(f"{run} has no validated epoch in metrics.jsonl.", field="RUNS",
                              fix=f"train it again (`recipe run --resume {run}` if it stopped early)."))
-    return {"run": run, "fold": int(policy.get("fold", 0)), "k": int(policy["k"]), "epoch": record["epoch"],
+    if not isinstance(policy.get("k"), int) or not isinstance(policy.get("fold", 0), int):
+        raise RunError(Issue(f"{run}: the recipe's k-fold policy has no whole k and fold.", field="validation",
+                             file=str(recipe_path), fix="restore the run folder's recipe (it must not be edited)."))
+    return {"run": run, "fold": policy.get("fold", 0), "k": policy["k"], "epoch": record["epoch"],
             "record": record["val"], "recipe": flatten(recipe), "wall": summary.get("wall_seconds") or 0.0}
 
 
@@ -109,8 +111,10 @@ def _pool(records: list[dict]) -> dict:
 
 def wants_decision(run: Path) -> bool:
     """Whether a fold run's recipe asks for the macro-F1 decision rule (eval.decision)."""
-    recipe = yaml.safe_load((run / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {}
-    return (recipe.get("eval") or {}).get("decision") == "macro_f1"
+    from framework.folders import RunFolder
+
+    recipe = RunFolder(run).recipe_dict()
+    return isinstance(recipe.get("eval"), dict) and recipe["eval"].get("decision") == "macro_f1"
 
 
 def report(result: dict) -> str:

@@ -285,19 +285,17 @@ class CamHook:
 
     def _chosen(self, ctx) -> dict:
         """The misclassified validation images of the first time (wrong on some task they have a label for)."""
-        import json
+        from framework.folders import RunFolder
 
-        from framework.io import write_json
-
-        path = ctx.log.run_dir / "cam_images.json"
-        if self.chosen is None and path.is_file():
-            self.chosen = json.loads(path.read_text(encoding="utf-8"))
+        folder = RunFolder(ctx.log.run_dir)
+        if self.chosen is None:
+            self.chosen = folder.cam_images()  # (checked: validation images of this run only)
         if self.chosen is None:
             y, p = ctx.v_stats["y_true"], ctx.v_stats["y_pred"]
             wrong = np.nonzero(((y != p) & (y >= 0)).any(1))[0][: self.images]
             rows = ctx.built.val_loader.dataset.rows
             self.chosen = {"paths": [rows[i]["path"] for i in wrong], "boxes": [rows[i].get("box") for i in wrong]}
-            write_json(path, self.chosen)
+            folder.write_cam_images(self.chosen)
         return self.chosen
 
 
