@@ -12,6 +12,7 @@ import click
 
 from framework.cli_options import (load_plugins, one_source, images_options, overrides_option, plugin_option,
                                   prior_shift_option, tta_option)
+from framework.cli_launch import launch
 from framework.errors import RecipeError
 
 # Set before torch or albumentations load (the entry point runs first): no phoning home, hub look-ups that fail at
@@ -27,7 +28,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except RecipeError as e:
-            click.echo(e.format(), err=True)
+            if os.environ.get("RANK", "0") == "0":  # several processes (torchrun) all fail alike: say it once
+                click.echo(e.format(), err=True)
             sys.exit(e.exit_code)
 
 
@@ -64,15 +66,6 @@ def validate(recipe, overrides, print_):
                f"{len(plan.indices('train'))} train / {len(plan.indices('val'))} val")
 
 
-def _launch(processes: int, args: list[str]) -> int:
-    """Start `processes` copies of `recipe run ARGS` with torchrun (torch.distributed.run): data parallel."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "framework.cli", "run"] + args
-    return subprocess.call(cmd)
-
-
 def _run_args(recipe, overrides, name, resume, all_folds, plugins) -> list[str]:
     """The same command for every process, with one run name for all of them."""
     import datetime
@@ -104,7 +97,7 @@ def run(recipe, overrides, name, resume, all_folds, processes, plugins):
     if bool(recipe) == bool(resume):
         raise click.UsageError("give either a RECIPE file or --resume RUN_DIR.")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(_launch(processes, _run_args(recipe, overrides, name, resume, all_folds, plugins)))
+        sys.exit(launch(processes, _run_args(recipe, overrides, name, resume, all_folds, plugins)))
     from framework import api
 
     load_plugins(plugins)
@@ -123,11 +116,12 @@ def run(recipe, overrides, name, resume, all_folds, processes, plugins):
 def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
     import json
 
+    from framework import api
     from framework.review.compare import kept_classes
     from framework.review import crossval
 
     for run_dir in run_dirs:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = api.run_summary(run_dir)
         best = summary.get("best_value")
         value = f"{best:.4f}" if isinstance(best, (int, float)) else "none"  # rounded as the epoch lines are
         click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {value} at epoch "

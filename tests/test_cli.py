@@ -131,3 +131,25 @@ def test_shell_completion_scripts_as_the_readme_gives_them(shell):
     out = subprocess.run(["recipe"], env={**__import__("os").environ, "_RECIPE_COMPLETE": f"{shell}_source"},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "_RECIPE_COMPLETE" in out.stdout, out.stderr
+
+
+def test_several_processes_fail_with_their_own_message_and_code_not_torchruns_traceback():
+    """`recipe run --processes N` passes the processes' stderr through without torchrun's report of the failure."""
+    import io
+
+    from framework.cli_launch import _without_launcher_traceback
+
+    stderr = io.StringIO(
+        "r.yaml:1:1: model: required field 'model' is missing. Fix: add `model: ...` under the top level.\n"
+        "E1204 15:55:50.376000 9017 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2) "
+        "local_rank: 0 (pid: 9043) of binary: python\n"
+        "Traceback (most recent call last):\n  File \"run.py\", line 1, in <module>\n    main()\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "============================================================\nframework.cli FAILED\n")
+    out = io.StringIO()
+    assert _without_launcher_traceback(stderr, out) == 2
+    assert out.getvalue() == ("r.yaml:1:1: model: required field 'model' is missing. Fix: add `model: ...` under "
+                              "the top level.\n")
+    other = io.StringIO("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: a real bug\n")
+    out = io.StringIO()
+    assert _without_launcher_traceback(other, out) == 0 and "ValueError: a real bug" in out.getvalue()
