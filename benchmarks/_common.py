@@ -82,9 +82,12 @@ def loader_setup(description: str, size: int = 128):
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=size, help="Output size of the resize stage (px).")
     args = ap.parse_args()
+    size = args.size
     if args.smoke:
         args.images, args.epochs, size = 16, 1, 32
+    args.size = size
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="recipe-bench-"))
     photos = contest_sized(real_photos(args.images), tmp / "photos")

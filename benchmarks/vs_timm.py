@@ -1,7 +1,7 @@
 """Against timm's own data pipeline (timm.data.create_dataset + create_loader, its training transform) on the same
 real photos at 384x512, the same output size, batch and workers: images/s per epoch.
 
-    python benchmarks/vs_timm.py [--images 400] [--workers 0] [--smoke]
+    python benchmarks/vs_timm.py [--images 400] [--workers 0] [--size 128] [--smoke]
 Goal: ahead. recipe's loader decodes and resizes once (its first epoch includes that), augments the small image and
 leaves normalization to the model (counted here: the benchmark normalizes each batch as the model would).
 """
@@ -30,9 +30,8 @@ def main() -> None:
     from framework.data.dataset import ImageDataset, prepare
     from framework.data.loaders import EpochSampler
 
-    size = 128
-    args, tmp, rows, labels, resize, augment = loader_setup(__doc__, size)
-    size = 32 if args.smoke else size
+    args, tmp, rows, labels, resize, augment = loader_setup(__doc__, 128)
+    size = args.size
     batch = 8 if args.smoke else 64  # timm's training loader drops the last partial batch
     timm_ds = timm.data.create_dataset("", root=str(tmp / "photos"))
     timm_loader = timm.data.create_loader(timm_ds, input_size=(3, size, size), batch_size=batch, is_training=True,
