@@ -11,7 +11,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from framework.build import DataPlan, build_data, keep_few
+from framework.build import DataPlan, build_data, check_classes, keep_few
 from framework.tasks import head_class
 from framework.errors import DataError, FieldError, Issue, RecipeError, did_you_mean
 from framework.recipe.loaded import LoadedRecipe
@@ -44,8 +44,9 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
         _review_hooks(loaded.recipe)
         check_sync_batchnorm(loaded.recipe.train, int(os.environ.get("WORLD_SIZE", "1")))
         check_places(loaded.recipe)
-        plan = build_data(loaded.recipe)
-        check_images(loaded, plan)
+        plan = build_data(loaded.recipe, classes=False)
+        check_images(loaded, plan)  # a missing file first: else it shows as a class with no training image
+        check_classes(plan)
         check_monitor(loaded.recipe, plan)
     _data_warnings(loaded, plan)
     if fast:
@@ -209,8 +210,10 @@ def monitor_names(recipe, labels: dict, sources: list[str] | tuple = ()) -> list
     names = []
     for side in ("val", "train"):
         names += [f"{side}/{m}" for m in ("macro_f1", "accuracy", "loss")]
-        if len(labels) > 1:
-            names += [f"{side}/{t}/{m}" for t in list(labels) + ["composite"] for m in ("macro_f1", "accuracy")]
+        questions = [q for lab in labels.values() for q in (lab.parts or {})]  # a composite head's questions
+        if len(labels) > 1 or questions:
+            names += [f"{side}/{t}/{m}" for t in list(labels) * (len(labels) > 1) + questions + ["composite"]
+                      for m in ("macro_f1", "accuracy")]
     regression = [t for t in labels if head_class(specs[t].kind).regression]
     if regression:
         names += ["val/mae"] + [f"val/{t}/mae" for t in regression]

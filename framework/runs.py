@@ -151,12 +151,12 @@ def resume_state(run_dir: Path, overrides) -> tuple:
 def check_same_recipe(run_dir: Path, recipe, state: dict) -> None:
     """The recipe a run resumes with is the one its checkpoint was trained with (train.epochs aside): an edited
     recipe.resolved.yaml (another batch size, augmentation, learning rate, backbone) is refused, naming the keys."""
-    from framework.review.compare import flatten
+    from framework.recipe.loaded import edited_keys, flatten
 
     if "recipe" not in state:  # a checkpoint written before checkpoints carried their recipe
         return
     now, then = flatten(recipe.model_dump(mode="json")), flatten(state["recipe"])
-    keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k != "train.epochs")
+    keys = edited_keys(recipe.model_dump(mode="json"), state["recipe"])
     if keys:
         shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
         raise RunError(Issue(f"the recipe changed since this run's checkpoint was written ({shown}); a resumed run "

@@ -107,6 +107,14 @@ def _labels(classes):
     return _json_edit("labels.json", lambda d: {"label": {**d["label"], "classes": classes}})
 
 
+def _recipe_edit(edit):
+    def apply(folder: Path):
+        recipe = yaml.safe_load((folder / "recipe.resolved.yaml").read_text())
+        edit(recipe)
+        (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return apply
+
+
 def _offsets(value):
     return _json_edit("decision.json", lambda d: {**d, "questions": {
         q: {**e, "offsets": {c: value for c in e["offsets"]}} for q, e in d["questions"].items()}})
@@ -143,6 +151,10 @@ RUN_CASES = [
     ("checkpoint wrong shapes", _checkpoint_edit(_wrong_shapes), EVALUATE, "best.pt"),
     ("checkpoint wrong shapes (resume)", _checkpoint_edit(_wrong_shapes), RESUME, "checkpoint"),
     ("metrics garbage", _write("metrics.jsonl", "garbage\n{}\n"), RESUME, "metrics.jsonl"),
+    ("recipe image size edited", _recipe_edit(lambda r: r["transforms"].update(image_size=[48, 48])), PREDICT,
+     "recipe.resolved.yaml"),
+    ("recipe resize edited", _recipe_edit(lambda r: r["transforms"]["resize"].update(mode="stretch")), EVALUATE,
+     "recipe.resolved.yaml"),
     ("recipe NUL byte", lambda f: (f / "recipe.resolved.yaml").write_bytes(b"data:\x00\n"), EVALUATE,
      "recipe.resolved.yaml"),
 ]
@@ -355,3 +367,25 @@ def test_a_huge_sparse_image_is_not_hashed(pristine, tmp_path):
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 2 and "big.jpg" in result.output and "over the" in result.output, result.output
     assert time.perf_counter() - started < 60  # hashing 10 GB would take minutes
+
+
+def test_a_missing_image_is_named_before_the_class_balance(pristine, tmp_path):
+    """The only image of a class is missing and sits in validation: the missing file is the error, not 'the class
+    has no training image' (which counts the missing file as a validation image)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(Path(pristine["recipe"]).parent / "tiny.csv", newline=""))
+            if r["mask_state"] != "incorrect"]
+    rows.append({**rows[0], "path": str(tmp_path / "gone.jpg"), "mask_state": "incorrect", "group": "gone"})
+    with open(tmp_path / "tiny.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    groups = sorted({r["group"] for r in rows})
+    val = set(groups[::4]) | {"gone"}  # whole groups on one side
+    with open(tmp_path / "split.csv", "w", newline="") as f:
+        f.write("path,split\n" + "".join(f"{r['path']},{'val' if r['group'] in val else 'train'}\n" for r in rows))
+    path = _recipe_with(pristine, tmp_path, lambda r: r["data"].update(root=str(tmp_path)) or
+                        r.update(validation={"type": "file", "path": str(tmp_path / "split.csv")}))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and "gone.jpg" in result.output and "do not exist" in result.output, result.output

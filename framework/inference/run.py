@@ -90,6 +90,7 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
                              field="--set", fix="e.g. --set tasks.age.bins=[30,58]."))
     recipe = load_recipe(folder.recipe_file, overrides, run_plugins=False).recipe  # (never its code)
     state = ckpt.load(ckpt_path)
+    _same_model_recipe(folder, recipe, state, ckpt_path)
     if not isinstance(state.get("classes"), dict):
         raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
                              field="RUN", fix=f"train it again: recipe run {folder.recipe_file}."))
@@ -112,6 +113,24 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     return LoadedRun(run_dir, recipe, labels, model, T.resize_stage(size, recipe.transforms.resize), ckpt_path, heads)
 
 
+def _same_model_recipe(folder: RunFolder, recipe, state: dict, ckpt_path: Path) -> None:
+    """The run folder's recipe is the one the checkpoint was trained with, in everything that shapes predictions
+    (model, transforms, tasks, training): an edited recipe.resolved.yaml (another image size, resize, classes) would
+    predict with the wrong pipeline and say nothing. Where the data lives and how the run reports may differ."""
+    from framework.recipe.loaded import NOT_THE_MODEL, edited_keys
+
+    if not isinstance(state.get("recipe"), dict):
+        return  # a checkpoint written before checkpoints carried their recipe
+    keys = edited_keys(recipe.model_dump(mode="json"), state["recipe"], NOT_THE_MODEL + ("tasks.",), known_only=True)
+    keys = [k for k in keys if not k.endswith(".bins")]  # (a regression task's bins move with --set)
+    if keys:
+        raise RunError(Issue(f"the run's recipe differs from the one {ckpt_path.name} was trained with "
+                             f"({', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}).", field=keys[0],
+                             file=str(folder.recipe_file),
+                             fix="restore recipe.resolved.yaml from a copy of the run folder (it must not be edited; "
+                                 "`--set tasks.NAME.bins=[...]` moves a regression task's bins)."))
+
+
 def is_export(path: str | Path) -> bool:
     return ExportFolder(path).is_export()
 
@@ -130,10 +149,14 @@ class ImageList:
 
     paths: list[str]
     csv_file: Path | None = None
+    header: list[str] | None = None  # the CSV's columns and rows, as read (a submission keeps them all)
+    rows: list[dict] | None = None
 
 
-def list_images(images: str | Path | None = None, csv_file: str | Path | None = None) -> ImageList:
-    """Image paths from a folder (recursive, sorted) or a CSV's `path` column (relative to the CSV)."""
+def list_images(images: str | Path | None = None, csv_file: str | Path | None = None, column: str = "path",
+                root: str | Path | None = None) -> ImageList:
+    """Image paths from a folder (recursive, sorted) or a CSV's `column` (relative to `root`, by default the CSV's
+    folder; the contest's info.csv names its images in `ImageID`, relative to eval/images)."""
     from framework.data.readers import IMAGE_EXTENSIONS
 
     if images is not None:
@@ -151,10 +174,20 @@ def list_images(images: str | Path | None = None, csv_file: str | Path | None = 
         header, rows = read_table(path, ())
     except FieldError as e:
         raise RunError([Issue(m, field="--csv", file=str(path), fix=f) for _, m, f in e.items]) from None
-    if "path" not in header:
-        raise RunError(Issue(f"{path.name} has no `path` column (columns: {header}).", field="--csv",
-                             fix="name the image column `path`."))
-    return ImageList([str(p if Path(p).is_absolute() else path.parent / p) for p in (r["path"] for r in rows)], path)
+    if column not in header:
+        raise RunError(Issue(f"{path.name} has no `{column}` column (columns: {header}).", field="--csv",
+                             file=str(path), fix="name the image column with --image-column NAME (e.g. ImageID), "
+                                                 "or call it `path`."))
+    base = Path(root) if root is not None else path.parent
+    if root is not None and not base.is_dir():
+        raise RunError(Issue(f"image folder not found: {base}.", field="--root", fix="give the folder the CSV's image "
+                             "names are relative to (the contest's eval/images)."))
+    names = [r[column] or "" for r in rows]
+    empty = [i + 2 for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        raise RunError(Issue(f"line {empty[0]} has no image in column `{column}`.", field="--csv", file=str(path),
+                             fix="give every row an image name."))
+    return ImageList([str(p if Path(p).is_absolute() else base / p) for p in names], path, header, rows)
 
 
 def face_boxes(run: LoadedRun, csv_file: str | Path | None) -> list | None:

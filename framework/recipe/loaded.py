@@ -85,3 +85,32 @@ def load_plugins(data: dict, locs: dict, path: Path) -> None:
 def resolved_yaml(recipe: Recipe) -> str:
     """The recipe with every default filled in: what a run folder keeps, so that it reruns as it ran."""
     return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False, allow_unicode=True)
+
+
+def flatten(data, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; a list of mappings (sources, augmentations) by position,
+    `data.sources.1.manifest`; other lists are values (compared whole)."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+# Keys a trained run's recipe may differ in from its checkpoint's without changing what the model predicts: where
+# the data and the run folder are, how the run reports, how long it trains.
+NOT_THE_MODEL = ("data.", "output.", "logging.", "notes", "train.epochs", "eval.", "plugins")
+
+
+def edited_keys(now: dict, then: dict, ignore: tuple = ("train.epochs",), known_only: bool = False) -> list[str]:
+    """The recipe keys whose values differ between two recipes (as dumped), except those starting with `ignore`;
+    `known_only`: only keys `then` has (a setting added to the schema later is not an edit)."""
+    a, b = flatten(now), flatten(then)
+    keys = set(b) if known_only else set(a) | set(b)
+    return sorted(k for k in keys if a.get(k) != b.get(k) and not k.startswith(ignore))

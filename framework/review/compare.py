@@ -16,6 +16,7 @@ from pathlib import Path
 from framework.engine.logging import per_task
 from framework.errors import RunError
 from framework.folders import RunFolder
+from framework.recipe.loaded import flatten  # noqa: F401 (part of this module's interface: tests, crossval)
 from framework.io import FileProblem, read_text
 
 IGNORED_KEYS = ("output.root", "notes", "logging.progress")  # never an experimental change
@@ -60,22 +61,6 @@ def damaged_crossval(path: Path) -> str | None:
     except ValueError as e:
         return f"unreadable ({type(e).__name__})"
     return None if ok else "not the result of `recipe run --all-folds`"
-
-
-def flatten(data, prefix: str = "") -> dict[str, object]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}; a list of mappings (sources, augmentations) by position,
-    `data.sources.1.manifest`; other lists are values (compared whole)."""
-    if isinstance(data, dict):
-        out = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        out = {}
-        for i, v in enumerate(data):
-            out.update(flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def _recipe(run: Path) -> dict:
@@ -169,7 +154,7 @@ def _val_scores(val: dict) -> dict[str, float]:
 
     scores = {k: v for k, v in flat_metrics({"lr": None, "val": val}).items()
               if k.startswith("val/") and not k.endswith("threshold")}
-    for task, sc in per_task(val).items():
+    for task, sc in (per_task(val) | val.get("questions", {})).items():  # (a composite head's questions too)
         prefix = f"{task}/" if task else ""
         for c, m in sc.get("per_class", {}).items():
             if "f1" in m:
@@ -208,8 +193,9 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             if k not in metric_cols:
                 metric_cols.append(k)
         rows.append({
-            "run": name, "date": s.get("started", "")[:16].replace("T", " "), "status": s.get("status", "?"),
-            "backbone": s.get("backbone", recipe.get("model.backbone", "")),
+            "run": name, "date": s.get("started", "")[:16].replace("T", " "),
+            "status": s.get("status", "?") + (" (fast dev run)" if s.get("fast_dev_run") else ""),
+            "backbone": s.get("backbone", recipe.get("model.backbone", "")), "form": _form(recipe),
             "image_size": "x".join(map(str, s.get("image_size", []))) or str(recipe.get("transforms.image_size", "")),
             "recipe": Path(s.get("recipe", "")).name, "epochs": f"{s.get('epochs_done', 0)}/{recipe.get('train.epochs', '?')}",
             **{k: scores.get(k) for k in metric_cols},
@@ -218,17 +204,39 @@ def sheet(runs: list[Path], baseline: Path | None = None, sort: str | None = Non
             "changed": _changed_cell(run, pooled, base, baseline is not None, recipes),
         })
     order = {k: i for i, k in enumerate(metric_cols)}  # per-class columns keep the class order
-    metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k.count("/"),
+    metric_cols = sorted(metric_cols, key=lambda k: (k != "best_epoch", "/f1/" in k, k != CONTEST_COLUMN, k.count("/"),
                                                      k != "val/macro_f1", order[k] if "/f1/" in k else k))
-    cols = ["run", "date", "status", "backbone", "image_size", "recipe", "epochs", *metric_cols, "wall_s", "notes",
+    cols = ["run", "date", "status", "backbone", "form", "image_size", "recipe", "epochs", *metric_cols, "wall_s", "notes",
             "changed"]
     for r in rows:
         for k in metric_cols:
             r.setdefault(k, None)
-    key = sort or ("val/macro_f1" if "val/macro_f1" in metric_cols else None)
-    if key:
-        rows.sort(key=lambda r: (r.get(key) is None, -(r.get(key) or 0) if "loss" not in key else (r.get(key) or 0)))
+    key = sort or _default_sort(rows, metric_cols)
+    if key:  # fast dev runs last: their figures mean nothing
+        rows.sort(key=lambda r: ("fast dev" in r["status"], r.get(key) is None,
+                                 -(r.get(key) or 0) if "loss" not in key else (r.get(key) or 0)))
     return cols, rows
+
+
+CONTEST_COLUMN = "val/composite/macro_f1"  # the composite label's macro-F1 (the contest's 18 classes), for every form
+
+
+def _default_sort(rows: list[dict], metric_cols: list[str]) -> str | None:
+    """The composite label's macro-F1 when every real run answers it (a composite head, heads whose classes
+    combine, pooled folds of either: the contest's metric, comparable across forms), else the overall macro-F1."""
+    real = [r for r in rows if "fast dev" not in r["status"]] or rows
+    if CONTEST_COLUMN in metric_cols and all(r.get(CONTEST_COLUMN) is not None for r in real):
+        return CONTEST_COLUMN
+    return "val/macro_f1" if "val/macro_f1" in metric_cols else None
+
+
+def _form(recipe: dict) -> str:
+    """How the run answers: one composite head (its parts), one head per task, or one head."""
+    parts = list(dict.fromkeys(k.split(".")[3] for k in recipe if k.startswith("data.target.composite.")))
+    if parts:
+        return "composite: " + " x ".join(parts)
+    tasks = list(dict.fromkeys(k.split(".")[1] for k in recipe if k.startswith("tasks.")))
+    return f"{len(tasks)} heads" if len(tasks) > 1 else "one head"
 
 
 def _crossval_entries(crossvals: list[Path]) -> list[tuple]:

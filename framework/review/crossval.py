@@ -50,7 +50,7 @@ def pooled(runs: list[Path]) -> dict:
 def _fold(run: Path) -> dict:
     """One fold run: its fold index, k, its resolved recipe (flat) and the validation record of its kept epoch."""
     from framework.folders import RunFolder
-    from framework.review.compare import flatten
+    from framework.recipe.loaded import flatten
 
     folder = RunFolder(run)
     recipe_path = folder.recipe_file
