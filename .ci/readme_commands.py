@@ -2,7 +2,7 @@
 
 Commands are the lines of the README's ```bash blocks (continuations joined, comments dropped), its ```python
 block, and inline `recipe ...` / `bash ...` spans that are whole commands. Each runs in a scratch copy of recipes/,
-plugins/ and docs/ beside a link to ../shared (so runs/, photos/ and so on are the scratch folder's), in README
+plugins/, docs/ and scripts/ beside a link to ../shared (so runs/, photos/ and so on are the scratch folder's), in README
 order, so a command can use what an earlier one made. `pip` commands run in the repository itself.
 
 Training is shortened without touching the commands: RECIPE_FAST_DEV_RUN=8 keeps 8 images per class and side of
@@ -98,7 +98,7 @@ def make_scratch(root: Path) -> Path:
     (root / "shared").symlink_to(SHARED.resolve())
     work = root / "repo"
     work.mkdir()
-    for name in ("recipes", "plugins", "docs"):
+    for name in ("recipes", "plugins", "docs", "scripts"):
         shutil.copytree(REPO / name, work / name)
     for name in ("README.md", "recipe.schema.json"):
         shutil.copy(REPO / name, work / name)

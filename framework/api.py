@@ -211,9 +211,12 @@ def sweep(recipes: list[str | Path], grid: list[str], overrides: list[str] | tup
 
 # ------------------------------------------------------------------------------------ on trained runs
 def _images(images):
-    """A folder, a CSV with a `path` column, or a list of image paths, as an ImageList."""
+    """A folder, a CSV with a `path` column, a list of image paths, or an ImageList (`image_list`), as an
+    ImageList."""
     from framework.inference.run import ImageList, list_images
 
+    if isinstance(images, ImageList):
+        return images
     if isinstance(images, (list, tuple)):
         return ImageList([str(p) for p in images])
     if str(images).lower().endswith(".csv"):
@@ -221,13 +224,31 @@ def _images(images):
     return list_images(images=images)
 
 
+def image_list(csv_file: str | Path, column: str = "path", root: str | Path | None = None):
+    """The images a CSV names in `column`, relative to `root` (default: the CSV's folder), with its rows kept."""
+    from framework.inference.run import list_images
+
+    return list_images(csv_file=csv_file, column=column, root=root)
+
+
 def predict(run: str | Path, images, out: str | Path = "predictions.csv", tta: str | None = None,
             proba: bool = False, prior_shift: str | None = None) -> dict:
-    """Predict `images` (a folder, a CSV with a `path` column, or a list of paths) with a run's best checkpoint;
-    also the class shares, and a prior shift when asked (framework.inference.priors.predict_images)."""
+    """Predict `images` (a folder, a CSV with a `path` column, a list of paths, or an `image_list`) with a run's
+    best checkpoint; also the class shares, and a prior shift when asked
+    (framework.inference.priors.predict_images)."""
     from framework.inference.priors import predict_images
 
     return predict_images(run, _images(images), out, tta, proba, prior_shift)
+
+
+def submit(run: str | Path, info_csv: str | Path, out: str | Path = "submission.csv", image_column: str = "ImageID",
+           root: str | Path | None = None, answer: str = "ans") -> dict:
+    """The contest's submission file: `info_csv` (its images in `image_column`, relative to `root`) written to
+    `out` with `answer` set to each image's class index, mask*6 + gender*3 + age (framework.inference.submission);
+    the predictions beside it. A run that does not answer the contest's 18 classes is refused."""
+    from framework.inference.priors import submit_images
+
+    return submit_images(run, image_list(info_csv, image_column, root), out, answer)
 
 
 def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, tta: str | None = None,

@@ -141,14 +141,28 @@ def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
 @tta_option
 @click.option("--proba", is_flag=True, help="Add each class's probability.")
 @prior_shift_option
+@click.option("--image-column", default="path", show_default=True, help="The --csv column naming the images.")
+@click.option("--root", type=click.Path(file_okay=False), help="Folder the --csv image names are relative to "
+              "(default: the CSV's folder).")
+@click.option("--answer", metavar="COLUMN", help="Write the contest's submission to --out: the --csv file with "
+              "COLUMN set to each image's class index, mask*6 + gender*3 + age (predictions go beside it).")
 @plugin_option
-def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
+def predict(run, images, csv_file, out, tta, proba, prior_shift, image_column, root, answer, plugins):
     """Predict images with RUN (a run folder: its best checkpoint; a checkpoint file; or a folder made by
     `recipe export`, run with onnxruntime and without torch)."""
     from framework import api
 
     load_plugins(plugins)
-    result = api.predict(run, one_source(images, csv_file), out, tta, proba, prior_shift)
+    source = one_source(images, csv_file)
+    if csv_file and (image_column != "path" or root):
+        source = api.image_list(csv_file, image_column, root)
+    if answer:
+        if not csv_file or proba or prior_shift or tta:
+            raise click.UsageError("--answer writes the contest's submission from --csv (its info.csv), with the run's "
+                                   "own choices: without --proba, --prior-shift or --tta.")
+        result = api.submit(run, csv_file, out, image_column, root, answer)
+    else:
+        result = api.predict(run, source, out, tta, proba, prior_shift)
     click.echo(result["distribution"])
     if result["decision"]:
         click.echo(result["decision"])
@@ -156,6 +170,12 @@ def predict(run, images, csv_file, out, tta, proba, prior_shift, plugins):
                f"{Path(result['out']).stem}.distribution.json)")
     if result["failed"]:
         click.echo(f"{len(result['failed'])} unreadable image(s), listed in {result['failed_file']}", err=True)
+    if answer:
+        click.echo(f"wrote {result['submission']}: column {answer} = mask*6 + gender*3 + age (classes by index in "
+                   f"{result['classes_file']})")
+        if result["unanswered"]:
+            click.echo(f"warning: {result['unanswered']} row(s) have no answer (unreadable images): the contest "
+                       "scores every row", err=True)
 
 
 @main.command()

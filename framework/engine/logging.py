@@ -74,6 +74,8 @@ def console_line(record: dict, best: dict, monitor: str, epochs: int) -> str:
         text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
         if "tasks" in v:
             text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in v["tasks"].items()) + ")"
+        elif "questions" in v:  # a composite head: each question's macro-F1 from the joint choice
+            text += " (" + ", ".join(f"{q} {sc['macro_f1']:.3f}" for q, sc in v["questions"].items()) + ")"
         if "sources" in v:
             text += " [by source: " + ", ".join(f"{n} {sc['macro_f1']:.3f}" for n, sc in v["sources"].items()) + "]"
     if best["value"] is not None:
@@ -131,7 +133,8 @@ def _log_tb(writer, record: dict, labels: dict, steps: dict) -> None:
         if "tasks" not in val:
             writer.add_image("val/confusion_matrix", confusion_image(val["confusion"], next(iter(labels.values())).classes),
                              epoch, dataformats="HWC")
-        parts = list(val.get("tasks", {}).items()) + ([("composite", val["composite"])] if "composite" in val else [])
+        parts = list(val.get("tasks", {}).items()) + list(val.get("questions", {}).items()) + \
+            ([("composite", val["composite"])] if "composite" in val else [])
         for task, sc in parts:
             writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
                              epoch, dataformats="HWC")
@@ -143,7 +146,7 @@ def class_scalars(record: dict) -> dict[str, float]:
     val = record.get("val")
     if val is None:
         return {}
-    parts = {"": val} if "per_class" in val else dict(val.get("tasks", {}))
+    parts = ({"": val} if "per_class" in val else dict(val.get("tasks", {}))) | val.get("questions", {})
     return {f"val/{t + '/' if t else ''}{m}/{c}": v[m] for t, sc in parts.items()
             for c, v in sc.get("per_class", {}).items() for m in ("precision", "recall", "f1") if m in v}
 

@@ -61,6 +61,9 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float 
             continue  # a task this data has no labels for is not scored (nor averaged in as 0)
         per[task] = scores(confusion(y_true[has, j], y_pred[has, j], len(lab.classes)), lab.classes)
         per[task].update((extras or {}).get(task, {}))  # a regression task's MAE, an anomaly task's threshold
+        if lab.parts:  # a composite head (mask x gender x age): each question scored from the same joint choice
+            truth, chosen = lab.decode(y_true[has, j]), lab.decode(y_pred[has, j])
+            per[task]["questions"] = {q: scores(confusion(truth[q], chosen[q], len(c)), c) for q, c in lab.parts.items()}
     if len(labels) == 1:
         out = dict(next(iter(per.values())))
     else:
@@ -89,8 +92,12 @@ def flat_metrics(record: dict) -> dict:
             if k in r:
                 out[f"{side}/{k}"] = r[k]
         parts = dict(r.get("tasks", {}))
+        for sc in [r, *r.get("tasks", {}).values()]:  # a composite head's questions: val/mask/macro_f1 ...
+            parts |= sc.get("questions", {})
         if "composite" in r:
             parts["composite"] = r["composite"]
+        elif "questions" in r:  # one composite head: its own figures are the composite's (the contest's column)
+            parts["composite"] = r
         for task, sc in parts.items():
             for k in ("accuracy", "macro_f1", "mae", "threshold"):
                 if k in sc:

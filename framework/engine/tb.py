@@ -9,17 +9,19 @@ def confusion_image(cm, classes: list[str], cell: int = 36) -> np.ndarray:
     """The confusion matrix as an RGB image (H, W, 3): rows = true class, columns = predicted, row-normalised colour."""
     cm = np.asarray(cm)
     n = len(classes)
-    short = [c if len(c) <= 12 else c[:11] + "~" for c in classes]  # column labels: names, cut to 12 characters
+    numbered = max(len(c) for c in classes) > 12  # long names (18 composite classes): columns by the rows' numbers
+    short = [str(k) for k in range(n)] if numbered else classes
+    names = [f"{k:>2} {c}" for k, c in enumerate(classes)] if numbered else classes  # full names, never cut
     cell = max(cell, 7 * max(len(c) for c in short) + 8)
-    label_w = 8 + 7 * max(len(c) for c in classes)
+    label_w = 8 + 7 * max(len(c) for c in names)
     top = 24
-    header = "predicted ->   (rows: true class)"
+    header = "predicted ->   (rows: true class" + (", numbered as the columns)" if numbered else ")")
     img = Image.new("RGB", (max(label_w + n * cell + 4, label_w + 7 * len(header)), top + n * cell + 20), "white")
     draw = ImageDraw.Draw(img)
     rows = cm.sum(1, keepdims=True).clip(min=1)
     frac = cm / rows
     for t in range(n):
-        draw.text((4, top + t * cell + cell // 2 - 5), classes[t], fill="black")
+        draw.text((4, top + t * cell + cell // 2 - 5), names[t], fill="black")
         for p in range(n):
             shade = int(255 - 200 * frac[t, p])
             x0, y0 = label_w + p * cell, top + t * cell

@@ -147,6 +147,16 @@ def apply(run, probs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str
                    f"(macro-F1 there {data['summary']}); the probabilities are unchanged")
 
 
+def choose(run, task_probs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
+    """Each question's class as the run itself answers (its decision rule where it has one; a composite head's
+    joint choice, split into its parts), and the rule's sentence: the one answer predict, evaluate and an
+    ensemble's member line all report."""
+    from framework.inference.predict import question_picks
+
+    task_picks, rule = apply(run, task_probs)
+    return question_picks(run, task_picks), rule
+
+
 def validation_predictions(run, tta: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Question -> (probabilities, true class) on the run's own validation split, as validation scored them."""
     from framework.inference.predict import predict_proba

@@ -10,8 +10,9 @@ import torch
 
 from framework.engine.metrics import flat_metrics, macro_f1
 from framework.errors import Issue, RunError
-from framework.inference.decision import apply, offsets_of, pick, shifted
-from framework.inference.predict import Predictions, composite_of, predict_proba, write_failures, write_predictions
+from framework.inference.decision import choose, offsets_of, pick, shifted
+from framework.inference.predict import (Predictions, composite_of, marginal_questions, predict_tasks, questions_of,
+                                         write_failures, write_predictions)
 from framework.inference.run import ImageList, LoadedRun, load_run, split_rows
 
 CONTEST_ORDER = ["mask", "gender", "age"]
@@ -158,8 +159,8 @@ def ensemble(runs: list[str | Path], images: ImageList, out: str | Path = "ensem
     member's and the ensemble's validation macro-F1 are reported."""
     members = [load_run(r) for r in runs]
     w = ensemble_weights(members, voting.weights)
-    preds = _aligned([predict_proba(m, images.paths, voting.tta, progress=True) for m in members])
-    member_probs = [p.probs for p in preds]
+    preds = _aligned([predict_tasks(m, images.paths, voting.tta, progress=True) for m in members])
+    member_probs = _votes(members, preds, voting.method)
     estimated = None
     if voting.prior_shift:
         member_probs, estimated = _shift_members(members, member_probs, w, voting)
@@ -176,6 +177,21 @@ def ensemble(runs: list[str | Path], images: ImageList, out: str | Path = "ensem
             "decision": None if voting.prior_shift else decision_note(members),
             "estimated_priors": {q: v.tolist() for q, v in (estimated or {}).items()},
             "validation": _validation(members, voting, w, classes, order)}
+
+
+def _votes(members: list[LoadedRun], preds: list[Predictions], method: str) -> list[dict[str, np.ndarray]]:
+    """Each member's question probabilities (a composite head's: its marginals). For hard voting a composite head
+    votes with its own answer, the joint choice's parts: its marginals are shifted so that their argmax is that
+    answer (half the weight on it; the tie-break by mean probability still sees the marginals)."""
+    votes = []
+    for m, p in zip(members, preds):
+        probs = questions_of(m, p.probs)
+        if method == "hard":
+            own = choose(m, p.probs)[0]
+            for q in marginal_questions(m):
+                probs[q] = 0.5 * probs[q] + 0.5 * np.eye(probs[q].shape[1])[own[q]]
+        votes.append(probs)
+    return votes
 
 
 def _aligned(preds: list[Predictions]) -> list[Predictions]:
@@ -219,12 +235,13 @@ def _validation(members, voting: Voting, weights, classes, order):
     if shared is None:
         return None
     paths, truth = shared
-    preds = _aligned([predict_proba(m, paths, voting.tta) for m in members])
+    preds = _aligned([predict_tasks(m, paths, voting.tta) for m in members])
     ok = preds[0].ok
-    _, picks, _ = combine(members, [p.probs for p in preds], voting.method, weights, [p.values for p in preds])
+    _, picks, _ = combine(members, _votes(members, preds, voting.method), voting.method, weights,
+                          [p.values for p in preds])
     table = {}
     for name, member, probs in [(m.name, m, p.probs) for m, p in zip(members, preds)] + [("ensemble", None, None)]:
-        chosen = picks if member is None else apply(member, probs)[0]  # a member's own decision rule
+        chosen = picks if member is None else choose(member, probs)[0]  # the member's own answer
         row = {q: macro_f1(t[ok], chosen[q], len(classes[q])) for q, t in truth.items() if q in chosen}
         if order and all(q in truth and q in chosen for q in order):
             have = np.all([truth[q][ok] >= 0 for q in order], axis=0)

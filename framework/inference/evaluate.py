@@ -77,8 +77,9 @@ def own_split(run) -> list[dict]:
     for r in split_rows(run, "val"):
         row = {"path": r["path"], "source": r["source"], "group": r["group"]}
         for task, spec in run.recipe.task_specs().items():
-            if spec.composite:
-                row.update({part.column: r.get(name, "") for name, part in spec.composite.items()})
+            if spec.composite:  # each part's source value: a banded part's number (age), else its class
+                row.update({part.column: r.get(f"{name}_value") or r.get(name, "") if part.bins is not None
+                            else r.get(name, "") for name, part in spec.composite.items()})
             elif spec.bins is not None and r.get(f"{task}_value", ""):
                 row[spec.column] = r[f"{task}_value"]
             else:
@@ -115,7 +116,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     matrix PNGs and the predicted vs true class distribution, written to `out`."""
     from framework.engine.metrics import summarize
     from framework.inference.decision import apply
-    from framework.inference.predict import predict_tasks, question_picks, questions_of, write_predictions
+    from framework.inference.predict import predict_tasks, questions_of
     from framework.inference.run import load_run
     from framework.io import atomic_write_text, write_json
 
@@ -136,6 +137,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
         else {next(iter(loaded.labels)): result}
     if "composite" in result:
         parts["composite"] = result["composite"]
+    parts |= result.get("questions", {})  # a composite head: each question, scored from the joint choice
     report = [f"{loaded.name} on {name}: {len(ok)} images ({len(failures)} unreadable, {dropped} without labels)"]
     report += _left_out(loaded, outside, result)
     decision = _decision_steps(loaded, y_true, task_probs, y_pred, rule)
@@ -147,18 +149,25 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
                + ", ".join(f"{b} {v:.2f}" for b, v in e["per_band"].items()) for t, e in errors.items()]
     probs = questions_of(loaded, task_probs)
     prior_report = _prior_report(loaded, probs, _question_truth(loaded, ys, ok), tta)
-    report += _prior_lines(prior_report)
+    report += _prior_lines(prior_report, in_sample=data is None)
     atomic_write_text(out / "report.txt", "\n".join(report) + "\n")
     write_json(out / "metrics.json", {"run": str(loaded.run_dir), "data": str(data or "validation split"),
                                       "images": len(ok), "unreadable": failures, "unlabelled_dropped": dropped,
                                       "metrics": result, "distribution": distribution, "prior_shift": prior_report,
                                       "mae": errors,
                                       "decision": {"rule": rule, "macro_f1": decision} if rule else None})
-    pred.probs = probs  # the file's columns are the answer the report scored (a composite head's joint choice)
-    pred.truth = _truth_names(loaded, _question_truth(loaded, ys, ok))
-    write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order(),
-                      picks=question_picks(loaded, picks))
+    _predictions_file(loaded, pred, probs, _truth_names(loaded, _question_truth(loaded, ys, ok)), picks, out)
     return {"out": out, "report": "\n".join(report), "metrics": result}
+
+
+def _predictions_file(loaded, pred, probs: dict, truth: dict, task_picks: dict, out: Path) -> None:
+    """predictions.csv: the answer the report scored (a composite head's joint choice, its parts in the question
+    columns; its probabilities written as marginals), with each question's true class."""
+    from framework.inference.predict import marginal_questions, question_picks, write_predictions
+
+    pred.probs, pred.marginal, pred.truth = probs, marginal_questions(loaded), truth
+    write_predictions(out / "predictions.csv", pred, loaded.questions(), loaded.composite_order(),
+                      picks=question_picks(loaded, task_picks))
 
 
 def _left_out(loaded, outside: dict, result: dict) -> list[str]:
@@ -170,8 +179,11 @@ def _left_out(loaded, outside: dict, result: dict) -> list[str]:
     return lines
 
 
-def _prior_lines(prior_report: dict) -> list[str]:
-    return [f"[{q}] test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
+def _prior_lines(prior_report: dict, in_sample: bool = False) -> list[str]:
+    """The prior-shift steps per question (of the questions' own probabilities: for a composite head, its
+    marginals). On the run's own validation split the calibration was fitted on these very images: in-sample."""
+    tag = "IN-SAMPLE (the calibration was fitted on these images) " if in_sample else ""
+    return [f"[{q}] {tag}test priors: true {_fmt(r['true'])}, training {_fmt(r['train'])} (L1 {r['l1_train']:.3f}), "
             f"EM estimate {_fmt(r['estimated'])} (L1 {r['l1_estimated']:.3f}). Two steps, raw -> calibrated on the "
             f"run's validation split -> re-weighted to the estimate: macro-F1 {r['macro_f1']:.4f} -> "
             f"{r['macro_f1_calibrated']:.4f} -> {r['macro_f1_shifted']:.4f}, accuracy {r['accuracy']:.4f} -> "

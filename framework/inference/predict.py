@@ -28,6 +28,7 @@ class Predictions:
     failures: list[tuple[str, str]]  # (path, why) of the unreadable images
     values: dict[str, np.ndarray] = field(default_factory=dict)  # regression tasks: the predicted number (len(ok),)
     truth: dict[str, list[str]] = field(default_factory=dict)  # evaluate: each question's true class (len(ok),)
+    marginal: tuple = ()  # questions whose probabilities are a composite head's marginals (not what chose them)
 
     def subset(self, ok: list[int]) -> "Predictions":
         """The same predictions for the images `ok` (each in self.ok): members of an ensemble aligned."""
@@ -78,6 +79,12 @@ def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, boxe
     return pred
 
 
+def marginal_questions(run: LoadedRun) -> tuple:
+    """The questions answered by a composite head: their written probabilities are marginals of the joint, while
+    their class is the joint choice's part (the two can disagree)."""
+    return tuple(q for lab in run.labels.values() for q in (lab.parts or {}))
+
+
 def questions_of(run: LoadedRun, task_probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Task probabilities -> question probabilities (a composite head is split into its parts' marginals)."""
     out = {}
@@ -106,7 +113,9 @@ def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]
                       with_proba: bool = False, picks: dict[str, np.ndarray] | None = None) -> None:
     """The prediction CSV: path, one column per question, composite and composite_index, the number of each
     regression question (`<question>_value`), each question's true class when known (`<question>_true`, from
-    evaluate; empty where the image has none), optional probabilities."""
+    evaluate; empty where the image has none), optional probabilities: `<question>:<class>`, or for the questions of
+    a composite head `marginal:<question>:<class>` (the answer is the joint choice, whose parts need not be each
+    marginal's argmax)."""
     probs, values = pred.probs, pred.values
     picks = picks or {q: p.argmax(1) for q, p in probs.items()}
     header = ["path"] + list(probs)
@@ -115,7 +124,7 @@ def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]
         comp = composite_of(order, classes).encode([picks[q] for q in order])
     header += [f"{q}_value" for q in values] + [f"{q}_true" for q in pred.truth]
     if with_proba:
-        header += [f"{q}:{c}" for q in probs for c in classes[q]]
+        header += [f"{'marginal:' if q in pred.marginal else ''}{q}:{c}" for q in probs for c in classes[q]]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
