@@ -146,3 +146,23 @@ def test_the_sheet_ranks_both_forms_by_the_composite(contest):
     assert all(both[n][CONTEST_COLUMN] is not None for n in ("comp", "heads"))
     values = [r[CONTEST_COLUMN] for r in rows if r[CONTEST_COLUMN] is not None]
     assert values == sorted(values, reverse=True) and cols.index(CONTEST_COLUMN) < cols.index("val/macro_f1")
+
+
+def test_pooled_folds_of_a_composite_head_answer_in_the_contest_column(contest, tmp_path):
+    """--all-folds of the composite recipe: the pooled out-of-fold record has each question, and its sheet row the
+    contest's column."""
+    folder, _ = contest
+    from framework.review.compare import CONTEST_COLUMN, find_crossvals, sheet
+
+    path = folder / "composite.yaml"
+    runs = api.run_all_folds(path, ["validation={type: kfold, k: 2, group_by: person}", f"output.root={tmp_path}"],
+                             name="cv", log=lambda *_: None)
+    pooled = json.loads((tmp_path / "cv-cv.json").read_text())["val"]
+    assert set(pooled["questions"]) == set(CONTEST)
+    from framework.folders import RunFolder
+
+    kept = [RunFolder(r).kept_record(api.run_summary(r)["best_epoch"])["val"] for r in runs]
+    by_hand = sum(k["questions"]["gender"]["confusion"][0][0] for k in kept)  # each fold's kept epoch, summed
+    assert pooled["questions"]["gender"]["confusion"][0][0] == by_hand
+    _, rows = sheet([], crossvals=find_crossvals([tmp_path]))
+    assert rows[0][CONTEST_COLUMN] == pytest.approx(pooled["macro_f1"])

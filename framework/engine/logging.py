@@ -152,5 +152,7 @@ def class_scalars(record: dict) -> dict[str, float]:
 
 
 def per_task(val: dict) -> dict[str, dict]:
-    """A validation record's scores by task name ("" for a single-task run)."""
-    return {"": val} if "per_class" in val else dict(val.get("tasks", {}))
+    """A validation record's scores by task name ("" for a single-task run), then a composite head's questions
+    (mask, gender, age: scored from its joint choice)."""
+    tasks = {"": val} if "per_class" in val else dict(val.get("tasks", {}))
+    return tasks | {q: sc for t in list(tasks.values()) for q, sc in t.get("questions", {}).items()}

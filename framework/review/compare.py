@@ -154,7 +154,7 @@ def _val_scores(val: dict) -> dict[str, float]:
 
     scores = {k: v for k, v in flat_metrics({"lr": None, "val": val}).items()
               if k.startswith("val/") and not k.endswith("threshold")}
-    for task, sc in (per_task(val) | val.get("questions", {})).items():  # (a composite head's questions too)
+    for task, sc in per_task(val).items():
         prefix = f"{task}/" if task else ""
         for c, m in sc.get("per_class", {}).items():
             if "f1" in m:

@@ -93,11 +93,15 @@ def _check_same_recipe(folds: list[dict]) -> None:
 
 
 def _pool(records: list[dict]) -> dict:
-    """Sum the confusion matrices of the folds' validation records (one task, or each task and the composite)."""
+    """Sum the confusion matrices of the folds' validation records (one task, or each task and the composite; a
+    composite head's questions too)."""
     def part(parts: list[dict]) -> dict:
         classes = list(parts[0]["per_class"])
         cm = np.sum([np.array(p["confusion"]) for p in parts], axis=0)
-        return scores(cm, classes)
+        out = scores(cm, classes)
+        if all("questions" in p for p in parts):  # a composite head: each question pooled the same way
+            out["questions"] = {q: part([p["questions"][q] for p in parts]) for q in parts[0]["questions"]}
+        return out
 
     if "tasks" not in records[0]:
         return part(records)
