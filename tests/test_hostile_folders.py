@@ -389,3 +389,10 @@ def test_a_missing_image_is_named_before_the_class_balance(pristine, tmp_path):
                         r.update(validation={"type": "file", "path": str(tmp_path / "split.csv")}))
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2 and "gone.jpg" in result.output and "do not exist" in result.output, result.output
+
+
+def test_a_prior_shift_needs_the_run_folder_not_its_export(pristine, tmp_path):
+    result = CliRunner().invoke(main, ["predict", str(pristine["export"]), "--images", str(pristine["images"]),
+                                       "--prior-shift", "em", "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2 and "is an exported model" in result.output, result.output
+    assert not (tmp_path / "p.csv").exists()

@@ -236,20 +236,20 @@ def predict_images(run, images, out: str | Path = "predictions.csv", tta: str | 
     Also writes `<out>.distribution.json`: per question, the class shares of the training split and of the
     predictions; with `prior_shift` ("em" or a JSON file of priors) the probabilities are re-weighted to the
     estimated (or given) test priors before classes are chosen."""
-    from framework.inference.predict import Predictions, predict_tasks, write_failures, write_predictions
-    from framework.inference.run import face_boxes, is_export
+    from framework.inference.exported import ExportedRun
+    from framework.inference.predict import (Predictions, marginal_questions, predict_tasks, write_failures,
+                                             write_predictions)
+    from framework.inference.run import face_boxes
     from framework.io import write_json
 
-    if prior_shift and not hasattr(run, "run_dir") and is_export(run):
-        raise RunError(Issue("--prior-shift needs the run folder (its validation split calibrates the probabilities); "
-                             f"{run} is an exported model.", field="--prior-shift",
-                             fix="predict with the run folder the export came from (export.json: source_run)."))
     loaded = _load(run)
+    if prior_shift and isinstance(loaded, ExportedRun):
+        raise RunError(Issue("--prior-shift needs the run folder (its validation split calibrates the probabilities); "
+                             f"{loaded.run_dir} is an exported model.", field="--prior-shift",
+                             fix="predict with the run folder the export came from (export.json: source_run)."))
     pred = predict_tasks(loaded, images.paths, tta, face_boxes(loaded, images.csv_file), progress=True)
     final, picks, rule, table, shares = _choices(loaded, pred, prior_shift, tta)
     out, order = Path(out), loaded.composite_order()
-    from framework.inference.predict import marginal_questions
-
     written = Predictions(pred.paths, pred.ok, final, pred.failures, pred.values,
                           marginal=() if final is not pred.probs else marginal_questions(loaded))
     write_predictions(out, written, loaded.questions(), order, proba, picks)
