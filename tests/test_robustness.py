@@ -61,7 +61,7 @@ def test_two_cpu_processes_shard_the_data_and_match_one_process_evaluation(tmp_p
     probs, ok = pred.probs, pred.ok
     classes = run.labels["label"].classes
     y_true = np.array([[classes.index(r["label"])] for r in val])
-    single = summarize(y_true, probs["label"].argmax(1)[:, None], {"label": type("L", (), {"classes": classes})})
+    single = summarize(y_true, probs["label"].argmax(1)[:, None], {"label": run.labels["label"]})
     logged = _metrics(run_dir)[-1]["val"]
     assert logged["confusion"] == single["confusion"] and logged["macro_f1"] == pytest.approx(single["macro_f1"])
     assert sum(map(sum, logged["confusion"])) == len(val) == 12  # each sample exactly once
