@@ -82,3 +82,23 @@ def test_a_run_resumes_with_the_default_root_on_every_source_type(tmp_path, monk
     api.run(resume=run, overrides=["train.epochs=2"], log=lambda *_: None)
     summary = api.run_summary(run)
     assert summary["status"] == "finished" and summary["epochs_done"] == 2 and summary["resumed_at_epoch"] == 1
+
+
+def test_a_file_path_set_inside_a_whole_section_is_recorded_absolute(tmp_path, monkeypatch):
+    """`--set "validation={type: file, path: runs/a/split.csv}"` (docs/three_vs_one.sh): the split file's path is
+    relative to the working directory, and the run folder records it absolute, so that reading the run back (evaluate,
+    predict, resume) means the same file."""
+    monkeypatch.chdir(tmp_path)
+    source, target = _csv_source(tmp_path)
+    recipe = {"data": {"sources": [source], "target": target}, "validation": {"type": "holdout", "ratio": 0.25},
+              "transforms": {"image_size": 32, "train": []}, "model": {"backbone": "test_resnet"},
+              "train": {"epochs": 1, "batch_size": 8, "num_workers": 0}, "logging": {"sample_grid": 0, "progress": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    first = api.run(tmp_path / "r.yaml", name="first", log=lambda *_: None)
+    split = f"validation={{type: file, path: {first}/split.csv}}"  # (runs/first: relative)
+    second = api.run(tmp_path / "r.yaml", [split], name="second", log=lambda *_: None)
+    recorded = yaml.safe_load((second / "recipe.resolved.yaml").read_text())["validation"]["path"]
+    assert not first.is_absolute() and recorded == str(tmp_path / first / "split.csv")
+    assert api.evaluate(second)["metrics"]["macro_f1"] >= 0  # the run reads back
+    api.run(resume=second, overrides=["train.epochs=2"], log=lambda *_: None)
+    assert api.run_summary(second)["epochs_done"] == 2

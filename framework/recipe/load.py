@@ -210,9 +210,9 @@ def _with_extends(path: Path, chain: tuple) -> tuple[dict, Locs]:
     return deep_merge(merged, data), _merge_locs(merged_locs, locs, data, merged)
 
 
-def _resolve_file_paths(data: dict, locs: Locs, base: Path) -> None:
+def _resolve_file_paths(data: dict, locs: Locs, base: Path, specs: list | None = None) -> None:
     """Turn relative file paths into absolute ones, relative to the folder of the file that wrote them."""
-    for spec in _FILE_RELATIVE:
+    for spec in _FILE_RELATIVE if specs is None else specs:
         parent = _get(data, spec[:-1])
         if spec[-1] == "*":
             if isinstance(parent, list):
@@ -223,6 +223,13 @@ def _resolve_file_paths(data: dict, locs: Locs, base: Path) -> None:
             value = parent[spec[-1]]
             if not (spec == ("data", "root") and value.startswith("~")) and not _is_name(spec, value):
                 parent[spec[-1]] = str((base / Path(value).expanduser()).resolve())
+
+
+def _resolve_file_paths_below(data: dict, path: tuple, base: Path) -> None:
+    """The file paths inside a value set whole on the command line, made absolute against `base` (the working
+    directory), as a path set by itself is: a run folder's resolved recipe must not hold a relative path, which
+    would be read back against the run folder."""
+    _resolve_file_paths(data, {}, base, [s for s in _FILE_RELATIVE if len(s) > len(path) and s[:len(path)] == path])
 
 
 def _looks_like_path(value: str) -> bool:
@@ -281,6 +288,8 @@ def apply_overrides(data: dict, locs: Locs, overrides: list[str]) -> None:
         if path in [s for s in _FILE_RELATIVE] or (path[:-1] + ("*",)) in _FILE_RELATIVE:
             if isinstance(value, str) and not _is_name(path, value):
                 target[last] = str(Path(value).expanduser().resolve())
+        elif isinstance(value, (dict, list)):  # a whole section (--set "validation={type: file, path: x.csv}")
+            _resolve_file_paths_below(data, path, Path.cwd())
 
 
 def load_dict(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, Locs]:
