@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from framework.errors import Interrupted, Issue, RunError
+from framework.errors import Interrupted, Issue, Pruned, RunError
 from framework.recipe.loaded import LoadedRecipe, load_recipe
 from framework import runs as run_folders
 from framework.folders import RunFolder
@@ -25,13 +25,20 @@ def validate(path: str | Path, overrides: list[str] | tuple = ()):
     trackers, the monitored metric, sizes, and the data plan (sources, labels, split, leakage audit)."""
     from framework.resolve import resolve
 
-    return resolve(load_recipe(path, overrides))
+    resolved = resolve(load_recipe(path, overrides))
+    if resolved.recipe.tune is not None:  # what `recipe tune` would try, checked before trial 17
+        from framework.tune.plan import check_tune
+
+        check_tune(path, list(overrides), resolved)
+    return resolved
 
 
 def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name: str | None = None,
-        resume: str | Path | None = None, log=print) -> Path:
+        resume: str | Path | None = None, log=print, hooks: list | tuple = ()) -> Path:
     """Train a recipe into a new run folder (or continue one with `resume`); returns the run folder.
-    Every check of `validate` runs first: a recipe that fails one leaves no folder behind."""
+    Every check of `validate` runs first: a recipe that fails one leaves no folder behind. `hooks`: objects whose
+    `after_validation(ctx)` (framework.engine.runner.EpochContext) is called after each validation; one may end
+    the run by raising `framework.errors.Pruned` (the summary then says `pruned`; the exception reaches the caller)."""
     dist = run_folders.distributed()
     resolved, run_dir, state, summary = _prepare(path, overrides, name, resume, dist)
     say = log if dist.is_main_process else (lambda *_: None)
@@ -45,7 +52,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     if plan.indices("unused"):
         say(f"left out: {len(plan.indices('unused'))} image(s) (`unused` in split.csv)")
     summary["process"] = run_folders.this_process()  # who trains it (see run_folders.member_state)
-    _train(resolved, run_dir, state, summary, say)
+    _train(resolved, run_dir, state, summary, say, list(hooks))
     if resolved.recipe.eval.decision == "macro_f1" and dist.is_main_process:
         from framework.inference import decision
 
@@ -78,7 +85,7 @@ def _prepare(path, overrides, name, resume, dist):
         if overrides and dist.is_main_process:
             RunFolder(run_dir).write_recipe(resolved_yaml(loaded.recipe))
         return resolved, run_dir, state, summary
-    resolved = validate(path, overrides)
+    resolved = resolve(load_recipe(path, overrides))  # validate's checks (a `tune` section is not run's concern)
     root = Path(resolved.recipe.output.root)
     run_dir = run_folders.main_decides(dist, lambda: run_folders.new_run_dir(root, Path(path).stem, name))
     summary = {"wall_seconds": 0.0}
@@ -87,7 +94,7 @@ def _prepare(path, overrides, name, resume, dist):
     return resolved, run_dir, None, summary
 
 
-def _train(resolved, run_dir: Path, state, summary: dict, say) -> None:
+def _train(resolved, run_dir: Path, state, summary: dict, say, hooks: list) -> None:
     """Build, fit, and record how it ended in summary.json (finished, interrupted, failed) whatever happens."""
     from framework.build import build_run
     from framework.engine.logging import RunLog
@@ -99,14 +106,18 @@ def _train(resolved, run_dir: Path, state, summary: dict, say) -> None:
         with resolved.loaded.errors_located():
             built = build_run(resolved.recipe, resolved.plan, run_dir, resolved.trackers)
             log = RunLog(built, run_dir, resolved.plan.labels, say)
-            summary.update(fit(built, resolved.plan, log, summary, state, _hooks(resolved.recipe)))
+            summary.update(fit(built, resolved.plan, log, summary, state, _hooks(resolved.recipe) + hooks))
         summary["status"] = "finished"
+    except Pruned as e:
+        summary["status"] = "pruned"
+        summary["pruned"] = {"epoch": e.epoch, "why": e.why}
+        raise
     except Interrupted:
         summary["status"] = "interrupted"
         raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
-        raise RunError(Issue(f"interrupted; the last finished epoch is saved. Continue with "
+        raise Interrupted(Issue(f"interrupted; the last finished epoch is saved. Continue with "
                              f"`recipe run --resume {run_dir}`.")) from None
     except BaseException as e:
         summary["status"] = "failed"
@@ -207,6 +218,49 @@ def sweep(recipes: list[str | Path], grid: list[str], overrides: list[str] | tup
     if dry_run:
         return plan
     return run_sweep(plan, run_or_continue, list(overrides), log=log)
+
+
+def tune(path: str | Path, overrides: list[str] | tuple = (), trials: int | None = None, storage: str | None = None,
+         study: str | None = None, log=print) -> dict:
+    """Search the recipe's `tune:` space (framework.tune): every check of `validate` on the base recipe and on each
+    value the space may give, then trials (ordinary run folders `<study>-tNNN`) until the study has `trials`,
+    pruned early when the pruner says so; several processes or machines running this share the study through its
+    storage. Returns the report (`tune_report`)."""
+    from framework.tune.study import work
+
+    if run_folders.distributed().num_processes > 1:
+        raise RunError(Issue("a tuning worker is one process; several processes would each run the study's "
+                             "trials as one.", field="--processes", fix="start `recipe tune` several times "
+                             "instead (each is a worker of the same study), without --processes or torchrun."))
+    plan, found = _study(path, overrides, trials, storage, study)
+    log(f"study {plan.name} in {plan.storage}: {plan.trials_wanted()} trials by {plan.metric} "
+        f"({plan.direction}), sampler {plan.spec.sampler.name}, pruner {plan.spec.pruner.name}")
+    work(plan, found, run, log)
+    from framework.tune.report import report
+
+    return report(plan, found)
+
+
+def tune_report(path: str | Path, overrides: list[str] | tuple = (), storage: str | None = None,
+                study: str | None = None) -> dict:
+    """A study's sheet of trials (also trials.csv), its best parameters and their importances, and best.yaml (a
+    recipe that extends the base with the best trial's values); runs no trial. Keys: text, trials, best, ..."""
+    from framework.tune.report import report
+
+    return report(*_study(path, overrides, None, storage, study))
+
+
+def _study(path, overrides, trials, storage, study):
+    """The checked plan and the opened study (framework.tune.plan)."""
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise RunError(Issue("`recipe tune` needs Optuna, which is not installed.", field="tune",
+                             fix='pip install -e ".[tune]" (optuna, and the PostgreSQL driver).'))
+    from framework.tune.plan import make_plan, open_storage, open_study
+
+    plan = make_plan(path, list(overrides), trials, storage, study)
+    return plan, open_study(plan, open_storage(plan))
 
 
 # ------------------------------------------------------------------------------------ on trained runs

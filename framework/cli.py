@@ -13,6 +13,7 @@ import click
 from framework.cli_options import (load_plugins, one_source, images_options, overrides_option, plugin_option,
                                   prior_shift_option, tta_option)
 from framework.cli_launch import launch
+from framework.cli_search import sweep, tune
 from framework.errors import RecipeError
 
 # Set before torch or albumentations load (the entry point runs first): no phoning home, hub look-ups that fail at
@@ -289,39 +290,6 @@ def crossval(runs, out):
         click.echo(f"wrote {out}")
 
 
-@main.command()
-@click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="A recipe key and its values (repeatable).")
-@overrides_option
-@click.option("--name", "prefix", help="Run name prefix (default: the recipe's file name).")
-@click.option("--dry-run", is_flag=True, help="Only list the runs.")
-def sweep(recipes, grid, overrides, prefix, dry_run):
-    """Run every combination of the --grid values for RECIPES, then print their compare sheet."""
-    from framework import api
-    from framework.errors import Interrupted
-
-    try:
-        results = api.sweep(list(recipes), list(grid), overrides, prefix, dry_run, log=click.echo)
-    except (Interrupted, KeyboardInterrupt) as e:
-        click.echo(e.format() if isinstance(e, Interrupted) else "interrupted.", err=True)
-        sys.exit(130)
-    if dry_run:
-        for member in results:
-            click.echo(f"{member['name']}: {member['recipe']} " + " ".join(f"--set {o}" for o in member["overrides"]))
-        return
-    done = [r["run_dir"] for r in results if r.get("run_dir")]
-    if done:
-        text, _, warnings = api.compare(done)
-        click.echo(text, nl=False)
-        for w in warnings:
-            click.echo("warning: " + w, err=True)
-    failed = [r for r in results if r["status"] == "failed"]
-    for r in failed:
-        click.echo(f"failed: {r['name']}: {r['error'].splitlines()[0]}", err=True)
-    if failed:
-        sys.exit(1)
-
-
 @main.command("inspect")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @overrides_option
@@ -391,3 +359,7 @@ def schema(out):
 
 if __name__ == "__main__":
     main()
+
+
+main.add_command(sweep)
+main.add_command(tune)

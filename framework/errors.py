@@ -62,6 +62,15 @@ class Interrupted(RunError):
     exit_code = 130
 
 
+class Pruned(Exception):
+    """A hook ended a run early on purpose after a validation (a tuning pruner): the run folder is complete up to
+    `epoch`, and its summary says `pruned`, when and why."""
+
+    def __init__(self, epoch: int, why: str):
+        self.epoch, self.why = epoch, why
+        super().__init__(f"pruned after epoch {epoch}: {why}")
+
+
 def did_you_mean(name: str, choices, n: int = 3) -> str:
     """' Did you mean X?' for the nearest choices, or '' when none is close."""
     import difflib

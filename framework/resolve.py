@@ -35,6 +35,21 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
     """All the checks, in the order a user fixes them: model and augmentations, then the data, then the metric.
     Problems come back as one RecipeError naming file, line and field; warnings go to `loaded.warnings`."""
     fast = _fast_dev_value()
+    size, trackers = check_recipe(loaded)
+    with loaded.errors_located():
+        plan = build_data(loaded.recipe, classes=False)
+        check_images(loaded, plan)  # a missing file first: else it shows as a class with no training image
+        check_classes(plan)
+        check_monitor(loaded.recipe, plan)
+    _data_warnings(loaded, plan)
+    if fast:
+        _fast_dev_run(loaded, plan, fast)
+    return Resolved(loaded, plan, size, trackers)
+
+
+def check_recipe(loaded: LoadedRecipe) -> tuple[tuple[int, int], list[str]]:
+    """The checks that need no data (model and weights, augmentations, trackers, losses, hooks, places to write);
+    returns the image size and the trackers. `recipe tune` runs them for each value it may try."""
     with loaded.errors_located():
         check_model_args(loaded.recipe)
         size = _model(loaded)
@@ -44,14 +59,7 @@ def resolve(loaded: LoadedRecipe) -> Resolved:
         _review_hooks(loaded.recipe)
         check_sync_batchnorm(loaded.recipe.train, int(os.environ.get("WORLD_SIZE", "1")))
         check_places(loaded.recipe)
-        plan = build_data(loaded.recipe, classes=False)
-        check_images(loaded, plan)  # a missing file first: else it shows as a class with no training image
-        check_classes(plan)
-        check_monitor(loaded.recipe, plan)
-    _data_warnings(loaded, plan)
-    if fast:
-        _fast_dev_run(loaded, plan, fast)
-    return Resolved(loaded, plan, size, trackers)
+    return size, trackers
 
 
 FAST_DEV_RUN = "RECIPE_FAST_DEV_RUN"

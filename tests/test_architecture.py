@@ -19,8 +19,8 @@ LAYERS = [
     ["engine"],
     ["inference"],
     ["review"],
-    ["runs", "api", "sweep"],
-    ["cli", "cli_options", "cli_launch", "__init__"],
+    ["runs", "api", "sweep", "tune"],
+    ["cli", "cli_options", "cli_launch", "cli_search", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -3,8 +3,9 @@ validate when due, log, checkpoint, call the hooks.
 
 Randomness is seeded per epoch (and per sample for augmentation), so a resumed run continues exactly where the
 straight run would be. Hooks (`after_validation(ctx)`, e.g. Grad-CAM images) are passed in by the caller; they get
-the validation's outputs and the run log, and must leave the model, its gradients and every RNG stream as they
-found them (framework.review.cam_hook does).
+the validation's outputs, its figures and the run log, and must leave the model, its gradients and every RNG stream
+as they found them (framework.review.cam_hook does). A hook may end the run early by raising `errors.Pruned` (a
+tuning pruner does): the epoch is saved first, and the run's summary says `pruned`, at which epoch and why.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class EpochContext:
     built: object  # framework.build.Built
     v_stats: dict  # framework.engine.loop.evaluate's result
     log: RunLog
+    metrics: dict = field(default_factory=dict)  # this epoch's figures by monitor name ("val/macro_f1": 0.71)
 
 
 @dataclass
@@ -55,11 +57,13 @@ def fit(built, plan, log: RunLog, summary: dict, resume: dict | None = None, hoo
     if resume is not None:
         start, r.best, partial = ckpt.restore(built, resume)
     _start(r, start)
-    with StopSignal() as stop:
-        for epoch in range(start, built.recipe.train.epochs + 1):
-            _epoch(r, epoch, stop, partial if epoch == start else None)
-    r.log.close()
-    built.accelerator.free_memory()
+    try:
+        with StopSignal() as stop:
+            for epoch in range(start, built.recipe.train.epochs + 1):
+                _epoch(r, epoch, stop, partial if epoch == start else None)
+    finally:  # also when stopped, pruned or failed: a tuning worker trains many runs in one process
+        r.log.close()
+        built.accelerator.free_memory()
     return r.summary
 
 
@@ -124,7 +128,7 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
         RunFolder(r.run_dir).write_summary(r.summary)
     if v_stats is not None:
         for hook in r.hooks:
-            hook.after_validation(EpochContext(epoch, b, v_stats, r.log))
+            hook.after_validation(EpochContext(epoch, b, v_stats, r.log, flat_metrics(record)))
     b.accelerator.wait_for_everyone()
 
 

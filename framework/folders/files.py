@@ -35,7 +35,7 @@ class Summary(_File):
     """summary.json: what a run is and how far it got (written at the start, after each epoch and at the end)."""
 
     name: Name
-    status: Literal["running", "finished", "failed", "interrupted"]
+    status: Literal["running", "finished", "failed", "interrupted", "pruned"]
     started: str = ""
     recipe: str = ""
     notes: str | None = None

@@ -105,7 +105,7 @@ def flatten(data, prefix: str = "") -> dict[str, object]:
 
 # Keys a trained run's recipe may differ in from its checkpoint's without changing what the model predicts: where
 # the data, its split and the run folder are, how the run reports, how long it trains.
-NOT_THE_MODEL = ("data.", "validation.", "output.", "logging.", "notes", "train.epochs", "eval.", "plugins")
+NOT_THE_MODEL = ("data.", "validation.", "output.", "logging.", "notes", "train.epochs", "eval.", "plugins", "tune")
 
 
 def edited_keys(now: dict, then: dict, ignore: tuple = ("train.epochs",), known_only: bool = False) -> list[str]:

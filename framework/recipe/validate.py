@@ -180,3 +180,39 @@ def _fields_at(model, loc: tuple) -> list[str] | None:
     if isinstance(t, type) and issubclass(t, BaseModel):
         return list(t.model_fields)
     return None
+
+
+def path_problem(path: tuple, model: type[BaseModel] = Recipe) -> str | None:
+    """None when the dotted recipe path `path` (("train", "optimizer", "lr")) can hold a value, else what is wrong,
+    with a did-you-mean (`recipe tune`'s space keys are checked so before any trial starts)."""
+    t: Any = model
+    for depth, el in enumerate(path):
+        t = _unwrap(t)
+        where = ".".join(map(str, path[:depth])) or "the top level"
+        if get_origin(t) in (Union, types.UnionType):
+            options = [_unwrap(m) for m in get_args(t) if _unwrap(m) is not type(None)]
+            models = [m for m in options if isinstance(m, type) and issubclass(m, BaseModel)]
+            holding = [m for m in models if el in m.model_fields]
+            if holding:
+                t = holding[0].model_fields[el].annotation
+                continue
+            rest = [m for m in options if m not in models]
+            if not rest:
+                names = sorted({f for m in models for f in m.model_fields})
+                return f"{where} has no key {el!r}.{did_you_mean(el, names)}"
+            t = rest[0]
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if el not in t.model_fields:
+                return f"{where} has no key {el!r}.{did_you_mean(el, list(t.model_fields))}"
+            t = t.model_fields[el].annotation
+        elif get_origin(t) is dict:
+            t = get_args(t)[1] if get_args(t) else Any
+        elif get_origin(t) in (list, tuple):
+            if not str(el).isdigit():
+                return f"{where} is a list: the next part of the path must be a position (0, 1, ...), not {el!r}."
+            t = get_args(t)[0] if get_args(t) else Any
+        elif t is Any:
+            return None
+        else:
+            return f"{where} is a single value; it has no key {el!r}."
+    return None

@@ -18,6 +18,7 @@ from framework.recipe.schema.data import (BundledSource, CsvSource, DataSection,
 from framework.recipe.schema.training import (SGD, AdamW, Constant, Cosine, LossSpec, ModelSection,  # noqa: F401
                                               NormalizeSpec, Optimizer, ResizeSpec, Scheduler, StepLR, TaskSpec,
                                               TrainSection, TransformsSection)
+from framework.recipe.schema.tune import TuneSection
 
 
 class EvalSection(_Section):
@@ -74,6 +75,7 @@ class Recipe(_Section):
     plugins: list[str] = Field(default_factory=list, description="Plugin files (relative to the recipe) or "
                                "modules to import; they register transforms, backbones, losses and readers.")
     notes: str = Field("", description="Free text, shown in run comparisons.")
+    tune: TuneSection | None = Field(None, description="What `recipe tune` searches; `recipe run` ignores it.")
 
     @model_validator(mode="before")
     @classmethod
