@@ -38,6 +38,8 @@ SKIP = {  # command -> why it cannot run here (the reason is printed)
     "run recipes/hard_aug.yaml --name big": "needs two machines",
     "recipe run --resume RUN_DIR": "RUN_DIR is a placeholder; `recipe run --resume runs/r18-96` runs",
     "accelerate launch --cpu --num_processes 2": "the README's example of what not to do",
+    "recipe tune recipes/chandrikadeb7_mask_tune.yaml --storage postgresql://tuner@db.example.org/studies":
+        "needs a PostgreSQL server (tests/test_tune.py starts one and runs two workers against it)",
 }
 EXPECTED = {  # command -> (exit code, text the output must hold): the README shows it failing on purpose
     "recipe run recipes/hard_aug.yaml --set data.root=/my/data": (2, "/my/data"),
@@ -58,7 +60,9 @@ FIXTURES = [  # what the README's commands take for granted, made before them
     'recipe run recipes/multitask_mask_utk.yaml --name gender --set "tasks={gender: {column: gender, classes: [male, female]}}"',
     'recipe run recipes/multitask_mask_utk.yaml --name age --set "tasks={age: {column: age, bins: [30, 60]}}"',
 ]
-COMMAND_START = re.compile(r"^(recipe|bash|python|pip|check-jsonschema|tensorboard|torchrun|accelerate|_RECIPE)\b|eval ")
+COMMAND_START = re.compile(r"^(recipe|bash|python|pip|check-jsonschema|tensorboard|optuna-dashboard|torchrun|accelerate|"
+                           r"_RECIPE)\b|eval ")
+SERVERS = ("tensorboard", "optuna-dashboard")  # started, checked that they serve, stopped after 20 s
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -141,13 +145,13 @@ def run_one(kind: str, command: str, work: Path, log: Path) -> tuple[bool, str]:
         return rc == want_rc and want_text in text, f"exit {rc} (expected {want_rc}, with {want_text!r})"
     if command in INTERRUPT:
         return "resume" in text.lower() or "stopped" in text.lower(), f"exit {rc} after Ctrl-C"
-    if command.startswith("tensorboard"):
+    if command.startswith(SERVERS):
         return "http://" in text, "served (stopped after 20 s)"
     return rc == 0, f"exit {rc}"
 
 
 def _wait(proc, command: str, work: Path) -> int:
-    deadline = time.time() + (20 if command.startswith("tensorboard") else TIMEOUT)
+    deadline = time.time() + (20 if command.startswith(SERVERS) else TIMEOUT)
     metrics = work / INTERRUPT[command] / "metrics.jsonl" if command in INTERRUPT else None
     while proc.poll() is None:
         if time.time() > deadline or (metrics and metrics.exists() and metrics.stat().st_size):

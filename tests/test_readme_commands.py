@@ -23,7 +23,9 @@ def test_every_readme_command_is_found_and_the_tables_match_the_readme():
     assert "bash docs/three_vs_one.sh" in commands and "recipe evaluate runs/age-reg --set tasks.age.bins=[30,58]" in commands
     assert "recipe compare" not in commands  # a command's name in the prose is not a command
     skipped = [c for c in commands if c in script.SKIP]
-    assert len(skipped) <= 5 and len(commands) - len(skipped) >= 30
+    # skipped: the test command, 4 GPUs, two machines (torchrun, and tune's shared PostgreSQL), a placeholder, and
+    # the example of what not to do
+    assert len(skipped) <= 6 and len(commands) - len(skipped) >= 30
 
 
 def test_block_commands_join_continuations_and_drop_comments():

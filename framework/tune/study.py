@@ -309,7 +309,8 @@ def make_pruner(plan: Plan):
 
     p = plan.spec.pruner
     if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+        # Optuna judges steps >= n_warmup_steps; epochs count from 1, so epochs 1..warmup_epochs are never judged
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs + 1)
     if p.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=plan.every, max_resource=plan.epochs)
     return optuna.pruners.NopPruner()
