@@ -149,7 +149,7 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
     training, or that holds another recipe stops with the fix (nothing in it is touched)."""
     dist = run_folders.distributed()
     decision = run_folders.main_decides(
-        dist, lambda: run_folders.member_state(path, overrides, name, _concrete_image_size))
+        dist, lambda: run_folders.member_state(path, overrides, name, _concrete))
     if decision is None:
         return run(path, overrides, name=name, log=log)
     how, run_dir = decision
@@ -161,12 +161,15 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
     return run(resume=run_dir, log=log)
 
 
-def _concrete_image_size(loaded: LoadedRecipe) -> None:
-    """`transforms.image_size: auto` becomes the backbone's own size, as `run` writes it into the run folder."""
+def _concrete(loaded: LoadedRecipe) -> None:
+    """What `run` makes concrete before writing the run folder: `transforms.image_size: auto` becomes the
+    backbone's own size, `face_detector: auto` the installed detector."""
     from framework.models import resolve_inputs
+    from framework.resolve import check_face_detector
 
     with loaded.errors_located():
         size, _, _ = resolve_inputs(loaded.recipe)  # checks the name too
+        check_face_detector(loaded.recipe)
     if loaded.recipe.transforms.image_size == "auto":
         loaded.recipe.transforms.image_size = size
 
@@ -232,7 +235,9 @@ def tune(path: str | Path, overrides: list[str] | tuple = (), trials: int | None
         raise RunError(Issue("a tuning worker is one process; several processes would each run the study's "
                              "trials as one.", field="--processes", fix="start `recipe tune` several times "
                              "instead (each is a worker of the same study), without --processes or torchrun."))
-    plan, found = _study(path, overrides, trials, storage, study)
+    from framework.tune.plan import open_plan
+
+    plan, found = open_plan(path, overrides, trials, storage, study)
     log(f"study {plan.name} in {plan.storage}: {plan.trials_wanted()} trials by {plan.metric} "
         f"({plan.direction}), sampler {plan.spec.sampler.name}, pruner {plan.spec.pruner.name}")
     work(plan, found, run, log)
@@ -245,22 +250,19 @@ def tune_report(path: str | Path, overrides: list[str] | tuple = (), storage: st
                 study: str | None = None) -> dict:
     """A study's sheet of trials (also trials.csv), its best parameters and their importances, and best.yaml (a
     recipe that extends the base with the best trial's values); runs no trial. Keys: text, trials, best, ..."""
+    from framework.tune.plan import open_plan
     from framework.tune.report import report
 
-    return report(*_study(path, overrides, None, storage, study))
+    return report(*open_plan(path, overrides, None, storage, study))
 
 
-def _study(path, overrides, trials, storage, study):
-    """The checked plan and the opened study (framework.tune.plan)."""
-    import importlib.util
+def faces(target: str | Path, out: str | Path = "boxes.csv", overrides: list[str] | tuple = (),
+          detector: str | None = None, sheet: str | Path | None = None) -> dict:
+    """Face boxes of a recipe's images (its detector; boxes from the data kept), a folder of images or a CSV,
+    written as a manifest with box columns and `box_from` (framework.review.faces); `sheet`: a contact sheet."""
+    from framework.review.faces import faces_of
 
-    if importlib.util.find_spec("optuna") is None:
-        raise RunError(Issue("`recipe tune` needs Optuna, which is not installed.", field="tune",
-                             fix='pip install -e ".[tune]" (optuna, and the PostgreSQL driver).'))
-    from framework.tune.plan import make_plan, open_storage, open_study
-
-    plan = make_plan(path, list(overrides), trials, storage, study)
-    return plan, open_study(plan, open_storage(plan))
+    return faces_of(target, Path(out), list(overrides), detector, Path(sheet) if sheet else None)
 
 
 # ------------------------------------------------------------------------------------ on trained runs

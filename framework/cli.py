@@ -290,6 +290,26 @@ def crossval(runs, out):
         click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.argument("target", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), default="boxes.csv", show_default=True,
+              help="The manifest to write: the images with xmin, ymin, xmax, ymax and box_from columns.")
+@click.option("--detector", help="haar, mtcnn or a plugin's (default: the recipe's transforms.face_detector, "
+                                 "else auto).")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Also save a contact sheet of the boxes (PNG).")
+@overrides_option
+def faces(target, out, detector, sheet, overrides):
+    """Find the face in every image of TARGET (a recipe, a folder of images or a CSV with a `path` column) and
+    write the boxes as a manifest: check them, fix a few by hand, then train with the source's `box_columns`."""
+    from framework import api
+
+    result = api.faces(target, out, overrides, detector, sheet)
+    c = result["counts"]
+    click.echo(f"{result['images']} images: {c['data']} boxes from the data, {c['detector']} found by "
+               f"{result['detector']}, {c['none']} without a face; written to {result['out']}"
+               + (f" (contact sheet: {result['sheet']})" if "sheet" in result else ""))
+
+
 @main.command("inspect")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @overrides_option

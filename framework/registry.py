@@ -1,5 +1,5 @@
 """One registry mechanism for everything a plugin can add: transforms, backbones, losses, data readers, task
-kinds and weight sources.
+kinds, weight sources and face detectors.
 
 Built-ins and plugins register the same way, with a decorator where they are defined
 (`@LOSSES.register("focal")`). A registry knows the modules that hold its built-ins and imports them on its first
@@ -128,6 +128,7 @@ LOSSES = Registry("loss", builtins=("framework.losses",))
 READERS = Registry("reader", builtins=("framework.data.readers",))
 TASK_KINDS = Registry("task kind", builtins=("framework.tasks",))
 WEIGHTS = Registry("weight source", builtins=("framework.weights",))
+DETECTORS = Registry("face detector", builtins=("framework.data.faces",))
 
 REGISTRIES = {"transforms": TRANSFORMS, "backbones": BACKBONES, "losses": LOSSES, "readers": READERS,
-              "task kinds": TASK_KINDS, "weight sources": WEIGHTS}
+              "task kinds": TASK_KINDS, "weight sources": WEIGHTS, "face detectors": DETECTORS}

@@ -52,6 +52,7 @@ def check_recipe(loaded: LoadedRecipe) -> tuple[tuple[int, int], list[str]]:
     returns the image size and the trackers. `recipe tune` runs them for each value it may try."""
     with loaded.errors_located():
         check_model_args(loaded.recipe)
+        check_face_detector(loaded.recipe)
         size = _model(loaded)
         _augmentations(loaded, size)
         trackers = check_trackers(loaded.recipe.logging.trackers)
@@ -98,6 +99,18 @@ def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     check_pretrained(recipe.model)
     check_input_size(recipe.model, size)
     return size
+
+
+def check_face_detector(recipe) -> None:
+    """The face detector is installed; `auto` becomes the one used (mtcnn where facenet-pytorch is installed, else
+    haar), so the run folder says which found its boxes."""
+    from framework.data import faces
+
+    spec = recipe.transforms.face_detector
+    missing = faces.missing_package(spec.name)
+    if missing:
+        raise FieldError(("transforms", "face_detector", "name"), *missing)
+    spec.name = faces.concrete(spec.name)
 
 
 def check_places(recipe) -> None:

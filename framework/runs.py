@@ -148,6 +148,9 @@ def resume_state(run_dir: Path, overrides) -> tuple:
     return loaded, state, summary
 
 
+ADDED_LATER = ("transforms.face_detector", "tune")  # settings newer than some checkpoints
+
+
 def check_same_recipe(run_dir: Path, recipe, state: dict) -> None:
     """The recipe a run resumes with is the one its checkpoint was trained with (train.epochs aside): an edited
     recipe.resolved.yaml (another batch size, augmentation, learning rate, backbone) is refused, naming the keys."""
@@ -156,7 +159,8 @@ def check_same_recipe(run_dir: Path, recipe, state: dict) -> None:
     if "recipe" not in state:  # a checkpoint written before checkpoints carried their recipe
         return
     now, then = flatten(recipe.model_dump(mode="json")), flatten(state["recipe"])
-    keys = edited_keys(recipe.model_dump(mode="json"), state["recipe"])
+    keys = [k for k in edited_keys(recipe.model_dump(mode="json"), state["recipe"])
+            if k in then or not k.startswith(ADDED_LATER)]  # a checkpoint older than these settings lacks them
     if keys:
         shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
         raise RunError(Issue(f"the recipe changed since this run's checkpoint was written ({shown}); a resumed run "
@@ -206,6 +210,8 @@ def _decide(run_dir: Path, summary: dict, again: str) -> tuple[str, Path]:
         return "resume", run_dir
     if status == "failed":
         why = f"it failed earlier ({summary.get('error', 'no error recorded')})"
+    elif status == "pruned":
+        why = f"a tuning study stopped it early ({(summary.get('pruned') or {}).get('why', 'pruned')})"
     elif status == "running":
         why = ("its summary says it is still running, and its process may be training it (on another machine, "
                f"or here as pid {(summary.get('process') or {}).get('pid', '?')}); if it is not, continue it with "

@@ -70,7 +70,7 @@ def test_a_damaged_cache_entry_is_decoded_again_not_used(tmp_path, data_root):
     truth, _, _ = prepare(rows, resize)
     cache = DiskCache(tmp_path / "c", "32", 10**9)
     _, _, _ = prepare(rows, resize, cache=cache)
-    entries = [cache.entry(cache.key(r["path"], None, False)) for r in rows]
+    entries = [cache.entry(cache.key(r["path"], None)) for r in rows]
     entries[0].write_bytes(b"\x93NUMPY garbage")
     np.save(entries[1], np.zeros((7, 7, 3), np.uint8))
     np.save(entries[2], np.full((32, 32, 3), 255, np.uint8))

@@ -92,13 +92,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def resize_one(path: str, box, resize, detect: bool = False) -> tuple[np.ndarray, tuple | None]:
-    """Decode one image and run the resize stage; the face box (if any) follows the image. With `detect`, an
-    image without a box gets one from the face detector, run on the full decoded image (before the resize)."""
+def resize_one(path: str, box, resize, detector=None) -> tuple[np.ndarray, tuple | None]:
+    """Decode one image and run the resize stage; the face box (if any) follows the image. With a `detector`
+    (framework.data.faces), an image without a box gets one, found on the full decoded image (before the resize)."""
     image = decode(path)
-    if detect and box is None:
-        from framework.data.faces import detect_face
-        box = detect_face(image)
+    if detector is not None and box is None:
+        box = detector(image)
     carries_boxes = bool(getattr(resize, "processors", None))
     if box is None or not carries_boxes:
         extra = {"bboxes": np.zeros((0, 4), dtype=np.float32), "box_ids": []} if carries_boxes else {}
@@ -125,13 +124,14 @@ class DiskCache:
         self.folder, self.settings, self.max_bytes = Path(folder).expanduser(), settings, max_bytes
         self.hits = self.misses = 0
 
-    def key(self, path: str, box, detect: bool) -> str:
+    def key(self, path: str, box, detector=None) -> str:
         regular_file(path)
         h = hashlib.blake2b(digest_size=20)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        h.update(f"|{self.settings}|{box}|{detect}".encode())
+        h.update(f"|{self.settings}|{box}|{detector.identity if detector is not None and box is None else None}"
+                 .encode())
         return h.hexdigest()
 
     def entry(self, key: str) -> Path:
@@ -207,9 +207,10 @@ class CachedImages:
         return CachedImages(self.cache, [self.keys[i] for i in idx])
 
 
-def prepare(rows: list[dict], resize, threads: int = 4, progress: str | None = None, detect: bool = False,
+def prepare(rows: list[dict], resize, threads: int = 4, progress: str | None = None, detector=None,
             cache: DiskCache | None = None):
-    """Decode and resize every row once (and, with `detect`, find a face box where the data has none), keeping the
+    """Decode and resize every row once (and, with a `detector`, find a face box where the data has none: its box
+    is cached with the image, keyed by the detector and its settings), keeping the
     result in memory, or in `cache` on disk (hits are not decoded at all). `progress`: the description of a
     progress bar, shown in a terminal only (None: no bar).
     Returns (images, boxes, failures) where failures is [(index, reason)]."""
@@ -222,16 +223,16 @@ def prepare(rows: list[dict], resize, threads: int = 4, progress: str | None = N
     def work(i):
         try:
             if cache is None:
-                images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
+                images[i], boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detector)
                 return
-            keys[i] = cache.key(rows[i]["path"], rows[i].get("box"), detect)
+            keys[i] = cache.key(rows[i]["path"], rows[i].get("box"), detector)
             hit = cache.box(keys[i])
             if hit is not False:
                 boxes[i] = hit
                 with lock:
                     cache.hits += 1
                 return
-            image, boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detect)
+            image, boxes[i] = resize_one(rows[i]["path"], rows[i].get("box"), resize, detector)
             cache.store(keys[i], image, boxes[i])
             with lock:
                 cache.misses += 1

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from framework import transforms as T
+from framework.data import faces
 from framework.data.dataset import DiskCache, ImageDataset, prepare
 from framework.errors import DataError, FieldError
 
@@ -74,6 +75,7 @@ class Loaders:
     train_codes: dict[str, list[int]]  # per task, the class index of each training image (-1 = no label)
     cache: dict
     no_face: int = 0  # training images without a face box (when something needs one)
+    faces: dict | None = None  # where face boxes came from (data / detector / none), when something needs them
 
 
 @dataclass
@@ -97,12 +99,12 @@ def _used_rows(plan, use_boxes: bool) -> _Used:
                  [plan.strata[i] for i in used], {t: [c[i] for i in used] for t, c in plan.ys.items()})
 
 
-def _decode_all(recipe, u: _Used, resize, size, use_boxes: bool, show_progress: bool):
+def _decode_all(recipe, u: _Used, resize, size, detector, show_progress: bool):
     """Decode + resize each image once (memory or disk cache), or nothing now (cache none: decoded per access)."""
     if recipe.data.cache not in ("memory", "disk"):
         return None, None, [], None
     disk = disk_cache(recipe, size) if recipe.data.cache == "disk" else None
-    images, boxes, failures = prepare(u.rows, resize, threads=os.cpu_count() or 2, detect=use_boxes, cache=disk,
+    images, boxes, failures = prepare(u.rows, resize, threads=os.cpu_count() or 2, detector=detector, cache=disk,
                                       progress="decode+resize" if recipe.logging.progress and show_progress else None)
     if failures and recipe.data.bad_images == "error":
         listed = "; ".join(f"{u.rows[i]['path']} ({why})" for i, why in failures[:5])
@@ -123,7 +125,8 @@ def build_loaders(recipe, plan, size: tuple[int, int], show_progress: bool, cpu:
                          "in the cached resize stage.", "set data.cache: memory (the default) or disk.")
     resize = T.resize_stage(size, recipe.transforms.resize, with_boxes=any(r.get("box") for r in u.rows) or use_boxes)
     augment = T.augmentation_stage(augs, with_boxes=T.needs_face_box(augs))
-    images, boxes, failures, disk = _decode_all(recipe, u, resize, size, use_boxes, show_progress)
+    detector = faces.for_recipe(recipe) if use_boxes and not all(r.get("box") for r in u.rows) else None
+    images, boxes, failures, disk = _decode_all(recipe, u, resize, size, detector, show_progress)
     bad = {i for i, _ in failures}  # skipped images leave both sides
     tr_idx = [i for i, s in enumerate(u.sides) if s == "train" and i not in bad]
     va_idx = [i for i, s in enumerate(u.sides) if s == "val" and i not in bad]
@@ -141,5 +144,17 @@ def build_loaders(recipe, plan, size: tuple[int, int], show_progress: bool, cpu:
     val_loader = DataLoader(val_ds, batch_size=recipe.eval.batch_size or 2 * tr.batch_size, shuffle=False, **common)
     no_face = sum(b is None for b in train_ds.boxes) if use_boxes and train_ds.boxes is not None else 0
     cache = {"mode": recipe.data.cache} | ({"hits": disk.hits, "misses": disk.misses} if disk else {})
+    found = None
+    if use_boxes and boxes is not None:
+        kept = [i for i in range(len(u.rows)) if i not in bad]
+        found = faces.box_counts([u.rows[i] for i in kept], [boxes[i] for i in kept], [u.sides[i] for i in kept],
+                                 [_first_class(plan, u.y[i]) for i in kept], detector)
     return Loaders(train_ds, sampler, train_loader, val_loader, resize, [(u.rows[i]["path"], why) for i, why in failures],
-                   {t: [c[i] for i in tr_idx] for t, c in u.codes.items()}, cache, no_face)
+                   {t: [c[i] for i in tr_idx] for t, c in u.codes.items()}, cache, no_face, found)
+
+
+def _first_class(plan, y: tuple) -> str:
+    """The class name of a row's first task (for counts per class)."""
+    task, labels = next(iter(plan.labels.items()))
+    k = y[0]
+    return labels.classes[int(k)] if isinstance(k, (int, np.integer)) and 0 <= k < len(labels.classes) else "?"

@@ -75,9 +75,16 @@ def _start(r: _Run, start_epoch: int) -> None:
                      processes=b.accelerator.num_processes, device=str(b.accelerator.device))
     for note in b.notes:
         r.log.say(f"weights: {note}")
+    if d.faces is not None:
+        from framework.data.faces import describe
+
+        r.summary["faces"] = d.faces
+        for line in describe(d.faces):
+            r.log.say(line)
     if d.no_face:
         r.log.say(f"faces: {d.no_face} of {len(d.train_ds)} training images have no face box in the data and none "
-                  "was detected; they are used whole (give the data's boxes with a source's box_columns)")
+                  "was detected; they are used whole (give the data's boxes with a source's box_columns, or "
+                  "write them with `recipe faces`)")
     r.log.skipped(d.skipped)
     r.log.start(start_epoch)
     if r.log.main:

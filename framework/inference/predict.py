@@ -65,10 +65,25 @@ def prepared(run: LoadedRun, paths: list[str], boxes: list | None = None, progre
     from framework.data.dataset import prepare
 
     rows = [{"path": p, "box": boxes[i] if boxes else None} for i, p in enumerate(paths)]
-    detect = run.recipe.transforms.resize.face_margin is not None
-    images, _, failures = prepare(rows, run.resize, progress="decode" if progress else None, detect=detect)
+    detector = None
+    if run.recipe.transforms.resize.face_margin is not None and not (boxes and all(boxes)):
+        detector = run_detector(run)
+    images, _, failures = prepare(rows, run.resize, progress="decode" if progress else None, detector=detector)
     bad = {i for i, _ in failures}
     return images, [i for i in range(len(paths)) if i not in bad], failures
+
+
+def run_detector(run: LoadedRun):
+    """The face detector a face-cropping run was trained with (its recipe names it), or a RunError with the fix."""
+    from framework.data import faces
+    from framework.errors import Issue, RunError
+
+    spec = run.recipe.transforms.face_detector
+    missing = faces.missing_package(spec.name)
+    if missing:
+        raise RunError(Issue(f"this run crops to faces found by a detector: {missing[0]}", field="face_detector",
+                             fix=missing[1]))
+    return faces.for_recipe(run.recipe)
 
 
 def predict_proba(run: LoadedRun, paths: list[str], tta: str | None = None, boxes: list | None = None,

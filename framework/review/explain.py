@@ -135,8 +135,8 @@ def face_view(run, image: np.ndarray, box=None) -> np.ndarray:
     from framework.transforms import face_region
 
     if box is None:
-        from framework.data.faces import detect_face
-        box = detect_face(image)
+        from framework.inference.predict import run_detector
+        box = run_detector(run)(image)
     region = face_region(box, image.shape[1], image.shape[0], margin) if box else None
     return image[region[1]:region[3], region[0]:region[2]] if region else image
 

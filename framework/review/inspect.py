@@ -77,6 +77,9 @@ def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None
         "odd_files": [{"path": f["path"], "odd": f["odd"]} for f in facts if f["odd"]],
         "sizes": _size_summary(sizes),
     }
+    found = _faces(loaded, rows, sides, [_label(labels, ys, i) for i in range(len(rows))], out)
+    if found is not None:
+        report["faces"] = found
     if out is not None:
         out = Path(out)
         write_json(out / "report.json", report)
@@ -88,6 +91,30 @@ def inspect_recipe(path: str | Path, overrides=(), out: str | Path | None = None
         Image.fromarray(preview).save(out / "augmentations.png")
         report["preview"] = str(out / "augmentations.png")
     return report
+
+
+def _faces(loaded, rows: list[dict], sides: list[str], classes: list[str], out) -> dict | None:
+    """Where face boxes come from when the recipe needs them (face crop, face-keeping augmentation): counts per
+    side, source and class, and (with `out`) detections.png; None when nothing looks at faces."""
+    from framework import transforms as T
+    from framework.data import faces
+    from framework.models import resolve_inputs
+    from framework.resolve import check_face_detector
+    from framework.review.faces import detection_sheet, find_boxes
+
+    recipe = loaded.recipe
+    with loaded.errors_located():
+        check_face_detector(recipe)
+        size, _, _ = resolve_inputs(recipe)
+        augs = T.build_augmentations(recipe.transforms, size)
+    if recipe.transforms.resize.face_margin is None and not T.needs_face_box(augs):
+        return None
+    detector = faces.for_recipe(recipe)
+    boxes, origins = find_boxes(rows, detector)
+    counts = faces.box_counts(rows, boxes, sides, classes, detector)
+    if out is not None:
+        counts["sheet"] = str(detection_sheet(rows, boxes, origins, Path(out) / "detections.png"))
+    return counts
 
 
 def _counts(rows, sides, ys, labels) -> dict:
@@ -157,6 +184,11 @@ def format_report(r: dict) -> str:
     names_only = {"non-ASCII name", "space in name"}
     serious = sorted(r["odd_files"], key=lambda f: all(o in names_only for o in f["odd"]))  # content problems first
     lines += [f"  {f['path']}: {', '.join(f['odd'])}" for f in serious[:30]]
+    if r.get("faces"):
+        from framework.data.faces import describe
+
+        lines += [""] + describe(r["faces"]) + ([f"  contact sheet: {r['faces']['sheet']}"] if "sheet" in r["faces"]
+                                               else [])
     s = r["sizes"]
     if s:
         lines += ["", f"width {s['width']['min']}..{s['width']['max']} (median {s['width']['median']:.0f}), height "

@@ -16,6 +16,15 @@ DRIVER_FIX = ('install the database driver: pip install -e ".[tune]" (psycopg 3 
               "postgresql+psycopg2:// needs psycopg2-binary), or use a journal file.")
 
 
+def open_plan(path, overrides, trials: int | None = None, storage: str | None = None, study: str | None = None):
+    """The checked plan and the opened study (Optuna is an extra: a located error names it when missing)."""
+    if importlib.util.find_spec("optuna") is None:
+        raise RunError(Issue("`recipe tune` needs Optuna, which is not installed.", field="tune",
+                             fix='pip install -e ".[tune]" (optuna, and the PostgreSQL driver).'))
+    plan = make_plan(path, list(overrides), trials, storage, study)
+    return plan, open_study(plan, open_storage(plan))
+
+
 def make_plan(path: str | Path, overrides: list[str], trials: int | None = None, storage: str | None = None,
               study: str | None = None) -> Plan:
     """The checked plan of a study of the recipe at `path`: its base recipe resolves (every check of `validate`),

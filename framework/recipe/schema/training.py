@@ -24,6 +24,53 @@ class ResizeSpec(_Section):
                                       "images without a face are used whole. null = no face crop.")
 
 
+class FaceDetectorSpec(_Section):
+    """Finds face boxes where the data has none (for `resize.face_margin` and face-keeping crops)."""
+
+    name: str = Field("auto", description="auto (mtcnn where facenet-pytorch is installed, else haar), haar "
+                                          "(OpenCV, bundled; weak on masked faces), mtcnn (pip install -e "
+                                          "\".[faces]\"), or one a plugin registers (`recipe plugins`).")
+    args: dict[str, Any] = Field(default_factory=dict, description="The detector's own settings (e.g. mtcnn: "
+                                                                   "min_confidence, min_face_size).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data):
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v):
+        from framework.registry import DETECTORS
+
+        return v if v == "auto" else DETECTORS.checked(v)
+
+    @model_validator(mode="after")
+    def _own_args(self):
+        """`args` are checked by the schema the detector registered (`@DETECTORS.register(name, args=Model)`)."""
+        from pydantic import ValidationError
+
+        from framework.registry import DETECTORS
+
+        if self.name == "auto":
+            if self.args:
+                raise ValueError("auto takes no args: name the detector whose settings these are (haar, mtcnn)")
+            return self
+        names = [self.name]
+        schema = DETECTORS.get(names[0]).meta.get("args")
+        if schema is None:
+            if self.args:
+                raise ValueError(f"detector {self.name!r} takes no args (got {', '.join(map(str, self.args))})")
+            return self
+        try:
+            schema.model_validate(self.args)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ValueError(f"args.{where}: {first['msg']} (detector {names[0]!r})") from None
+        return self
+
+
 class NormalizeSpec(_Section):
     mean: tuple[float, float, float] = Field(description="Per-channel mean of 0..1 pixel values.")
     std: tuple[float, float, float] = Field(description="Per-channel standard deviation.")
@@ -42,6 +89,8 @@ class TransformsSection(_Section):
     train_file: str | None = Field(None, description="A pipeline saved by albumentations' A.save (YAML/JSON), "
                                                      "used as the training augmentations instead of `train`.")
     normalize: NormalizeSpec | None = Field(None, description="Mean/std; default: the backbone's own.")
+    face_detector: FaceDetectorSpec = Field(default_factory=FaceDetectorSpec, description="Where face boxes come "
+                                            "from when the data has none: a detector by name (haar, mtcnn, auto).")
 
     @field_validator("image_size")
     @classmethod
