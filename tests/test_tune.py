@@ -72,6 +72,7 @@ def test_a_tiny_study_prunes_and_its_best_yaml_trains_the_best_trial_again(tmp_p
         assert s["pruned"]["epoch"] < 3 and "median" in s["pruned"]["why"]
         assert s["epochs_done"] == s["pruned"]["epoch"]
     assert "pruned at epoch" in result.output and "best parameters:" in result.output
+    assert "resolves differently" not in result.output  # best.yaml is the best trial's recipe, key for key
     study = _study(str(runs / "tiny-tune" / "study.journal"))
     assert sum(_states(study).values()) == 5 and _states(study).get("PRUNED") == len(pruned)
     rows = (runs / "tiny-tune" / "trials.csv").read_text().splitlines()
@@ -85,6 +86,14 @@ def test_a_tiny_study_prunes_and_its_best_yaml_trains_the_best_trial_again(tmp_p
     assert again.exit_code == 0, again.output
     assert _val_losses(runs / "again") == _val_losses(Path(best.user_attrs["run_dir"]))
     assert json.loads((runs / "again" / "summary.json").read_text())["best_value"] == best.value
+
+    from framework.tune.report import _differs
+
+    assert _differs(best_yaml, best.user_attrs["run_dir"]) == []
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(best_yaml.read_text().replace(f"lr: {written['train']['optimizer']['lr']}", "lr: 0.5"))
+    (runs / "tiny-tune" / "edited.yaml").write_text(edited.read_text())
+    assert _differs(runs / "tiny-tune" / "edited.yaml", best.user_attrs["run_dir"]) == ["train.optimizer.lr"]
 
     report = CliRunner().invoke(main, ["tune", str(recipe), "--report"])  # runs no trial
     assert report.exit_code == 0 and "best: trial" in report.output

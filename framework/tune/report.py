@@ -131,13 +131,21 @@ def _trial_overrides(plan: Plan, params: dict, run_dir: str | None) -> list[str]
 
 def _differs(best_yaml: Path, run_dir: str | None) -> list[str]:
     from framework.folders import RunFolder
-    from framework.recipe.loaded import edited_keys, load_recipe
+    from framework.models import resolve_inputs
+    from framework.recipe.loaded import edited_keys, flatten, load_recipe
+    from framework.resolve import check_face_detector
+    from framework.runs import ADDED_LATER
 
     try:
         then = RunFolder(Path(run_dir or "")).recipe_dict()
     except Exception:  # noqa: BLE001 - the trial's folder is on another machine, or gone
         return []
-    now = load_recipe(best_yaml).recipe
-    if now.transforms.image_size == "auto":
-        return []  # resolved when run; the trial's folder holds the concrete size
-    return edited_keys(now.model_dump(mode="json"), then, ignore=("output.root", "tune"))
+    loaded = load_recipe(best_yaml)
+    now = loaded.recipe
+    with loaded.errors_located():  # what `run` makes concrete before it writes the run folder
+        check_face_detector(now)
+        if now.transforms.image_size == "auto":
+            now.transforms.image_size = resolve_inputs(now)[0]
+    had = flatten(then)
+    return [k for k in edited_keys(now.model_dump(mode="json"), then, ignore=("output.root", "tune"))
+            if k in had or not k.startswith(ADDED_LATER)]
