@@ -310,6 +310,10 @@ def faces(target, out, detector, sheet, overrides):
                + (f" (contact sheet: {result['sheet']})" if "sheet" in result else ""))
 
 
+main.add_command(sweep)  # the search commands live in cli_search
+main.add_command(tune)
+
+
 @main.command("inspect")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @overrides_option
@@ -380,6 +384,3 @@ def schema(out):
 if __name__ == "__main__":
     main()
 
-
-main.add_command(sweep)
-main.add_command(tune)

@@ -25,6 +25,10 @@ def editor_schema() -> dict:
     builtin = [e.name for e in READERS.entries() if e.origin == "built-in"]
     plugin = schema["$defs"]["PluginSource"]["properties"]["type"]
     plugin["not"] = {"enum": builtin}  # a built-in type is described by its own branch
+    detector = schema["$defs"]["TransformsSection"]["properties"]["face_detector"]
+    schema["$defs"]["TransformsSection"]["properties"]["face_detector"] = {  # `face_detector: mtcnn` is short for
+        "description": detector.get("description", ""),                     # {name: mtcnn}
+        "anyOf": [{"type": "string"}, {k: v for k, v in detector.items() if k != "description"}]}
     return schema
 
 

@@ -117,8 +117,8 @@ def open_storage(plan: Plan):
             return optuna.storages.JournalStorage(JournalFileBackend(str(file)))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return _rdb(url, {"connect_args": {"timeout": 120}})
+        return _rdb(url, {"pool_pre_ping": True})
     except ModuleNotFoundError as e:
         raise RunError(Issue(f"the storage {url!r} needs the Python package {e.name!r}, which is not installed.",
                              field=where, fix=DRIVER_FIX)) from None
@@ -131,6 +131,24 @@ def open_storage(plan: Plan):
         raise RunError(Issue(f"cannot open the study storage {url!r}: {first}.", field=where,
                              fix=DRIVER_FIX if driver else "check the URL, that the server runs and accepts you "
                                  "(host, port, user, database), or use a journal file path.")) from None
+
+
+def _rdb(url: str, engine_kwargs: dict):
+    """Optuna's database storage. Workers that start together race to create its tables (a UNIQUE constraint on
+    alembic_version fails for all but one): the losers try again, and then find the tables made."""
+    import time
+
+    import optuna
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except ModuleNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - retried only while the tables are being made
+            if attempt == 5 or not any(w in str(e) for w in ("UNIQUE", "unique", "already exists", "locked")):
+                raise
+            time.sleep(0.5 + attempt)
 
 
 def open_study(plan: Plan, storage):
