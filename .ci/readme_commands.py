@@ -98,11 +98,12 @@ def _block_commands(block: str) -> list[str]:
 
 
 def make_scratch(root: Path) -> Path:
-    """A folder beside a link to ../shared, holding recipes/, plugins/, docs/ and the inputs the README assumes."""
+    """A folder beside a link to ../shared, holding recipes/, plugins/, docs/, scripts/, benchmarks/ and the inputs
+    the README assumes."""
     (root / "shared").symlink_to(SHARED.resolve())
     work = root / "repo"
     work.mkdir()
-    for name in ("recipes", "plugins", "docs", "scripts"):
+    for name in ("recipes", "plugins", "docs", "scripts", "benchmarks"):
         shutil.copytree(REPO / name, work / name)
     for name in ("README.md", "recipe.schema.json"):
         shutil.copy(REPO / name, work / name)
