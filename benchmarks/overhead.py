@@ -15,7 +15,8 @@ from _common import built_run, median, parser, utk_gender
 
 def main() -> None:
     from framework.engine.loop import train_epoch
-    from framework.models import build_model, resolve_inputs
+    from framework.backbones import resolve_inputs
+    from framework.models import build_model
 
     ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=3)

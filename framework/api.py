@@ -164,7 +164,7 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
 def _concrete(loaded: LoadedRecipe) -> None:
     """What `run` makes concrete before writing the run folder: `transforms.image_size: auto` becomes the
     backbone's own size, `face_detector: auto` the installed detector."""
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
     from framework.resolve import check_face_detector
 
     with loaded.errors_located():

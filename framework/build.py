@@ -65,7 +65,7 @@ def build_data(recipe, classes: bool = True) -> DataPlan:
     specs = recipe.task_specs()
     rows, ys, labels, dropped = label_rows(read_sources(recipe.data), specs, recipe.data.missing_label, named)
     plan = DataPlan(rows, ys, labels, [], dropped, named_tasks=named)
-    plan.values = {t: numbers(rows, s.column) for t, s in specs.items() if head_class(s.kind).regression}
+    plan.values = {t: numbers(rows, s.column) for t, s in specs.items() if head_class(s.kind).learns == "number"}
     plan.numbers = {t: numbers(rows, s.column) for t, s in specs.items() if s.bins is not None and s.column}
     plan.numbers |= {part: numbers(rows, p.column) for s in specs.values() for part, p in (s.composite or {}).items()
                      if p.bins is not None and p.column}  # a composite's banded part (age): split.csv keeps its number
@@ -153,7 +153,8 @@ class Built:
 
 def task_losses(recipe, heads: dict, train_codes: dict):
     """The total loss: each task's own loss (built with its class weights) times the task's weight."""
-    from framework.losses import MultiTaskLoss, build_loss
+    from framework.loss_modules import MultiTaskLoss
+    from framework.losses import build_loss
 
     specs = recipe.task_specs()
     losses = {task: build_loss(type(h).loss_spec(specs[task], recipe.train.loss), len(h.classes),
@@ -167,7 +168,8 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     from accelerate import Accelerator
 
     from framework.data.loaders import build_loaders
-    from framework.models import build_model, resolve_inputs
+    from framework.backbones import resolve_inputs
+    from framework.models import build_model
     from framework.optim import build_optimizer, build_scheduler, ema_copy
     from framework.tasks import build_heads, standardize_targets
 

@@ -24,3 +24,23 @@ def albumentations():
         if asked is None:  # the user's environment is left as it was
             del os.environ["NO_ALBUMENTATIONS_UPDATE"]
     return A
+
+
+class _Lazy:
+    """A module imported on first use: `torch = lazy("torch")` at the top of a module that needs torch only when
+    its functions run, so importing the module (e.g. for `recipe validate`) does not import torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+def lazy(name: str) -> _Lazy:
+    return _Lazy(name)

@@ -1,121 +1,96 @@
-"""Losses for imbalanced classes: cross-entropy (label smoothing), focal, and a soft macro-F1 term."""
+"""The losses a recipe can name: cross-entropy (label smoothing), focal, a soft macro-F1 term for imbalanced
+classes, and l1 / smooth_l1 / mse for numbers.
+
+Each loss is registered with what it takes (`args`: a pydantic model, checked at `validate`; the recipe's flat
+`label_smoothing` and `gamma` are shorthands for the same keys) and what it learns (`learns`: `class` indices or
+`number`s), so a task kind takes any loss of its target, a plugin's included. Factories share one signature, the
+one plugins register too: `(spec, num_classes, weight) -> nn.Module`; `spec.options()` is the checked args model.
+The torch modules live in `framework.loss_modules`: importing this module imports no torch.
+"""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
-from framework.errors import FieldError
 from framework.registry import LOSSES
 
-
-def class_weights(spec, train_labels: list[int], num_classes: int) -> torch.Tensor | None:
-    """None, inverse-frequency weights (`auto`, mean 1 over present classes), or the recipe's list."""
-    if spec == "none":
-        return None
-    if spec == "auto":
-        counts = torch.bincount(torch.tensor(train_labels), minlength=num_classes).float()
-        w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-        return w
-    if len(spec) != num_classes:
-        raise FieldError(("train", "loss", "class_weights"), f"{len(spec)} weights for {num_classes} classes.",
-                         "give one weight per class, in class order, or use auto.")
-    return torch.tensor(spec, dtype=torch.float32)
+TARGETS = ("class", "number")
 
 
-class FocalLoss(nn.Module):
-    """Cross-entropy scaled by (1 - p_true)^gamma: easy samples count less, rare hard ones more."""
-
-    def __init__(self, gamma: float, weight=None, label_smoothing: float = 0.0):
-        super().__init__()
-        self.gamma, self.label_smoothing = gamma, label_smoothing
-        self.register_buffer("weight", weight if weight is not None else None)
-
-    def forward(self, logits, target):
-        ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
-        p_true = torch.exp(-F.cross_entropy(logits, target, reduction="none"))  # (N,)
-        loss = (1 - p_true) ** self.gamma * ce
-        if self.weight is not None:
-            w = self.weight[target]
-            return (loss * w).sum() / w.sum().clamp(min=1e-12)
-        return loss.mean()
-
-
-class SoftF1Loss(nn.Module):
-    """Cross-entropy plus (1 - soft macro-F1) of the batch: pushes recall of rare classes up."""
-
-    def __init__(self, num_classes: int, weight=None, label_smoothing: float = 0.0):
-        super().__init__()
-        self.num_classes = num_classes
-        self.ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-
-    def forward(self, logits, target):
-        p = logits.float().softmax(dim=1)  # (N, C)
-        onehot = F.one_hot(target, self.num_classes).float()  # (N, C)
-        tp = (p * onehot).sum(0)
-        precision_denom = p.sum(0)
-        recall_denom = onehot.sum(0)
-        f1 = 2 * tp / (precision_denom + recall_denom).clamp(min=1e-6)  # (C,)
-        present = recall_denom > 0
-        return self.ce(logits, target) + (1 - f1[present].mean())
-
-
-# Loss factories share one signature, the one plugins register too: (spec, num_classes, weight) -> nn.Module.
-@LOSSES.register("cross_entropy")
-def cross_entropy(spec, num_classes: int, weight) -> nn.Module:
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
-
-
-@LOSSES.register("focal")
-def focal(spec, num_classes: int, weight) -> nn.Module:
-    return FocalLoss(spec.gamma, weight, spec.label_smoothing)
-
-
-@LOSSES.register("f1")
-def f1(spec, num_classes: int, weight) -> nn.Module:
-    return SoftF1Loss(num_classes, weight, spec.label_smoothing)
-
-
-@LOSSES.register("l1")
-def l1(spec, num_classes: int, weight) -> nn.Module:
-    return nn.L1Loss()
-
-
-class SmoothL1Args(BaseModel):
-    """`loss.args` of smooth_l1."""
+class NoArgs(BaseModel):
+    """A loss that takes nothing."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class SmoothingArgs(NoArgs):
+    """Losses over class indices that soften their targets."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="The weight moved from the true class to the rest.")
+
+
+class FocalArgs(SmoothingArgs):
+    gamma: float = Field(2.0, ge=0, description="Focusing: easy images count (1 - p_true)^gamma as much.")
+
+
+class SmoothL1Args(NoArgs):
     beta: float = Field(5.0, gt=0, description="Quadratic below this error, linear above (ages: 5 years).")
 
 
-@LOSSES.register("smooth_l1", args=SmoothL1Args)
-def smooth_l1(spec, num_classes: int, weight) -> nn.Module:
-    return nn.SmoothL1Loss(beta=SmoothL1Args.model_validate(spec.args).beta)
+def target_of(name: str) -> str:
+    """What the loss `name` learns: `class` (the default of a registration) or `number`."""
+    return LOSSES.get(name).meta.get("learns", "class")
 
 
-@LOSSES.register("mse")
-def mse(spec, num_classes: int, weight) -> nn.Module:
+def names_for(target: str) -> list[str]:
+    return [e.name for e in LOSSES.entries() if e.meta.get("learns", "class") == target]
+
+
+@LOSSES.register("cross_entropy", args=SmoothingArgs, learns="class")
+def cross_entropy(spec, num_classes: int, weight):
+    from torch import nn
+
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.options().label_smoothing)
+
+
+@LOSSES.register("focal", args=FocalArgs, learns="class")
+def focal(spec, num_classes: int, weight):
+    from framework.loss_modules import FocalLoss
+
+    options = spec.options()
+    return FocalLoss(options.gamma, weight, options.label_smoothing)
+
+
+@LOSSES.register("f1", args=SmoothingArgs, learns="class")
+def f1(spec, num_classes: int, weight):
+    from framework.loss_modules import SoftF1Loss
+
+    return SoftF1Loss(num_classes, weight, spec.options().label_smoothing)
+
+
+@LOSSES.register("l1", args=NoArgs, learns="number")
+def l1(spec, num_classes: int, weight):
+    from torch import nn
+
+    return nn.L1Loss()
+
+
+@LOSSES.register("smooth_l1", args=SmoothL1Args, learns="number")
+def smooth_l1(spec, num_classes: int, weight):
+    from torch import nn
+
+    return nn.SmoothL1Loss(beta=spec.options().beta)
+
+
+@LOSSES.register("mse", args=NoArgs, learns="number")
+def mse(spec, num_classes: int, weight):
+    from torch import nn
+
     return nn.MSELoss()
 
 
-def build_loss(spec, num_classes: int, train_labels: list[int]) -> nn.Module:
+def build_loss(spec, num_classes: int, train_labels: list[int]):
     """The loss named in the recipe (built-in or registered by a plugin), with its class weights."""
+    from framework.loss_modules import class_weights
+
     weight = class_weights(spec.class_weights, train_labels, num_classes)
     return LOSSES.get(spec.name).load()(spec, num_classes, weight)
-
-
-class MultiTaskLoss(nn.Module):
-    """Weighted sum of each task's loss over the images that have that task's label (see framework.tasks)."""
-
-    def __init__(self, heads: dict, losses: dict[str, nn.Module], weights: dict[str, float]):
-        super().__init__()
-        self.heads = heads
-        self.losses = nn.ModuleDict(losses)
-        self.weights = dict(weights)
-
-    def forward(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        total = 0.0
-        for j, (task, head) in enumerate(self.heads.items()):  # labels: (N, T), one column per task
-            total = total + self.weights[task] * head.loss(logits[task], labels[:, j], self.losses[task])
-        return total

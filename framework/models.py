@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.errors import FieldError, did_you_mean, shorten
-from framework.weights import resolve_file, source as weight_source
+from framework.backbones import backbone_defaults, fixed_input_size, plugin_backbone
+from framework.errors import FieldError, shorten
+from framework.weights import resolve_file
 
 
 class Net(nn.Module):
@@ -50,9 +51,6 @@ class Classifier(nn.Module):
         return self.net(x.contiguous(memory_format=self.memory_format))
 
 
-IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-
-
 def outputs(model: nn.Module, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
     """Each task's logits for a (N, 3, H, W) uint8 batch; with tta "hflip" the mean of the batch's and its mirror
     image's (the one definition validation, predict and evaluate share)."""
@@ -63,65 +61,6 @@ def outputs(model: nn.Module, images: torch.Tensor, tta: str | None = None) -> d
     return out
 
 
-def _plugin_backbone(name: str):
-    from framework.registry import BACKBONES
-
-    if name not in BACKBONES:
-        return None
-    entry = BACKBONES.get(name)
-    missing = [k for k in ("feature_size", "input_size") if k not in entry.meta]
-    if missing:
-        raise FieldError(("model", "backbone"), f"plugin backbone {name!r} ({entry.origin}) does not say its "
-                         f"{' and '.join(missing)}.", f"register it with @BACKBONES.register({name!r}, "
-                         "feature_size=..., input_size=(h, w)).")
-    return entry
-
-
-def backbone_defaults(name: str) -> dict:
-    """The backbone's own input size (h, w) and mean/std: a plugin's registration, or timm's pretrained config."""
-    entry = _plugin_backbone(name)
-    if entry is not None:
-        size = entry.meta["input_size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return {"input_size": size, "mean": tuple(entry.meta.get("mean", IMAGENET["mean"])),
-                "std": tuple(entry.meta.get("std", IMAGENET["std"]))}
-    import timm
-
-    if not timm.is_model(name):
-        from framework.registry import BACKBONES
-        choices = timm.list_models() + BACKBONES.names()
-        raise FieldError(("model", "backbone"), f"unknown backbone {name!r}.{did_you_mean(name, choices)}",
-                         "use a timm model name (see timm.list_models()), e.g. resnet18, or one registered by "
-                         "a plugin (`recipe plugins`).")
-    cfg = timm.get_pretrained_cfg(name)
-    if cfg is None:
-        return {"input_size": (224, 224), **IMAGENET}
-    return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
-
-
-def resolve_inputs(recipe) -> tuple[tuple[int, int], tuple, tuple]:
-    """Input size (h, w) and normalization mean/std of a recipe's model: the recipe's, else the backbone's own
-    (as timm's `resolve_data_config` does). Training, prediction and review all ask here."""
-    from framework.transforms import image_size_of
-
-    defaults = backbone_defaults(recipe.model.backbone)
-    src = weight_source(recipe.model.weights) if recipe.model.weights else None
-    if src is not None:  # the weights' own normalization and native size
-        defaults = {**defaults, **src.info(recipe.model.backbone)}
-    size = image_size_of(recipe.transforms, defaults["input_size"])
-    norm = recipe.transforms.normalize
-    mean, std = (norm.mean, norm.std) if norm else (defaults["mean"], defaults["std"])
-    return size, mean, std
-
-
-def fixed_input_size(name: str) -> tuple[int, int] | None:
-    """The one input size (h, w) a timm backbone is built for, when it has one (ViT, Swin ...); else None."""
-    import timm
-
-    cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
-    return tuple(cfg.input_size[1:]) if cfg is not None and cfg.fixed_input_size else None
-
-
 def build_model(model_cfg, heads: dict[str, int], mean, std,
                 input_size: tuple[int, int] | None = None) -> tuple[Classifier, list[str]]:
     """The model with one head per task (`heads`: task -> number of classes), and notes about the weights.
@@ -129,7 +68,7 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
     import timm
 
     backbone_defaults(model_cfg.backbone)  # checks the name, with a did-you-mean
-    entry = _plugin_backbone(model_cfg.backbone)
+    entry = plugin_backbone(model_cfg.backbone)
     notes: list[str] = []
     if entry is not None:
         if model_cfg.args:
@@ -173,53 +112,24 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
     return (model.channels_last_() if model_cfg.channels_last else model), notes
 
 
-def check_pretrained(model_cfg) -> None:
-    """`model.pretrained: true` offline (the CLI's default, HF_HUB_OFFLINE=1) needs the hub weights in the local
-    cache: else a located error now, before a run folder exists, instead of a failed run."""
-    import os
-
-    import timm
-
-    if not model_cfg.pretrained or _plugin_backbone(model_cfg.backbone) is not None:
-        return
-    cfg = timm.get_pretrained_cfg(model_cfg.backbone)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise FieldError(("model", "pretrained"), f"{model_cfg.backbone} has no hub weights in timm.",
-                         "set pretrained: false (and model.weights: a local file, if you have one).")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes") or not cfg.hf_hub_id:
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    if not any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names):
-        raise FieldError(("model", "pretrained"), f"the hub weights of {model_cfg.backbone} ({cfg.hf_hub_id}) are "
-                         "not in the local Hugging Face cache, and hub downloads are off (HF_HUB_OFFLINE=1, which "
-                         "`recipe` sets unless you set it yourself).",
-                         "with internet, run with HF_HUB_OFFLINE=0 once; without, set model.weights to a local file "
-                         "(weights: imagenet for tf_efficientnet_lite0/1/2) and pretrained: false.")
-
-
-def check_input_size(model_cfg, size: tuple[int, int]) -> None:
+def size_problem(model_cfg, size: tuple[int, int]) -> str | None:
     """One forward pass of two blank images of this size through the backbone built on the meta device (shapes
-    only: no memory, no arithmetic, no weights), so that a backbone that cannot take it (too small for its
-    kernels, or a size its windows or tokens do not divide) is a located error before anything runs."""
+    only: no memory, no arithmetic, no weights): None if it takes them, else what it raised. A backbone that cannot
+    be built on the meta device (some plugins) passes: the real build will tell."""
     cfg = model_cfg.model_copy(update={"weights": None, "pretrained": False, "compile": False, "channels_last": False})
     try:
         with torch.device("meta"):
             model, _ = build_model(cfg, {"check": 1}, (0.5,) * 3, (0.5,) * 3, size)
     except FieldError:
         raise
-    except Exception:  # a plugin backbone that cannot be built on the meta device: the real build will tell
-        return
+    except Exception:  # noqa: BLE001
+        return None
     try:
         with torch.no_grad(), torch.device("meta"):
             model.eval()(torch.zeros(2, 3, *size, dtype=torch.uint8))
-    except Exception as e:  # whatever the backbone raises: the size is the cause either way
-        native = backbone_defaults(model_cfg.backbone)["input_size"]
-        raise FieldError(("transforms", "image_size"), f"{model_cfg.backbone} cannot take {size[0]}x{size[1]} images "
-                         f"({type(e).__name__}: {shorten(str(e))}).",
-                         f"use a larger image size, e.g. its default {native[0]}x{native[1]} (transforms.image_size: "
-                         "auto), or another backbone.") from None
+    except Exception as e:  # noqa: BLE001 - whatever the backbone raises: the size is the cause either way
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def unreadable_torch_file(path: Path, e: Exception) -> tuple[str, str]:

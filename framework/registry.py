@@ -110,6 +110,30 @@ class Registry:
         self._entries.pop(name, None)
 
 
+def check_args(entry: Entry, args: dict, what: str, shorthands: set | frozenset = frozenset()):
+    """The one check of what a recipe gives a registered entry (a loss's, a detector's, a task kind's options):
+    the pydantic model it registered as `args=`, validated; returns the model's instance. An entry registered
+    without one: None, and a built-in then takes nothing. Errors are ValueErrors (schema validators turn them into
+    located errors); `shorthands` are keys the recipe wrote outside `args` (a loss's flat `gamma`)."""
+    from pydantic import ValidationError
+
+    schema = entry.meta.get("args")
+    if schema is None:
+        if args and entry.origin == "built-in":
+            raise ValueError(f"{what} takes no args (got {', '.join(map(str, args))})")
+        return None
+    try:
+        return schema.model_validate(args)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        key = ".".join(str(x) for x in first["loc"])
+        shown = key if first["loc"] and first["loc"][0] in shorthands else f"args.{key}"
+        if first["type"] == "extra_forbidden":
+            takes = ", ".join(schema.model_fields) or "nothing"
+            raise ValueError(f"{what} takes no {shown!r} (it takes: {takes})") from None
+        raise ValueError(f"{shown}: {first['msg']} ({what})") from None
+
+
 def _albumentations_has(name: str) -> str | None:
     from framework.libs import albumentations
 
@@ -126,7 +150,7 @@ TRANSFORMS = Registry("transform", external=_albumentations_has)
 BACKBONES = Registry("backbone", external=_timm_has)
 LOSSES = Registry("loss", builtins=("framework.losses",))
 READERS = Registry("reader", builtins=("framework.data.readers",))
-TASK_KINDS = Registry("task kind", builtins=("framework.tasks",))
+TASK_KINDS = Registry("task kind", builtins=("framework.tasks.kinds",))
 WEIGHTS = Registry("weight source", builtins=("framework.weights",))
 DETECTORS = Registry("face detector", builtins=("framework.data.faces",))
 

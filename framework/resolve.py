@@ -8,12 +8,13 @@ folder, so a recipe that validates does not fail for any of these reasons, and o
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 
 from framework.build import DataPlan, build_data, check_classes, keep_few
 from framework.tasks import head_class
-from framework.errors import DataError, FieldError, Issue, RecipeError, did_you_mean
+from framework.errors import DataError, FieldError, Issue, RecipeError, did_you_mean, shorten
 from framework.recipe.loaded import LoadedRecipe
 
 
@@ -86,8 +87,7 @@ def _fast_dev_run(loaded: LoadedRecipe, plan: DataPlan, per_class: int) -> None:
 def _model(loaded: LoadedRecipe) -> tuple[int, int]:
     """The backbone's name and its input size (`image_size: auto` becomes the backbone's own, so that the run folder
     reruns as is); the weights file; the size checked by a shapes-only forward pass."""
-    from framework.models import check_input_size, check_pretrained, check_weights_fit, resolve_inputs
-    from framework.weights import resolve_file
+    from framework.backbones import check_pretrained, resolve_inputs
 
     recipe = loaded.recipe
     size, _, _ = resolve_inputs(recipe)  # checks the backbone name, with a did-you-mean
@@ -95,10 +95,36 @@ def _model(loaded: LoadedRecipe) -> tuple[int, int]:
         recipe.transforms.image_size = size
     if recipe.model.weights:
         # a source's weights are converted (once, then cached); a file exists, reads, holds tensors (no code runs)
+        from framework.models import check_weights_fit
+        from framework.weights import resolve_file
+
         check_weights_fit(recipe.model, resolve_file(recipe.model.weights, recipe.model.backbone), size)
     check_pretrained(recipe.model)
     check_input_size(recipe.model, size)
     return size
+
+
+def check_input_size(model_cfg, size: tuple[int, int]) -> None:
+    """The backbone can take images of this size: one shapes-only forward pass on the meta device
+    (`models.size_problem`). For a timm backbone the answer is cached by everything that shapes the network (plugin
+    code can change under the same name), so a validate that has seen it before imports no torch."""
+    from framework.backbones import backbone_defaults, plugin_backbone, remembered
+
+    def ask():
+        from framework.models import size_problem
+
+        return size_problem(model_cfg, size)
+
+    shaping = model_cfg.model_dump(mode="json", exclude={"weights", "pretrained", "compile", "channels_last"})
+    key = json.dumps([shaping, list(size)], sort_keys=True)
+    plugin = plugin_backbone(model_cfg.backbone) is not None
+    problem = ask() if plugin else remembered("sizes", key, ask, lambda a: a is None or isinstance(a, str))
+    if problem is not None:
+        native = backbone_defaults(model_cfg.backbone)["input_size"]
+        raise FieldError(("transforms", "image_size"), f"{model_cfg.backbone} cannot take {size[0]}x{size[1]} images "
+                         f"({shorten(str(problem))}).",
+                         f"use a larger image size, e.g. its default {native[0]}x{native[1]} (transforms.image_size: "
+                         "auto), or another backbone.")
 
 
 def check_face_detector(recipe) -> None:
@@ -176,8 +202,9 @@ def _task_losses(recipe) -> None:
         try:
             head_class(spec.kind).loss_spec(spec, recipe.train.loss)
         except FieldError as e:
-            where = ("tasks", task, "loss", "name") if recipe.tasks is not None else ("train", "loss", "name")
-            problems += [(where, m, f) for _, m, f in e.items]
+            own = recipe.tasks is not None and spec.loss is not None  # the task's own loss, else train.loss
+            problems += [(("tasks", task, "loss", "name") if own else ("train", "loss", "name"), m, f)
+                         for _, m, f in e.items]
     if problems:
         raise FieldError.many(problems)
 
@@ -190,9 +217,11 @@ def _review_hooks(recipe) -> None:
 
 def check_sync_batchnorm(train, processes: int) -> None:
     """PyTorch's SyncBatchNorm runs on GPUs only: several CPU processes would fail at the first training step."""
+    if not (train.sync_batchnorm and processes > 1):
+        return
     import torch
 
-    if train.sync_batchnorm and processes > 1 and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise FieldError(("train", "sync_batchnorm"), f"synchronised batch norm needs GPUs, and these {processes} "
                          "processes run on the CPU (PyTorch's SyncBatchNorm has no CPU kernel).",
                          "set train.sync_batchnorm: false (each process then normalises with its own share of the "
@@ -235,7 +264,7 @@ def monitor_names(recipe, labels: dict, sources: list[str] | tuple = ()) -> list
         if len(labels) > 1 or questions:
             names += [f"{side}/{t}/{m}" for t in list(labels) * (len(labels) > 1) + questions + ["composite"]
                       for m in ("macro_f1", "accuracy")]
-    regression = [t for t in labels if head_class(specs[t].kind).regression]
+    regression = [t for t in labels if head_class(specs[t].kind).learns == "number"]
     if regression:
         names += ["val/mae"] + [f"val/{t}/mae" for t in regression]
     if len(sources) > 1:

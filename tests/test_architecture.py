@@ -14,7 +14,7 @@ LAYERS = [
     ["errors", "io", "libs"],
     ["registry", "plugins"],
     ["recipe"],
-    ["data", "transforms", "weights", "models", "tasks", "losses", "optim", "folders"],
+    ["data", "transforms", "weights", "backbones", "models", "tasks", "losses", "loss_modules", "optim", "folders"],
     ["build", "resolve"],
     ["engine"],
     ["inference"],
@@ -48,14 +48,27 @@ def _graph() -> dict[str, set[str]]:
     return {m: {i for i in _imports(p, set(files)) if i in files and i != m} for m, p in files.items()}
 
 
-def _layer(module: str) -> int:
+def _top(module: str) -> str:
     parts = module.split(".")
-    top = parts[1] if len(parts) > 1 else "__init__"
-    return LAYER[top]
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _layer(module: str) -> int:
+    return LAYER[_top(module)]
 
 
 def test_every_module_has_a_layer():
-    assert all(_layer(m) >= 0 for m in _graph())
+    missing = sorted({_top(m) for m in _graph()} - set(LAYER))
+    assert not missing, f"modules in no layer of LAYERS (and docs/architecture.md): {missing}"
+
+
+def test_the_documented_layer_table_is_this_one():
+    """docs/architecture.md's table lists the same modules per layer as LAYERS (what the graph tests check)."""
+    doc = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| .+ \|$", doc, re.M)
+    documented = [sorted(n.strip("/").removeprefix("framework/") for n in re.findall(r"`([^`]+)`", names))
+                  for _, names in rows]
+    assert documented == [sorted(names) for names in LAYERS]
 
 
 def test_no_import_goes_up_the_layer_order():
@@ -113,10 +126,24 @@ def test_modules_and_functions_are_small():
     assert not problems, "\n".join(problems)
 
 
+def _outside_the_task_kinds(pattern: re.Pattern, allowed: tuple = ()) -> list[str]:
+    return [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py")
+            if p.parent.name != "tasks" and str(p.relative_to(PACKAGE)) not in allowed
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+
+
 def test_no_kind_branches_outside_the_task_kinds():
-    """Task kinds are classes (framework.tasks): nobody else asks `kind == "regression"`."""
-    kinds = r"""["'](classification|regression|ordinal|anomaly)["']"""
-    pattern = re.compile(rf"(==|!=)\s*{kinds}|\bin\s*[(\[{{]\s*{kinds}")
-    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in PACKAGE.rglob("*.py") if p.name != "tasks.py"
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    """Task kinds are classes (framework/tasks/): nobody else asks `kind == "regression"`."""
+    kinds = r"""["'](classification|regression|ordinal|anomaly|one_class)["']"""
+    found = _outside_the_task_kinds(re.compile(rf"(==|!=)\s*{kinds}|\bin\s*[(\[{{]\s*{kinds}"))
     assert not found, "\n".join(found)
+
+
+def test_no_code_asks_what_kind_a_head_is():
+    """Nor by the flags a kind once carried: a head's state, value, number estimate and what it fits before
+    validation are its own methods; a metrics record's shape is known to the metrics module alone."""
+    flags = re.compile(r"""\.(regression|chooses_threshold|fits_normal)\b|["']tasks["']\s+(not\s+)?in\b""")
+    found = _outside_the_task_kinds(flags, allowed=("engine/metrics.py",))
+    assert not found, "\n".join(found)
+    planted = "if head.regression:\n" + "if 'tasks' not in record:\n"  # the pattern sees what it is meant to
+    assert len(flags.findall(planted)) == 2

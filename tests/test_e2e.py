@@ -387,7 +387,7 @@ def test_mixup_trains_differently_and_resumes_exactly(tmp_path):
 
 def test_a_training_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """A loss of nan in epoch 2 used to train on for every epoch and end "done"."""
-    from framework.losses import MultiTaskLoss
+    from framework.loss_modules import MultiTaskLoss
 
     real = MultiTaskLoss.forward
     calls = {"n": 0}

@@ -151,7 +151,7 @@ def test_entry_point_of_an_installed_package_is_found(tmp_path, monkeypatch):
 
         @LOSSES.register("rare_age_focal")
         def make(spec, num_classes, weight):
-            from framework.losses import FocalLoss
+            from framework.loss_modules import FocalLoss
             return FocalLoss(3.0, weight)
         """))
     dist = pkg / "rare_age_loss-0.1.dist-info"

@@ -88,7 +88,7 @@ def test_the_weights_bring_their_normalization_and_native_size(tmp_path):
     resolved = api.validate(tiny_recipe(tmp_path, model={"backbone": "tf_efficientnet_lite1", "weights": "imagenet"},
                                         transforms={"image_size": "auto"}))
     assert resolved.image_size == (240, 240)
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
     assert resolve_inputs(resolved.recipe)[1:] == ((0.5,) * 3, (0.5,) * 3)
 
 

@@ -24,12 +24,11 @@ def test_the_built_ins_are_registered_where_they_are_defined():
 
 @pytest.mark.parametrize("name", BUILTIN_LOSSES)
 def test_every_loss_builds_from_its_spec_and_gives_a_finite_scalar(name):
-    from framework.losses import build_loss
-    from framework.tasks import REGRESSION_LOSSES
+    from framework.losses import build_loss, target_of
 
     loss = build_loss(LossSpec(name=name), 3, [0, 1, 2, 2])
     torch.manual_seed(0)
-    if name in REGRESSION_LOSSES:
+    if target_of(name) == "number":
         value = loss(torch.randn(5), torch.randn(5) * 10)
     else:
         value = loss(torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1]))
@@ -40,8 +39,15 @@ def test_a_loss_checks_its_own_args():
     assert LossSpec(name="smooth_l1", args={"beta": 2.0}).args == {"beta": 2.0}
     with pytest.raises(ValueError, match="beta"):
         LossSpec(name="smooth_l1", args={"beta": -1})
-    with pytest.raises(ValueError, match="takes no args"):
+    with pytest.raises(ValueError, match="takes no 'args.alpha'"):
         LossSpec(name="focal", args={"alpha": 0.25})
+    with pytest.raises(ValueError, match="loss 'cross_entropy' takes no 'gamma' .it takes: label_smoothing."):
+        LossSpec(name="cross_entropy", gamma=3.0)  # it used to be ignored without a word
+    with pytest.raises(ValueError, match="takes no 'label_smoothing'"):
+        LossSpec(name="smooth_l1", label_smoothing=0.1)
+    assert LossSpec(name="focal", gamma=3.0).options().gamma == 3.0
+    assert LossSpec(name="focal", args={"gamma": 1.5}).options().gamma == 1.5  # the long form
+    assert LossSpec(name="cross_entropy", gamma=2.0).options().label_smoothing == 0.0  # the default: a no-op
 
 
 @pytest.mark.parametrize("kind", BUILTIN_KINDS)
@@ -80,3 +86,42 @@ def test_every_registry_names_near_misses(kind):
         return
     with pytest.raises(RegistryError, match="Did you mean"):
         reg.get(names[0] + "x")
+
+
+def test_a_plugin_loss_serves_the_heads_of_the_target_it_declares():
+    """What a loss learns is its registration's `learns` (class indices by default), not a list of names: a plugin
+    loss for numbers trains a regression head, and a class head refuses it with the losses it can take."""
+    from pydantic import BaseModel, ConfigDict
+
+    from framework.errors import FieldError
+    from framework.tasks import head_class
+
+    class HuberArgs(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        delta: float = 1.0
+
+    @LOSSES.register("plugin_huber", args=HuberArgs, learns="number")
+    def huber(spec, num_classes, weight):
+        return torch.nn.HuberLoss(delta=spec.options().delta)
+
+    try:
+        loss = LossSpec(name="plugin_huber", args={"delta": 3.0})
+        age = TaskSpec(column="age", bins=[30, 60], kind="regression", loss=loss)
+        assert head_class("regression").loss_spec(age, LossSpec()) is loss
+        band = TaskSpec(column="age", bins=[30, 60], loss=loss)
+        with pytest.raises(FieldError, match="'plugin_huber' learns number targets") as refused:
+            head_class("classification").loss_spec(band, LossSpec())
+        assert refused.value.items[0][2] == "use one of: cross_entropy, f1, focal."  # the fix names them
+        with pytest.raises(ValueError, match="takes no 'args.beta'"):
+            LossSpec(name="plugin_huber", args={"beta": 1})
+        # train.loss for classes gives way to the regression kind's default; a number loss is no class default
+        assert head_class("regression").loss_spec(TaskSpec(column="age", bins=[30], kind="regression"),
+                                                   LossSpec(label_smoothing=0.1)).name == "smooth_l1"
+    finally:
+        LOSSES.unregister("plugin_huber")
+    with pytest.raises(ValueError, match="learns='class' or learns='number'"):
+        LOSSES.register("plugin_odd", learns="numbers")(huber)
+        try:
+            LossSpec(name="plugin_odd")
+        finally:
+            LOSSES.unregister("plugin_odd")

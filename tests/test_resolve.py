@@ -54,7 +54,7 @@ CASES = [
     ("hub-weights-offline", lambda t: (tiny_recipe(t), ["model.backbone=resnet18", "model.pretrained=true"]),
      "model.pretrained", ["not in the local Hugging Face cache", "HF_HUB_OFFLINE=0"]),  # offline: conftest
     ("regression-loss-on-a-class-task", lambda t: (tiny_recipe(t), ["train.loss.name=mse"]), "train.loss.name",
-     ["'mse' is a regression loss"]),
+     ["'mse' learns number targets", "use one of: cross_entropy"]),
 ]
 
 

@@ -32,6 +32,37 @@ def test_heads_by_hand():
     assert 0.1 < t < 0.2 and f1 == pytest.approx(2 * 3 / (4 + 3))
 
 
+def test_heads_keep_their_own_state_and_old_checkpoints_still_load():
+    """One `state()` per head (threshold, scaling, fitted distribution) in a checkpoint's `head_state`; checkpoints
+    written before (`thresholds`, `targets`, and a one_class `head_state` without its threshold) load the same."""
+    from framework.tasks import head_states, load_head_states
+
+    def heads():
+        return {"old": head_class("anomaly")("old", ["not 60+", "60+"]),
+                "years": head_class("regression")("years", ["<30", "30-59", "60+"], [30, 60]),
+                "normal": head_class("one_class")("normal", ["not 60+", "60+"]),
+                "band": head_class("classification")("band", ["<30", "30-59", "60+"])}
+
+    trained = heads()
+    trained["old"].threshold, trained["normal"].threshold = 0.37, 0.81
+    trained["years"].center, trained["years"].scale = 41.5, 12.25
+    trained["normal"].fit_normal(np.random.default_rng(0).normal(size=(40, 32)))
+    states = head_states(trained)
+    assert set(states) == {"old", "years", "normal"}  # a classification head learns nothing outside its weights
+    assert states["old"] == {"threshold": 0.37} and states["years"] == {"center": 41.5, "scale": 12.25}
+    assert states["normal"]["threshold"] == 0.81 and len(states["normal"]["mean"]) == 32
+    legacy = {"thresholds": {"old": 0.37, "normal": 0.81}, "targets": {"years": [41.5, 12.25]},
+              "head_state": {"normal": {k: states["normal"][k] for k in ("mean", "precision")}}}
+    for checkpoint in ({"head_state": states}, legacy):
+        loaded = heads()
+        load_head_states(loaded, checkpoint)
+        assert head_states(loaded) == states
+        out = torch.randn(4, 32)
+        assert torch.equal(loaded["normal"].probs(out), trained["normal"].probs(out))
+        assert torch.equal(loaded["years"].value(torch.ones(2, 1)), torch.full((2,), 41.5 + 12.25))
+    assert loaded["band"].value(torch.ones(2, 3)) is None  # a class head predicts bands only
+
+
 def _utk_manifest(path, per_label=12):
     rows, taken = [], {}
     for r in read_manifest("utkface_subset"):
@@ -108,7 +139,7 @@ def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
     assert list(val["per_class"]) == ["not 60+", "60+"] and 0 < val["threshold"] < 1
     assert 0 <= val["per_class"]["60+"]["f1"] <= 1
     state = torch.load(runs["anomaly"] / "checkpoints" / "best.pt", weights_only=True)
-    assert 0 < state["thresholds"]["age"] < 1
+    assert 0 < state["head_state"]["age"]["threshold"] < 1
     out = api.predict(runs["anomaly"], tmp / "utk.csv", out=tmp / "anom.csv")
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert {r["age"] for r in rows} <= {"not 60+", "60+"}
@@ -188,7 +219,7 @@ def test_a_regression_runs_scaling_is_saved_and_predictions_are_in_years(age_run
 
     tmp, runs = age_runs
     state = torch.load(runs["regression"] / "checkpoints" / "best.pt", weights_only=True)
-    center, scale = state["targets"]["age"]
+    center, scale = state["head_state"]["age"]["center"], state["head_state"]["age"]["scale"]
     assert 20 < center < 70 and 5 < scale < 40  # the training split's mean and spread of ages, in years
     head = load_run(runs["regression"]).heads["age"]
     assert (head.center, head.scale) == (center, scale)
@@ -243,10 +274,11 @@ def test_a_one_class_anomaly_task_learns_the_normal_images_only_and_resumes_exac
     run = api.run(path, ["checkpoint.every=1", "train.finetune.freeze_bn=true"], name="oc", log=lambda *_: None)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     normal = state["head_state"]["age"]
-    assert len(normal["mean"]) == 32 and 0 < state["thresholds"]["age"] < 1
+    assert len(normal["mean"]) == 32 and 0 < normal["threshold"] < 1
     head = load_run(run).heads["age"]
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert head.threshold == best["thresholds"]["age"] and head.mean.tolist() == best["head_state"]["age"]["mean"]
+    assert head.threshold == best["head_state"]["age"]["threshold"]
+    assert head.mean.tolist() == best["head_state"]["age"]["mean"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert "threshold" in records[-1]["val"] and 0 <= records[-1]["val"]["per_class"]["60+"]["f1"] <= 1
     out = api.predict(run, tmp_path / "utk.csv", out=tmp_path / "oc.csv", proba=True)

@@ -8,7 +8,7 @@ from framework.engine.metrics import confusion, scores
 from framework.data.loaders import EpochSampler
 from framework.engine.checkpoint import prune as _prune
 from framework.optim import lr_lambda
-from framework.losses import FocalLoss, SoftF1Loss, class_weights
+from framework.loss_modules import FocalLoss, SoftF1Loss, class_weights
 from framework.recipe.schema import Cosine, LossSpec, StepLR
 
 
@@ -141,7 +141,8 @@ def test_heads_fit_the_pooled_features_also_after_a_conv_head(backbone):
 def test_a_backbone_of_one_input_size_is_built_for_the_recipes_size(backbone):
     """ViT-like backbones are built for 160 px here; at 64 px they fail (position embeddings, windows) unless
     built for that size, which is what a sweep over image sizes needs."""
-    from framework.models import build_model, fixed_input_size
+    from framework.backbones import fixed_input_size
+    from framework.models import build_model
     from framework.recipe.schema import ModelSection
 
     assert fixed_input_size(backbone) == (160, 160) and fixed_input_size("resnet10t") is None

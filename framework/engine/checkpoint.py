@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from framework.io import atomic_write_bytes
-from framework.tasks import load_head_states, set_targets
+from framework.tasks import head_states, load_head_states
 
 
 def save(path: Path, state: dict) -> None:
@@ -72,9 +72,7 @@ def training_state(built, epoch: int, best: dict) -> dict:
     train_model = acc.unwrap_model(built.model)
     return {"format": 1, "epoch": epoch, "best": best,
             "classes": {t: h.classes for t, h in built.heads.items()},
-            "thresholds": {t: h.threshold for t, h in built.heads.items() if h.chooses_threshold},
-            "targets": {t: [h.center, h.scale] for t, h in built.heads.items() if h.regression},
-            "head_state": {t: h.state() for t, h in built.heads.items() if h.state() is not None},
+            "head_state": head_states(built.heads),  # thresholds, a regression head's scaling, fitted distributions
             "image_size": list(built.image_size),
             "backbone": recipe.model.backbone,
             "recipe": recipe.model_dump(mode="json"),  # what resume checks the run folder's recipe against
@@ -106,9 +104,6 @@ def restore(built, state: dict) -> tuple[int, dict, dict | None]:
                                                    "start the run again.")) from None
     if acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
-    for task, t in state.get("thresholds", {}).items():
-        built.heads[task].threshold = t
-    set_targets(built.heads, state.get("targets"))
     load_head_states(built.heads, state)
     return state["epoch"] + 1, state["best"], state.get("partial")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.engine.metrics import flat_metrics
+from framework.engine.metrics import flat_metrics, per_task, task_scores
 from framework.folders import RunFolder
 from framework.io import write_csv
 
@@ -72,10 +72,10 @@ def console_line(record: dict, best: dict, monitor: str, epochs: int) -> str:
     if "val" in record:
         v = record["val"]
         text += f" | val loss {v['loss']:.4f} acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"
-        if "tasks" in v:
-            text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in v["tasks"].items()) + ")"
-        elif "questions" in v:  # a composite head: each question's macro-F1 from the joint choice
-            text += " (" + ", ".join(f"{q} {sc['macro_f1']:.3f}" for q, sc in v["questions"].items()) + ")"
+        tasks = task_scores(v)
+        named = tasks if "" not in tasks else v.get("questions", {})  # (one composite head: its questions)
+        if named:
+            text += " (" + ", ".join(f"{t} {sc['macro_f1']:.3f}" for t, sc in named.items()) + ")"
         if "sources" in v:
             text += " [by source: " + ", ".join(f"{n} {sc['macro_f1']:.3f}" for n, sc in v["sources"].items()) + "]"
     if best["value"] is not None:
@@ -130,12 +130,12 @@ def _log_tb(writer, record: dict, labels: dict, steps: dict) -> None:
         writer.add_scalar("train_step/lr", lr, steps["first"] + i)
     val = record.get("val")
     if val is not None:
-        if "tasks" not in val:
-            writer.add_image("val/confusion_matrix", confusion_image(val["confusion"], next(iter(labels.values())).classes),
+        parts = per_task(val) | ({"composite": val["composite"]} if "composite" in val else {})
+        if "" in parts:  # one task: its matrix under the run's own name
+            sc = parts.pop("")
+            writer.add_image("val/confusion_matrix", confusion_image(sc["confusion"], next(iter(labels.values())).classes),
                              epoch, dataformats="HWC")
-        parts = list(val.get("tasks", {}).items()) + list(val.get("questions", {}).items()) + \
-            ([("composite", val["composite"])] if "composite" in val else [])
-        for task, sc in parts:
+        for task, sc in parts.items():
             writer.add_image(f"val/{task}/confusion_matrix", confusion_image(sc["confusion"], list(sc["per_class"])),
                              epoch, dataformats="HWC")
     writer.flush()
@@ -146,13 +146,6 @@ def class_scalars(record: dict) -> dict[str, float]:
     val = record.get("val")
     if val is None:
         return {}
-    parts = ({"": val} if "per_class" in val else dict(val.get("tasks", {}))) | val.get("questions", {})
+    parts = per_task(val)
     return {f"val/{t + '/' if t else ''}{m}/{c}": v[m] for t, sc in parts.items()
             for c, v in sc.get("per_class", {}).items() for m in ("precision", "recall", "f1") if m in v}
-
-
-def per_task(val: dict) -> dict[str, dict]:
-    """A validation record's scores by task name ("" for a single-task run), then a composite head's questions
-    (mask, gender, age: scored from its joint choice)."""
-    tasks = {"": val} if "per_class" in val else dict(val.get("tasks", {}))
-    return tasks | {q: sc for t in list(tasks.values()) for q, sc in t.get("questions", {}).items()}

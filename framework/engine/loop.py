@@ -162,33 +162,39 @@ def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tt
             "index": torch.cat(order).numpy()}  # each item's position in the loader's dataset
 
 
-@torch.no_grad()
-def fit_normal_heads(b) -> None:
-    """Before validation: heads that model the normal population (one_class) are fitted to the outputs of the
-    normal training images (label 0), seen as validation sees images (no augmentation, eval mode)."""
-    import copy
+def before_validation(b) -> None:
+    """Each head fits what it learns outside gradients (a one_class head: the normal training images' outputs).
+    The training images' outputs - seen as validation sees them: no augmentation, eval mode - are computed once,
+    when the first head asks."""
+    kept: dict = {}
 
-    from torch.utils.data import DataLoader
+    @torch.no_grad()
+    def training_outputs(task: str):
+        if not kept:
+            import copy
 
-    heads = [(j, t, h) for j, (t, h) in enumerate(b.heads.items()) if h.fits_normal]
-    if not heads:
-        return
-    ds = copy.copy(b.loaders.train_ds)
-    ds.augment = None
-    model = b.eval_model.eval()
-    kept: dict[str, list] = {t: [] for _, t, _ in heads}
-    for images, labels, _ in DataLoader(ds, batch_size=2 * b.recipe.train.batch_size, shuffle=False):
-        out = model(images.to(b.accelerator.device))
-        for j, t, _ in heads:
-            kept[t].append(out[t][labels[:, j] == 0].float().cpu())
-    for _, t, h in heads:
-        h.fit_normal(torch.cat(kept[t]).numpy())
+            from torch.utils.data import DataLoader
+
+            ds = copy.copy(b.loaders.train_ds)
+            ds.augment = None
+            model = b.eval_model.eval()
+            for images, labels, _ in DataLoader(ds, batch_size=2 * b.recipe.train.batch_size, shuffle=False):
+                out = model(images.to(b.accelerator.device))
+                for j, t in enumerate(b.heads):
+                    kept.setdefault(t, ([], []))[0].append(out[t].float().cpu())
+                    kept[t][1].append(labels[:, j])
+        outs, cols = kept[task]
+        return torch.cat(outs), torch.cat(cols)
+
+    for head in b.heads.values():
+        head.before_validation(training_outputs)
 
 
-def banded_mae(b, v_stats: dict) -> dict[str, dict]:
-    """Per task cut into bands from a number that does not predict the number itself (ordinal, banded classes):
-    the MAE of its expected value (each band's probability x the band's mean training value), so that `recipe
-    compare` sets it beside a regression run's MAE. Tasks whose training bands lack values are left out."""
+def number_maes(b, v_stats: dict, done: dict) -> dict[str, dict]:
+    """Per task cut into bands from a number whose MAE its kind does not report itself (`done`: what
+    after_validation added): the MAE of the head's estimate of the number (`Head.estimate`: a class or ordinal
+    head's expected value), so that `recipe compare` sets it beside a regression run's MAE. Tasks whose training
+    bands lack values are left out."""
     from framework.data.labels import numbers
     from framework.engine.metrics import band_means
 
@@ -196,15 +202,16 @@ def banded_mae(b, v_stats: dict) -> dict[str, dict]:
     val_rows = [b.loaders.val_loader.dataset.rows[i] for i in v_stats["index"]]
     for task, spec in b.recipe.task_specs().items():
         head = b.heads[task]
-        if spec.bins is None or not spec.column or head.regression or head.chooses_threshold:
+        if spec.bins is None or not spec.column or "mae" in done.get(task, {}):
             continue
-        means = band_means(numbers(b.loaders.train_ds.rows, spec.column), head.bins, len(head.classes))
-        if means is None:
+        means = lambda: band_means(numbers(b.loaders.train_ds.rows, spec.column), head.bins, len(head.classes))  # noqa: E731,B023
+        estimate = head.estimate(v_stats["proba"][task], None, means)
+        if estimate is None:
             continue
         truth = np.array(numbers(val_rows, spec.column))
         has = ~np.isnan(truth)
         if has.any():
-            out[task] = {"mae": float(np.abs(v_stats["proba"][task] @ means - truth)[has].mean())}
+            out[task] = {"mae": float(np.abs(estimate[0] - truth)[has].mean())}
     return out
 
 

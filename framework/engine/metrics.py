@@ -46,6 +46,19 @@ def format_report(s: dict) -> str:
     return "\n".join(lines)
 
 
+def task_scores(record: dict, name: str = "") -> dict[str, dict]:
+    """A metrics record's scores by task: a multi-task record lists them under "tasks"; a single-task record is its
+    one task's scores (named `name`, "" by default). The one place that knows both shapes."""
+    return dict(record["tasks"]) if "tasks" in record else {name: record}
+
+
+def per_task(val: dict) -> dict[str, dict]:
+    """A validation record's scores by task name ("" for a single-task run), then a composite head's questions
+    (mask, gender, age: scored from its joint choice)."""
+    tasks = task_scores(val)
+    return tasks | {q: sc for t in list(tasks.values()) for q, sc in t.get("questions", {}).items()}
+
+
 def summarize(y_true: np.ndarray, y_pred: np.ndarray, labels: dict, loss: float | None = None,
               extras: dict | None = None) -> dict:
     """Scores of every task on the samples labelled for it; with several tasks, their mean and the composite

@@ -18,7 +18,7 @@ import torch
 
 from framework.engine import checkpoint as ckpt
 from framework.engine.logging import RunLog
-from framework.engine.loop import after_validation, banded_mae, evaluate, fit_normal_heads, train_epoch
+from framework.engine.loop import after_validation, before_validation, evaluate, number_maes, train_epoch
 from framework.engine.metrics import by_source, flat_metrics, summarize
 from framework.engine.signals import StopSignal
 from framework.errors import Interrupted, Issue
@@ -111,10 +111,10 @@ def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     v_stats = None
     if epoch % recipe.eval.every == 0 or epoch == recipe.train.epochs:
-        fit_normal_heads(b)
+        before_validation(b)
         v_stats = evaluate(b.accelerator, b.eval_model, b.val_loader, b.heads, recipe.logging.progress, recipe.eval.tta)
         extras = after_validation(b.heads, v_stats)
-        for task, added in banded_mae(b, v_stats).items():  # ordinal / banded classes: expected-value MAE
+        for task, added in number_maes(b, v_stats, extras).items():  # ordinal / banded classes: expected value
             extras.setdefault(task, {}).update(added)
         record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], r.plan.labels, v_stats["loss"], extras)
         rows = b.loaders.val_loader.dataset.rows  # the validated rows (unreadable ones skipped), by position

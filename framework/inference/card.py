@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from framework.engine.logging import per_task
+from framework.engine.metrics import per_task
 from framework.folders import RunFolder
 
 

@@ -114,7 +114,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
              out: str | Path | None = None, tta: str | None = None, overrides: list[str] | tuple = ()) -> dict:
     """Metrics of a trained run on a labelled set (data it may never have seen): per-task report, confusion
     matrix PNGs and the predicted vs true class distribution, written to `out`."""
-    from framework.engine.metrics import summarize
+    from framework.engine.metrics import summarize, task_scores
     from framework.inference.decision import apply
     from framework.inference.predict import predict_tasks, questions_of
     from framework.inference.run import load_run
@@ -133,8 +133,7 @@ def evaluate(run: str | Path, recipe_data: str | Path | None = None, csv_file: s
     name = Path(data).stem if data else "its validation split"
     out = Path(out) if out else loaded.run_dir / "evaluations" / (default_folder(data) if data else "validation")
     out.mkdir(parents=True, exist_ok=True)
-    parts = {t: result["tasks"][t] for t in loaded.labels if t in result["tasks"]} if "tasks" in result \
-        else {next(iter(loaded.labels)): result}
+    parts = task_scores(result, name=next(iter(loaded.labels)))
     if "composite" in result:
         parts["composite"] = result["composite"]
     parts |= result.get("questions", {})  # a composite head: each question, scored from the joint choice
@@ -172,8 +171,10 @@ def _predictions_file(loaded, pred, probs: dict, truth: dict, task_picks: dict, 
 
 def _left_out(loaded, outside: dict, result: dict) -> list[str]:
     """Report lines: labels that are no class of the run, and tasks the data has no labels for."""
+    from framework.engine.metrics import task_scores
+
     lines = ["left out, not classes of this run: " + ", ".join(f"{v} {n}" for v, n in outside.items())] if outside else []
-    unscored = [t for t in loaded.labels if "tasks" in result and t not in result["tasks"]]
+    unscored = [t for t in loaded.labels if t not in task_scores(result, name=next(iter(loaded.labels)))]
     if unscored:
         lines.append(f"not scored (this data has no labels for them): {', '.join(unscored)}")
     return lines
@@ -200,16 +201,13 @@ def number_errors(loaded, rows: list[dict], pred) -> dict:
     out = {}
     for task, spec in loaded.recipe.task_specs().items():
         head = loaded.heads[task]
-        if spec.bins is None or not spec.column or head.chooses_threshold:
+        if spec.bins is None or not spec.column:
             continue
         truth = np.array(numbers(rows, spec.column))[pred.ok] if pred.ok else np.zeros(0)
-        if head.regression:
-            guess, how = pred.values[task], "the predicted number"
-        else:
-            means = _band_means(loaded, task)
-            if means is None:
-                continue
-            guess, how = pred.probs[task] @ means, "expected value: band probabilities x each band's mean training value"
+        estimate = head.estimate(pred.probs[task], pred.values.get(task), lambda: _band_means(loaded, task))  # noqa: B023
+        if estimate is None:
+            continue
+        guess, how = estimate
         has = ~np.isnan(truth)
         if not has.any():
             continue
@@ -296,7 +294,7 @@ def _prior_report(run, probs: dict, truth: dict, tta: str | None = None) -> dict
     from framework.inference import priors as PS
 
     classes, counts, out = run.questions(), PS.train_counts(run), {}
-    moved = {t for t, h in run.heads.items() if h.regression}  # bands may differ from training
+    moved = {t for t, h in run.heads.items() if h.learns == "number"}  # bands may differ from training
     calib = PS.calibration(run, tta) if set(probs) - moved else {}
     for q, p in probs.items():
         has = truth[q] >= 0

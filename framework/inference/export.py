@@ -43,7 +43,7 @@ class Servable(torch.nn.Module):
 
     def names(self) -> list[str]:
         return [f"{t}.{part}" for t, h in self.heads.items()
-                for part in ("logits", "probs") + (("value",) if h.regression else ())] + \
+                for part in ("logits", "probs") + (("value",) if h.learns == "number" else ())] + \
                [f"{q}.probs" for parts in self.parts.values() for q in parts]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -53,7 +53,8 @@ class Servable(torch.nn.Module):
         result, probs = [], {}
         for task, head in self.heads.items():
             probs[task] = head.probs(out[task])
-            result += [out[task].float(), probs[task]] + ([head.value(out[task])] if head.regression else [])
+            value = head.value(out[task])  # the number of a head that learns one (names() lists it)
+            result += [out[task].float(), probs[task]] + ([value] if value is not None else [])
         for task, sizes in self.sizes.items():  # each question's probabilities: the joint summed over the others
             joint, axes = probs[task].reshape(-1, *sizes), range(1, len(sizes) + 1)
             result += [joint.sum(dim=tuple(a for a in axes if a != k)) for k in axes]
@@ -133,7 +134,7 @@ def _first_line(e: Exception) -> str:
 
 def _size(run) -> tuple[int, int]:
     """(h, w) of the model's input: the run's image size."""
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
 
     return tuple(int(v) for v in resolve_inputs(run.recipe)[0])
 

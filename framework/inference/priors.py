@@ -94,7 +94,7 @@ def calibration(run, tta: str | None = None) -> dict[str, dict]:
     classes, out = run.questions(), {}
     for q, p in probs.items():
         task = q if q in run.labels else next(t for t, lab in run.labels.items() if lab.parts and q in lab.parts)
-        if run.heads[task].regression:
+        if run.heads[task].learns == "number":
             continue  # a number, not class probabilities: there is nothing to re-weight
         y = np.array([classes[q].index(val[i][q]) if val[i][q] in classes[q] else -1 for i in ok])
         has = y >= 0

@@ -50,7 +50,8 @@ class LoadedRun:
 
         with torch.no_grad():
             out = outputs(self.model, torch.from_numpy(batch), tta)
-        return {t: (self.heads[t].probs(v).numpy(), self.heads[t].value(v).numpy() if self.heads[t].regression else None)
+        values = {t: self.heads[t].value(v) for t, v in out.items()}
+        return {t: (self.heads[t].probs(v).numpy(), None if values[t] is None else values[t].numpy())
                 for t, v in out.items()}
 
     def composite_order(self) -> list[str] | None:
@@ -67,10 +68,11 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
     `overrides` may move a regression task's cut points (`tasks.age.bins=[30,58]`): its bands are recomputed from
     the predicted number, without retraining. Nothing else about a trained run can be changed."""
     from framework.engine import checkpoint as ckpt
-    from framework.models import build_model, resolve_inputs
+    from framework.backbones import resolve_inputs
+    from framework.models import build_model
     from framework.recipe.loaded import load_recipe
     from framework import transforms as T
-    from framework.tasks import build_heads, head_class, load_head_states, set_targets
+    from framework.tasks import build_heads, head_class, load_head_states
 
     path = _not_an_export(Path(path))
     if path.is_file():
@@ -95,17 +97,15 @@ def load_run(path: str | Path, checkpoint: str = "best", overrides: list[str] | 
         raise RunError(Issue(f"{run_dir} was written by an older version of recipe (one-head layout).",
                              field="RUN", fix=f"train it again: recipe run {folder.recipe_file}."))
     labels = folder.labels(classes=state["classes"])
+    folder_labels = dict(labels)
     moved = {o.split(".")[1] for o in overrides}
     for task, spec in recipe.task_specs().items():
-        if head_class(spec.kind).regression:
-            from framework.data.labels import bin_names
-            labels[task] = LabelSet(bin_names(spec.bins))
-        elif task in moved:
+        labels[task] = head_class(spec.kind).classes_after_training(spec) or labels[task]
+        if task in moved and labels[task] is folder_labels[task]:
             raise RunError(Issue(f"task {task!r} is {spec.kind}: its bands are fixed by training.", field="--set",
                                  fix="only regression tasks can move their cut points."))
-    heads = build_heads(recipe, labels, thresholds=state.get("thresholds"))
-    set_targets(heads, state.get("targets"))  # a regression head's scaling
-    load_head_states(heads, state)
+    heads = build_heads(recipe, labels)
+    load_head_states(heads, state)  # thresholds, a regression head's scaling, fitted distributions
     size, mean, std = resolve_inputs(recipe)
     model_cfg = recipe.model.model_copy(update={"weights": None, "pretrained": False, "compile": False})
     model, _ = build_model(model_cfg, {t: h.out_dim for t, h in heads.items()}, mean, std, size)

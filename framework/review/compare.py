@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from framework.engine.logging import per_task
+from framework.engine.metrics import per_task
 from framework.errors import RunError
 from framework.folders import RunFolder
 from framework.recipe.loaded import flatten  # noqa: F401 (part of this module's interface: tests, crossval)

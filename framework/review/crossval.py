@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.engine.metrics import scores
+from framework.engine.metrics import scores, task_scores
 from framework.errors import Issue, RunError
 
 # keys in which the folds of one cross-validation may differ
@@ -103,9 +103,10 @@ def _pool(records: list[dict]) -> dict:
             out["questions"] = {q: part([p["questions"][q] for p in parts]) for q in parts[0]["questions"]}
         return out
 
-    if "tasks" not in records[0]:
+    first = task_scores(records[0])
+    if "" in first:  # single-task records
         return part(records)
-    tasks = {t: part([r["tasks"][t] for r in records]) for t in records[0]["tasks"]}
+    tasks = {t: part([task_scores(r)[t] for r in records]) for t in first}
     out = {"accuracy": float(np.mean([s["accuracy"] for s in tasks.values()])),
            "macro_f1": float(np.mean([s["macro_f1"] for s in tasks.values()])), "tasks": tasks}
     if all("composite" in r for r in records):
@@ -126,10 +127,11 @@ def report(result: dict) -> str:
     from framework.engine.metrics import format_report
 
     val = result["val"]
-    n = sum(m["support"] for m in (val if "per_class" in val else next(iter(val["tasks"].values())))["per_class"].values())
+    tasks = task_scores(val)
+    n = sum(m["support"] for m in next(iter(tasks.values()))["per_class"].values())
     lines = [f"cross-validated over {result['folds']} folds (every item scored once by the fold model that did not "
              f"train on it; {n} items): macro-F1 {val['macro_f1']:.3f}, accuracy {val['accuracy']:.3f}"]
-    parts = {"": val} if "per_class" in val else {f"{t}: ": s for t, s in val["tasks"].items()}
+    parts = {f"{t}: " if t else "": s for t, s in tasks.items()}
     for prefix, s in parts.items():
         if prefix:
             lines.append(f"{prefix}macro-F1 {s['macro_f1']:.3f}")

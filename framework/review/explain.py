@@ -142,7 +142,7 @@ def face_view(run, image: np.ndarray, box=None) -> np.ndarray:
 
 
 def _input_size(run) -> tuple[int, int]:
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
 
     size, _, _ = resolve_inputs(run.recipe)
     return size

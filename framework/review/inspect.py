@@ -98,7 +98,7 @@ def _faces(loaded, rows: list[dict], sides: list[str], classes: list[str], out) 
     side, source and class, and (with `out`) detections.png; None when nothing looks at faces."""
     from framework import transforms as T
     from framework.data import faces
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
     from framework.resolve import check_face_detector
     from framework.review.faces import detection_sheet, find_boxes
 
@@ -203,7 +203,7 @@ def augmentation_preview(recipe, rows: list[dict], names: list[str], draws: int 
 
     from framework import transforms as T
     from framework.data.dataset import resize_one
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
 
     size, _, _ = resolve_inputs(recipe)
     augs = T.build_augmentations(recipe.transforms, size)

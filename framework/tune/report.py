@@ -131,7 +131,7 @@ def _trial_overrides(plan: Plan, params: dict, run_dir: str | None) -> list[str]
 
 def _differs(best_yaml: Path, run_dir: str | None) -> list[str]:
     from framework.folders import RunFolder
-    from framework.models import resolve_inputs
+    from framework.backbones import resolve_inputs
     from framework.recipe.loaded import edited_keys, flatten, load_recipe
     from framework.resolve import check_face_detector
     from framework.runs import ADDED_LATER

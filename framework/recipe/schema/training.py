@@ -48,26 +48,13 @@ class FaceDetectorSpec(_Section):
     @model_validator(mode="after")
     def _own_args(self):
         """`args` are checked by the schema the detector registered (`@DETECTORS.register(name, args=Model)`)."""
-        from pydantic import ValidationError
-
-        from framework.registry import DETECTORS
+        from framework.registry import DETECTORS, check_args
 
         if self.name == "auto":
             if self.args:
                 raise ValueError("auto takes no args: name the detector whose settings these are (haar, mtcnn)")
             return self
-        names = [self.name]
-        schema = DETECTORS.get(names[0]).meta.get("args")
-        if schema is None:
-            if self.args:
-                raise ValueError(f"detector {self.name!r} takes no args (got {', '.join(map(str, self.args))})")
-            return self
-        try:
-            schema.model_validate(self.args)
-        except ValidationError as e:
-            first = e.errors(include_url=False)[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise ValueError(f"args.{where}: {first['msg']} (detector {names[0]!r})") from None
+        check_args(DETECTORS.get(self.name), self.args, f"detector {self.name!r}")
         return self
 
 
@@ -190,11 +177,13 @@ class LossSpec(_Section):
     name: str = Field(
         "cross_entropy", description="cross_entropy, focal (down-weights easy samples), f1 (a differentiable "
                                      "macro-F1, added to cross-entropy), or a loss registered by a plugin.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    gamma: float = Field(2.0, ge=0, description="Focal loss focusing parameter.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Shorthand for args.label_smoothing (cross_entropy, "
+                                   "focal, f1).")
+    gamma: float = Field(2.0, ge=0, description="Shorthand for args.gamma: focal loss focusing parameter.")
     class_weights: Literal["none", "auto"] | list[float] = Field(
         "none", description="none, auto (inverse class frequency of the training split), or one weight per class.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Extra options for a plugin loss.")
+    args: dict[str, Any] = Field(default_factory=dict, description="The loss's own options (each loss registers "
+                                 "what it takes: `recipe plugins` lists them).")
 
     @field_validator("name")
     @classmethod
@@ -205,23 +194,23 @@ class LossSpec(_Section):
 
     @model_validator(mode="after")
     def _own_args(self):
-        """`args` are checked by the schema the loss registered (`@LOSSES.register(name, args=Model)`)."""
-        from framework.registry import LOSSES
+        """What the recipe gives the loss (`args`, and the flat shorthands it set) is checked by the args model the
+        loss registered (`@LOSSES.register(name, args=Model)`): a key the loss does not take is an error, not
+        silently ignored."""
+        self.options()
+        return self
+
+    def options(self):
+        """The loss's checked args model (None for a plugin loss registered without one: it reads the spec)."""
+        from framework.registry import LOSSES, check_args
 
         entry = LOSSES.get(self.name)
-        schema = entry.meta.get("args")
-        if schema is not None:
-            from pydantic import ValidationError
-
-            try:
-                schema.model_validate(self.args)
-            except ValidationError as e:
-                first = e.errors(include_url=False)[0]
-                where = ".".join(str(x) for x in first["loc"])
-                raise ValueError(f"args.{where}: {first['msg']} (loss {self.name!r})") from None
-        elif self.args and entry.origin == "built-in":
-            raise ValueError(f"loss {self.name!r} takes no args (got {', '.join(map(str, self.args))})")
-        return self
+        if entry.meta.get("learns", "class") not in ("class", "number"):
+            raise ValueError(f"loss {self.name!r} ({entry.origin}) registers learns={entry.meta['learns']!r}; it "
+                             "must be learns='class' or learns='number'")
+        given = {k: getattr(self, k) for k in ("label_smoothing", "gamma")  # (at its default it changes nothing)
+                 if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].default}
+        return check_args(entry, {**given, **self.args}, f"loss {self.name!r}", shorthands=set(given) - set(self.args))
 
 
 class FineTune(_Section):

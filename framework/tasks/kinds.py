@@ -1,121 +1,17 @@
-"""Task kinds: how each kind of head turns network outputs into a loss, band probabilities and predictions.
-
-Labels travel as one float per task and image: the class index for classification, ordinal and anomaly tasks
-(-1 = no label), the number itself for regression (NaN = no label). Every kind predicts a *band* (a class), so
-metrics, prediction files and ensembles treat them alike; regression also predicts its number (and MAE is
-reported), and its bands are just `bins` applied to that number - move the cut points and re-evaluate, no retraining.
-
-A kind is a class registered in `TASK_KINDS` where it is defined; everything that differs between kinds lives in
-its class (no `kind == ...` branches elsewhere). A plugin adds a kind the same way.
-"""
+"""The built-in task kinds: classification, regression, ordinal, anomaly and one_class, each a `Head` subclass
+registered in TASK_KINDS where it is defined."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from framework.errors import DataError, FieldError
+from framework.libs import lazy
 from framework.registry import TASK_KINDS
+from framework.tasks.head import Head
 
-REGRESSION_LOSSES = ("l1", "smooth_l1", "mse")
-
-
-class Head:
-    """One task of the classification kind: one output per class, softmax probabilities, cross-entropy-like loss.
-    The other kinds subclass it and change what differs."""
-
-    kind = "classification"
-    regression = False  # predicts a number (its bands are `bins` applied to it)
-    chooses_threshold = False  # a decision threshold is chosen on each validation and saved with the model
-    class_offsets = False  # the macro-F1 decision rule (per-class offsets on the log-probabilities) applies
-    fits_normal = False  # fitted to the normal training images' outputs before each validation (one_class)
-
-    def __init__(self, name: str, classes: list[str], bins=None, threshold: float = 0.5,
-                 pos_weight: float | None = None):
-        self.name, self.classes = name, list(classes)
-        self.bins = None if bins is None else torch.tensor(bins, dtype=torch.float32)
-        self.threshold, self.pos_weight = threshold, pos_weight
-
-    # ---- the recipe side
-    composite_ok = False  # a composite label (several columns in one head) is a classification task
-
-    @classmethod
-    def check_spec(cls, spec) -> str | None:
-        """What the task spec lacks or has too much of for this kind (a sentence), or None."""
-        if spec.anomaly is not None:
-            return "`anomaly` is only for kind anomaly"
-        if spec.composite is not None and not cls.composite_ok:
-            return "a composite label is a classification task"
-        return None
-
-    @classmethod
-    def loss_spec(cls, spec, default):
-        """The loss spec this task trains with: its own, else train.loss; regression losses belong to regression."""
-        loss = spec.loss or default
-        if loss.name in REGRESSION_LOSSES:
-            raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is a regression loss, but this task is "
-                             f"{cls.kind}.", "use cross_entropy, focal or f1.")
-        return loss
-
-    @classmethod
-    def label_codes(cls, codes: list[int], labels, spec, where: tuple):
-        """Class indices (-1 = no label) and the label set as this kind learns them (anomaly: 1 for the rare class,
-        0 for the rest)."""
-        return codes, labels
-
-    # ---- the model side
-    @property
-    def out_dim(self) -> int:
-        return len(self.classes)
-
-    def has(self, col: torch.Tensor) -> torch.Tensor:
-        return col >= 0
-
-    def bands(self, col: torch.Tensor) -> torch.Tensor:
-        """True band index per image (-1 where there is no label)."""
-        return col.long()
-
-    def loss(self, out: torch.Tensor, col: torch.Tensor, fn) -> torch.Tensor:
-        """The task's loss over the images that have its label (`fn`: the built loss module)."""
-        has = self.has(col)
-        if not has.any():  # keep the head in the graph (data-parallel training expects every parameter used)
-            return out.sum() * 0.0
-        return self._loss(out[has], col[has], fn)
-
-    def _loss(self, out, col, fn):
-        return fn(out, col.long())
-
-    def eval_loss(self) -> torch.nn.Module:
-        """The validation loss, summed over images (the same for every loss the task may train with)."""
-        return torch.nn.CrossEntropyLoss(reduction="sum")
-
-    def summed_loss(self, out: torch.Tensor, col: torch.Tensor) -> float:
-        """Validation loss of a batch, summed over the images that have the label."""
-        return float(self.loss(out, col, self.eval_loss()))
-
-    def probs(self, out: torch.Tensor) -> torch.Tensor:
-        """Band probabilities (N, C); their argmax is the prediction."""
-        return out.float().softmax(1)
-
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        return self.probs(out).argmax(1)
-
-    def extra_outputs(self, out: torch.Tensor, col: torch.Tensor) -> torch.Tensor | None:
-        """What validation keeps besides probabilities (anomaly scores; predicted and true numbers), or None."""
-        return None
-
-    def after_validation(self, extra: np.ndarray | None, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-        """Metrics of this kind beyond the bands' (MAE, the chosen threshold); may redo `y_pred` in place."""
-        return {}
-
-    def state(self) -> dict | None:
-        """What this head learnt outside the model's weights (saved in checkpoints), or None."""
-        return None
-
-    def load_state(self, state: dict) -> None:
-        """Put back what `state` returned."""
+torch, F = lazy("torch"), lazy("torch.nn.functional")  # imported when a head computes, not for `validate`
 
 
 @TASK_KINDS.register("classification")
@@ -133,22 +29,12 @@ class Regression(Head):
     loss starts near 1 like a class head's instead of at tens of years, and does not drown the other heads of a
     shared backbone; `value` undoes the scaling."""
 
-    kind, regression = "regression", True
+    kind, regression, learns, default_loss = "regression", True, "number", "smooth_l1"
     center, scale = 0.0, 1.0  # checkpoints written before standardisation load with these
 
     @classmethod
     def check_spec(cls, spec):
         return _needs_bins(cls, spec)
-
-    @classmethod
-    def loss_spec(cls, spec, default):
-        loss = spec.loss or default
-        if loss.name in REGRESSION_LOSSES:
-            return loss
-        if spec.loss is not None:
-            raise FieldError(("tasks", "loss", "name"), f"{loss.name!r} is not a regression loss.",
-                             f"use one of: {', '.join(REGRESSION_LOSSES)}.")
-        return loss.model_copy(update={"name": "smooth_l1", "class_weights": "none"})
 
     @property
     def out_dim(self) -> int:
@@ -173,6 +59,21 @@ class Regression(Head):
     def value(self, out: torch.Tensor) -> torch.Tensor:
         """The predicted number (N,), in the data's units."""
         return out[:, 0].float() * self.scale + self.center
+
+    def estimate(self, probs, value, band_means):
+        return None if value is None else (value, "the predicted number")
+
+    @classmethod
+    def classes_after_training(cls, spec):
+        from framework.data.labels import LabelSet, bin_names
+
+        return LabelSet(bin_names(spec.bins))  # its bands are cut from the number: they may move
+
+    def state(self):
+        return {"center": self.center, "scale": self.scale}
+
+    def load_state(self, state):
+        self.center, self.scale = float(state.get("center", self.center)), float(state.get("scale", self.scale))
 
     def probs(self, out):
         band = torch.bucketize(self.value(out).contiguous(), self.bins.to(out.device), right=True)
@@ -267,6 +168,15 @@ class Anomaly(_Binary):
     def extra_outputs(self, out, col):
         return self.score(out)
 
+    def estimate(self, probs, value, band_means):
+        return None  # "the rare band or not" says nothing of the number
+
+    def state(self):
+        return {"threshold": self.threshold}
+
+    def load_state(self, state):
+        self.threshold = float(state.get("threshold", self.threshold))
+
     def after_validation(self, extra, y_true, y_pred):
         """The threshold with the best validation F1 of the anomaly class; the predictions are redone with it."""
         has = y_true >= 0
@@ -284,7 +194,7 @@ class OneClass(Anomaly):
     rare group has too few images to learn from. The backbone learns only from other tasks (or pretrained weights):
     this head passes it no gradient."""
 
-    kind, fits_normal = "one_class", True
+    kind = "one_class"
     dims = 32
 
     def __init__(self, *args, **kwargs):
@@ -322,59 +232,20 @@ class OneClass(Anomaly):
         shifted = torch.sigmoid(torch.log(s / (1 - s)) - math.log(t / (1 - t)))  # 0.5 at the chosen threshold
         return torch.stack([1 - shifted, shifted], dim=1)
 
+    def before_validation(self, training_outputs):
+        """Fitted again to the normal training images' outputs (label 0)."""
+        out, col = training_outputs(self.name)
+        self.fit_normal(out[col == 0].numpy())
+
     def state(self):
-        return None if self.mean is None else {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+        fitted = {} if self.mean is None else {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+        return super().state() | fitted
 
     def load_state(self, state):
-        self.mean = torch.tensor(state["mean"], dtype=torch.float32)
-        self.precision = torch.tensor(state["precision"], dtype=torch.float32)
-
-
-def standardize_targets(heads: dict, train_labels: list) -> dict[str, list[float]]:
-    """Each regression head's `center` and `scale`: the mean and standard deviation of its training values
-    (`train_labels`: one label vector per training image, in task order; NaN = no label). Returns them by task."""
-    out = {}
-    for j, (task, head) in enumerate(heads.items()):
-        if not head.regression:
-            continue
-        values = np.array([float(y[j]) for y in train_labels], dtype=float)
-        values = values[~np.isnan(values)]
-        if len(values):
-            spread = float(values.std())
-            head.center, head.scale = float(values.mean()), spread if spread > 0 else 1.0
-        out[task] = [head.center, head.scale]
-    return out
-
-
-def set_targets(heads: dict, targets: dict | None) -> None:
-    """Put saved `center` and `scale` back (a checkpoint's `targets`)."""
-    for task, (center, scale) in (targets or {}).items():
-        heads[task].center, heads[task].scale = float(center), float(scale)
-
-
-def load_head_states(heads: dict, checkpoint: dict) -> None:
-    """What heads learnt outside the weights (a one-class head's normal distribution), from a checkpoint."""
-    for task, state in (checkpoint.get("head_state") or {}).items():
-        heads[task].load_state(state)
-
-
-def head_class(kind: str) -> type[Head]:
-    return TASK_KINDS.get(kind).load()
-
-
-def build_heads(recipe, labels: dict, train_codes: dict | None = None, thresholds: dict | None = None) -> dict[str, Head]:
-    """A Head per task of the recipe (`labels`: task -> LabelSet, or task -> {"classes": [...]})."""
-    heads = {}
-    for task, spec in recipe.task_specs().items():
-        classes = labels[task].classes if hasattr(labels[task], "classes") else labels[task]["classes"]
-        pos_weight = None
-        loss = spec.loss or recipe.train.loss
-        if head_class(spec.kind).chooses_threshold and train_codes is not None and loss.class_weights == "auto":
-            codes = [c for c in train_codes[task] if c >= 0]
-            positives = max(1, sum(codes))
-            pos_weight = (len(codes) - positives) / positives
-        heads[task] = head_class(spec.kind)(task, classes, spec.bins, (thresholds or {}).get(task, 0.5), pos_weight)
-    return heads
+        super().load_state(state)
+        if "mean" in state:
+            self.mean = torch.tensor(state["mean"], dtype=torch.float32)
+            self.precision = torch.tensor(state["precision"], dtype=torch.float32)
 
 
 def best_threshold(scores, labels) -> tuple[float, float]:
