@@ -18,6 +18,8 @@ from framework.errors import Interrupted, Issue, Pruned, RunError
 from framework.recipe.loaded import LoadedRecipe, load_recipe
 from framework import runs as run_folders
 from framework.folders import RunFolder
+from framework.plugins import load_plugin  # noqa: F401 - the CLI's --plugin
+from framework.reports import crossval_report, finished_runs, inspect_report, validated, voting_rule  # noqa: F401
 
 
 def validate(path: str | Path, overrides: list[str] | tuple = ()):

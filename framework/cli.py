@@ -50,21 +50,11 @@ def validate(recipe, overrides, print_):
     """Check RECIPE and its data without training: every name, file, size and metric it uses; sources, labels,
     split, leakage. Exit 2 on errors."""
     from framework import api
-    from framework.recipe.loaded import resolved_yaml
 
     resolved = api.validate(recipe, overrides)
-    plan = resolved.plan
     for w in resolved.loaded.warnings:
         click.echo("warning: " + w.format(), err=True)
-    if print_:
-        click.echo(resolved_yaml(resolved.recipe), nl=False)
-        for task, labels in plan.labels.items():
-            click.echo(f"# {task} classes (index = {labels.formula}):")
-            for k, c in enumerate(labels.classes):
-                click.echo(f"#   {k:3d}  {c}")
-    tasks = ", ".join(f"{t}: {len(lab.classes)} classes" for t, lab in plan.labels.items())
-    click.echo(f"ok: {recipe}: {len(plan.rows)} images ({tasks}), "
-               f"{len(plan.indices('train'))} train / {len(plan.indices('val'))} val")
+    click.echo(api.validated(recipe, resolved, full=print_))
 
 
 def _run_args(recipe, overrides, name, resume, all_folds, plugins) -> list[str]:
@@ -115,24 +105,10 @@ def run(recipe, overrides, name, resume, all_folds, processes, plugins):
 
 
 def _report_runs(run_dirs: list[Path], all_folds: bool) -> None:
-    import json
-
     from framework import api
-    from framework.review.compare import kept_classes
-    from framework.review import crossval
 
-    for run_dir in run_dirs:
-        summary = api.run_summary(run_dir)
-        best = summary.get("best_value")
-        value = f"{best:.4f}" if isinstance(best, (int, float)) else "none"  # rounded as the epoch lines are
-        click.echo(f"done: {run_dir}  best {summary.get('best_metric')} = {value} at epoch "
-                   f"{summary.get('best_epoch')}  ({summary['wall_seconds']:.0f}s)")
-        for line in kept_classes(run_dir, summary.get("best_epoch")):
-            click.echo("  " + line)
-    if all_folds:
-        cv_file = run_dirs[0].parent / f"{run_dirs[0].name.rsplit('-fold', 1)[0]}-cv.json"
-        click.echo(crossval.report(json.loads(cv_file.read_text(encoding="utf-8"))))
-        click.echo(f"wrote {cv_file}")
+    for line in api.finished_runs(run_dirs, all_folds, api.run_summary):
+        click.echo(line)
 
 
 @main.command()
@@ -235,10 +211,9 @@ def export(run, fmt, out, tta):
 def ensemble(runs, method, weights, images, csv_file, out, composite, tta, proba, prior_shift, plugins):
     """Combine RUNS by hard or soft voting; per-task runs combine into the composite answer."""
     from framework import api
-    from framework.inference.ensemble import Voting
 
     load_plugins(plugins)
-    voting = Voting(method, weights, composite, tta, prior_shift)
+    voting = api.voting_rule(method, weights, composite, tta, prior_shift)
     result = api.ensemble(list(runs), one_source(images, csv_file), out, voting, proba)
     for q, prior in result["estimated_priors"].items():
         click.echo(f"[{q}] test priors used: " + ", ".join(f"{v:.3f}" for v in prior))
@@ -283,9 +258,8 @@ def crossval(runs, out):
     """Score the fold runs RUNS of a k-fold recipe as one validation set: every item predicted once, by the fold
     model that did not train on it (`recipe run --all-folds` prints and writes this itself)."""
     from framework import api
-    from framework.review import crossval as cv
 
-    click.echo(cv.report(api.cross_validate(list(runs), out)))
+    click.echo(api.crossval_report(api.cross_validate(list(runs), out)))
     if out:
         click.echo(f"wrote {out}")
 
@@ -322,10 +296,9 @@ main.add_command(tune)
 def inspect_cmd(recipe, overrides, out):
     """Look at RECIPE's data without training: counts, leakage, odd files, sizes, augmentation preview."""
     from framework import api
-    from framework.review.inspect import format_report
 
     report = api.inspect(recipe, overrides, out)
-    click.echo(format_report(report))
+    click.echo(api.inspect_report(report))
     click.echo(f"\nwritten to {out}/ (augmentation preview: {report['preview']})")
 
 

@@ -34,10 +34,10 @@ def plugin_option(f):
 
 
 def load_plugins(specs) -> None:
-    from framework.plugins import load_plugin
+    from framework import api
 
     for spec in specs:
-        load_plugin(spec)
+        api.load_plugin(spec)
 
 
 def one_source(images, csv_file):

@@ -19,7 +19,7 @@ LAYERS = [
     ["engine"],
     ["inference"],
     ["review"],
-    ["runs", "api", "sweep", "tune"],
+    ["runs", "api", "reports", "sweep", "tune"],
     ["cli", "cli_options", "cli_launch", "cli_search", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -147,3 +147,15 @@ def test_no_code_asks_what_kind_a_head_is():
     assert not found, "\n".join(found)
     planted = "if head.regression:\n" + "if 'tasks' not in record:\n"  # the pattern sees what it is meant to
     assert len(flags.findall(planted)) == 2
+
+
+def test_the_cli_imports_only_the_api():
+    """The CLI parses, calls one `framework.api` function and prints what it returns (`framework.reports`, through
+    the API); besides the API it knows only the errors it turns into messages and its own option modules."""
+    allowed = {"framework.api", "framework.errors", "framework.cli_options", "framework.cli_launch",
+               "framework.cli_search", "framework.cli"}
+    graph = _graph()
+    cli = [m for m in graph if _layer(m) == LAYER["cli"] and m != "framework"]
+    assert set(cli) >= {"framework.cli", "framework.cli_search"}
+    bad = [f"{m} imports {d}" for m in cli for d in graph[m] if d not in allowed]
+    assert not bad, "\n".join(bad)

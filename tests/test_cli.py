@@ -123,7 +123,9 @@ def test_validate_print_shows_the_image_size_auto_stands_for(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(path), "--print"])
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output.split("\n#")[0].split("ok:")[0])
-    assert printed["transforms"]["image_size"] == [176, 176]
+    import timm
+
+    assert printed["transforms"]["image_size"] == list(timm.get_pretrained_cfg("resnet10t").input_size[1:])
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

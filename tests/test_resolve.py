@@ -98,8 +98,11 @@ def test_a_crop_without_a_size_follows_the_image_size(tmp_path):
 def test_image_size_auto_is_the_backbones_own_and_is_written_concrete(tmp_path):
     from framework import api
 
+    import timm
+
     resolved = api.validate(tiny_recipe(tmp_path, transforms={"image_size": "auto"}))
-    assert resolved.image_size == (160, 160) and resolved.recipe.transforms.image_size == (160, 160)
+    own = tuple(timm.get_pretrained_cfg(resolved.recipe.model.backbone).input_size[1:])  # timm's, whatever it is
+    assert resolved.image_size == own and resolved.recipe.transforms.image_size == own
 
 
 def test_sync_batchnorm_on_cpu_processes_is_a_located_error_and_one_process_is_unchanged(tmp_path, monkeypatch):
