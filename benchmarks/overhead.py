@@ -17,15 +17,17 @@ def main() -> None:
     from framework.engine.loop import train_epoch
     from framework.backbones import resolve_inputs
     from framework.models import build_model
+    from framework.recipe.schema import Recipe
 
     ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backbone", default="resnet10t")
     args = ap.parse_args()
     size = 32 if args.smoke else 64
-    b = built_run(utk_gender("test_resnet" if args.smoke else args.backbone, size, 32))
-    _, mean, std = resolve_inputs(b.recipe)
-    plain_model, _ = build_model(b.recipe.model, {"label": 2}, mean, std)
+    spec = utk_gender("test_resnet" if args.smoke else args.backbone, size, 32)
+    b, recipe = built_run(spec), Recipe.model_validate(spec)
+    _, mean, std = resolve_inputs(recipe)
+    plain_model, _ = build_model(recipe.model, {"label": 2}, mean, std)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3, weight_decay=0.05)
     ds, sampler = b.loaders.train_ds, b.loaders.sampler
     loader = torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler)
@@ -53,7 +55,7 @@ def main() -> None:
             fn(r)
             out.append(time.perf_counter() - start)
     p, f = steps / median(plain_t), steps / median(frame_t)
-    print(f"{b.recipe.model.backbone} at {size} px, batch 32, {len(ds)} real face images, {torch.get_num_threads()} "
+    print(f"{recipe.model.backbone} at {size} px, batch 32, {len(ds)} real face images, {torch.get_num_threads()} "
           f"threads, {steps} steps per epoch, median of {rounds} epochs each")
     print(f"plain PyTorch loop   {p:6.2f} steps/s")
     print(f"recipe's train loop  {f:6.2f} steps/s   ratio {f / p:.3f}  (overhead {100 * (1 - f / p):+.1f}%)   "

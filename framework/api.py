@@ -18,7 +18,8 @@ from framework.errors import Interrupted, Issue, Pruned, RunError
 from framework.recipe.loaded import LoadedRecipe, load_recipe
 from framework import runs as run_folders
 from framework.folders import RunFolder
-from framework.plugins import load_plugin  # noqa: F401 - the CLI's --plugin
+from framework.plugins import load_plugin  # noqa: F401 - for the CLI, as what the commands print:
+from framework.processes import main_process
 from framework.reports import crossval_report, finished_runs, inspect_report, validated, voting_rule  # noqa: F401
 
 
@@ -43,7 +44,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
     the run by raising `framework.errors.Pruned` (the summary then says `pruned`; the exception reaches the caller)."""
     dist = run_folders.distributed()
     resolved, run_dir, state, summary = _prepare(path, overrides, name, resume, dist)
-    say = log if dist.is_main_process else (lambda *_: None)
+    say = log if main_process() else (lambda *_: None)
     for w in resolved.loaded.warnings:
         say("warning: " + w.format())
     dist.wait_for_everyone()
@@ -55,7 +56,7 @@ def run(path: str | Path | None = None, overrides: list[str] | tuple = (), name:
         say(f"left out: {len(plan.indices('unused'))} image(s) (`unused` in split.csv)")
     summary["process"] = run_folders.this_process()  # who trains it (see run_folders.member_state)
     _train(resolved, run_dir, state, summary, say, list(hooks))
-    if resolved.recipe.eval.decision == "macro_f1" and dist.is_main_process:
+    if resolved.recipe.eval.decision == "macro_f1" and main_process():
         from framework.inference import decision
 
         for line in decision.report_lines(decision.fit_runs([run_dir])):
@@ -84,14 +85,14 @@ def _prepare(path, overrides, name, resume, dist):
         resolved = resolve(loaded)
         run_folders.check_same_recipe(run_dir, resolved.recipe, state)
         run_folders.check_same_split(run_dir, resolved.plan)
-        if overrides and dist.is_main_process:
+        if overrides and main_process():
             RunFolder(run_dir).write_recipe(resolved_yaml(loaded.recipe))
         return resolved, run_dir, state, summary
     resolved = resolve(load_recipe(path, overrides))  # validate's checks (a `tune` section is not run's concern)
     root = Path(resolved.recipe.output.root)
     run_dir = run_folders.main_decides(dist, lambda: run_folders.new_run_dir(root, Path(path).stem, name))
     summary = {"wall_seconds": 0.0}
-    if dist.is_main_process:
+    if main_process():
         summary = run_folders.create(run_dir, resolved, Path(path), overrides)
     return resolved, run_dir, None, summary
 
@@ -103,7 +104,7 @@ def _train(resolved, run_dir: Path, state, summary: dict, say, hooks: list) -> N
     from framework.engine.runner import fit
 
     started, before = time.perf_counter(), summary.get("wall_seconds", 0.0)
-    main = run_folders.distributed().is_main_process
+    main = main_process()
     try:
         with resolved.loaded.errors_located():
             built = build_run(resolved.recipe, resolved.plan, run_dir, resolved.trackers)
@@ -141,7 +142,7 @@ def _hooks(recipe) -> list:
         return []
     from framework.review.explain import CamHook
 
-    return [CamHook(recipe.logging.cam_every, recipe.logging.cam_images)]
+    return [CamHook(recipe, recipe.logging.cam_every, recipe.logging.cam_images)]
 
 
 def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: str = "", log=print) -> Path:
@@ -149,13 +150,12 @@ def run_or_continue(path: str | Path, overrides: list[str] | tuple = (), name: s
     the set: a member that finished with the same recipe is kept, one that was interrupted is resumed from its
     last saved epoch, a missing one is trained. A member folder that failed, that another process may still be
     training, or that holds another recipe stops with the fix (nothing in it is touched)."""
-    dist = run_folders.distributed()
-    decision = run_folders.main_decides(
-        dist, lambda: run_folders.member_state(path, overrides, name, _concrete))
+    decision = run_folders.main_decides(run_folders.distributed(),
+                                        lambda: run_folders.member_state(path, overrides, name, _concrete))
     if decision is None:
         return run(path, overrides, name=name, log=log)
     how, run_dir = decision
-    say = log if dist.is_main_process else (lambda *_: None)
+    say = log if main_process() else (lambda *_: None)
     if how == "kept":
         say(f"{name}: finished earlier with the same recipe; kept ({run_dir})")
         return run_dir
@@ -190,7 +190,7 @@ def run_all_folds(path: str | Path, overrides: list[str] | tuple = (), name: str
     base = name or f"{Path(path).stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     fold_runs = [run_or_continue(path, list(overrides) + [f"validation.fold={k}"], name=f"{base}-fold{k}", log=log)
                  for k in range(policy.k)]
-    if os.environ.get("RANK", "0") == "0":  # one writer when several processes train the folds
+    if main_process():  # one writer when several processes train the folds
         cross_validate(fold_runs, fold_runs[0].parent / f"{base}-cv.json")
     return fold_runs
 

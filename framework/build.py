@@ -9,6 +9,7 @@ from framework.data.labels import LabelSet, assign_tasks, numbers, task_path
 from framework.data.readers import read_sources
 from framework.data.splits import audit, build_split
 from framework.errors import DataError, FieldError
+from framework.processes import main_process
 from framework.tasks import head_class
 
 
@@ -128,11 +129,56 @@ def keep_few(plan: DataPlan, per_class: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the built run
+@dataclass(frozen=True)
+class LoopConfig:
+    """All the engine reads of a recipe (it reads no recipe): the schedule of epochs and validations, what a step
+    does besides the loss, what `best` means, where progress goes."""
+
+    epochs: int
+    seed: int
+    batch_size: int
+    mixup: float  # Beta(a, a) of mixup; 0 = off
+    clip_grad_norm: float | None
+    ema: float | None  # the decay of the weights' moving average; None = off
+    freeze_bn: bool  # the backbone's batch norm keeps its statistics (train.finetune)
+    freeze_epochs: int  # ... and in the first N epochs
+    validate_every: int
+    tta: str | None
+    monitor: str
+    mode: str  # max | min
+    save_every: int  # numbered checkpoints every N epochs (0 = none)
+    keep_last: int
+    progress: bool
+    tensorboard: bool
+    sample_grid: int
+    numbers: tuple = ()  # (task, column) of tasks cut into bands from a number: their estimate's MAE is reported
+    recipe: dict = field(default_factory=dict)  # the resolved recipe as JSON values: checkpoints, TensorBoard's text
+
+    def validates(self, epoch: int) -> bool:
+        """Whether this (1-based) epoch ends with a validation: every `validate_every`, and the last."""
+        return epoch % self.validate_every == 0 or epoch == self.epochs
+
+    def validations(self, epoch: int) -> int:
+        """How many validations epochs 1..epoch hold."""
+        return sum(1 for e in range(1, epoch + 1) if self.validates(e))
+
+
+def loop_config(recipe) -> LoopConfig:
+    tr, cp, lg = recipe.train, recipe.checkpoint, recipe.logging
+    numbers = tuple((t, s.column) for t, s in recipe.task_specs().items() if s.bins is not None and s.column)
+    return LoopConfig(epochs=tr.epochs, seed=tr.seed, batch_size=tr.batch_size, mixup=tr.mixup,
+                      clip_grad_norm=tr.clip_grad_norm, ema=tr.ema, freeze_bn=tr.finetune.freeze_bn,
+                      freeze_epochs=tr.finetune.freeze_epochs, validate_every=recipe.eval.every, tta=recipe.eval.tta,
+                      monitor=cp.monitor, mode=cp.mode, save_every=cp.every, keep_last=cp.keep_last,
+                      progress=lg.progress, tensorboard="tensorboard" in lg.trackers, sample_grid=lg.sample_grid,
+                      numbers=numbers, recipe=recipe.model_dump(mode="json"))
+
+
 @dataclass
 class Built:
     """Everything a run is made of, built from the recipe: no run state (epochs, best, writers) lives here."""
 
-    recipe: object
+    loop: LoopConfig
     accelerator: object
     model: object  # prepared by Accelerate (wrapped under several processes)
     optimizer: object
@@ -178,7 +224,7 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else tr.mixed_precision,
                       gradient_accumulation_steps=tr.grad_accum, log_with=trackers or None, project_dir=str(run_dir))
     size, mean, std = resolve_inputs(recipe)
-    d = build_loaders(recipe, plan, size, acc.is_main_process, cpu)
+    d = build_loaders(recipe, plan, size, main_process(), cpu)
     torch.manual_seed(tr.seed)
     heads = build_heads(recipe, plan.labels, d.train_codes)
     standardize_targets(heads, d.train_ds.labels)  # regression heads learn z-scores of the training split
@@ -194,5 +240,5 @@ def build_run(recipe, plan: DataPlan, run_dir, trackers: list[str]) -> Built:
     model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, d.train_loader, d.val_loader)
     loss_fn = loss_fn.to(acc.device)  # not prepared: it has no trainable parameters to synchronise
     scheduler = build_scheduler(optimizer, tr, len(train_loader))
-    return Built(recipe, acc, model, optimizer, scheduler, loss_fn, heads, d, train_loader, val_loader, size, notes,
+    return Built(loop_config(recipe), acc, model, optimizer, scheduler, loss_fn, heads, d, train_loader, val_loader, size, notes,
                  ema.to(acc.device) if ema is not None else None)

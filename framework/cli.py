@@ -29,7 +29,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except RecipeError as e:
-            if os.environ.get("RANK", "0") == "0":  # several processes (torchrun) all fail alike: say it once
+            from framework import api
+
+            if api.main_process():  # several processes (torchrun) all fail alike: say it once
                 click.echo(e.format(), err=True)
             sys.exit(e.exit_code)
 
@@ -100,7 +102,7 @@ def run(recipe, overrides, name, resume, all_folds, processes, plugins):
             run_dirs = [api.run(recipe, overrides, name=name, resume=resume, log=click.echo)]
     except KeyboardInterrupt:
         sys.exit(130)
-    if os.environ.get("RANK", "0") == "0":  # one report, from the main process
+    if api.main_process():  # one report, from the main process
         _report_runs(run_dirs, all_folds)
 
 

@@ -48,10 +48,10 @@ def build_scheduler(optimizer, train_cfg, batches_per_epoch: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 0.0 if s < frozen else f(s), f])
 
 
-def backbone_bn_eval(model: torch.nn.Module, finetune, epoch: int) -> None:
-    """After model.train(): the backbone's batch norm keeps its statistics (eval mode) with `freeze_bn`, and in
-    the first `freeze_epochs` epochs (1-based `epoch`)."""
-    if finetune.freeze_bn or epoch <= finetune.freeze_epochs:
+def backbone_bn_eval(model: torch.nn.Module, frozen: bool) -> None:
+    """After model.train(): the backbone's batch norm keeps its statistics (eval mode) when `frozen`
+    (train.finetune: `freeze_bn`, or an epoch within `freeze_epochs`)."""
+    if frozen:
         for m in model.net.features.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()

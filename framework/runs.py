@@ -16,6 +16,7 @@ import yaml
 
 from framework.errors import Issue, RunError
 from framework.folders import RunFolder
+from framework.processes import main_process
 from framework.recipe.loaded import load_recipe, resolved_yaml
 
 
@@ -246,14 +247,14 @@ def distributed():
         from accelerate import PartialState
 
         return PartialState(cpu=not torch.cuda.is_available())
-    return SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None)
+    return SimpleNamespace(num_processes=1, wait_for_everyone=lambda: None)  # (the main one: processes.main_process)
 
 
 def main_decides(dist, decide):
     """Call `decide()` on the main process only (a RunError counts as its answer), share the answer with every
     process, and raise it everywhere if it was an error."""
     answer = None
-    if dist.is_main_process:
+    if main_process():
         try:
             answer = decide()
         except RunError as e:

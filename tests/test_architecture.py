@@ -11,7 +11,7 @@ PACKAGE = REPO / "framework"
 
 # Lower layers never import higher ones (the same table is in docs/architecture.md).
 LAYERS = [
-    ["errors", "io", "libs"],
+    ["errors", "io", "libs", "processes"],
     ["registry", "plugins"],
     ["recipe"],
     ["data", "transforms", "weights", "backbones", "models", "tasks", "losses", "loss_modules", "optim", "folders"],
@@ -159,3 +159,16 @@ def test_the_cli_imports_only_the_api():
     assert set(cli) >= {"framework.cli", "framework.cli_search"}
     bad = [f"{m} imports {d}" for m in cli for d in graph[m] if d not in allowed]
     assert not bad, "\n".join(bad)
+
+
+def test_the_engine_reads_no_recipe():
+    """build hands the engine a frozen LoopConfig (epochs, seed, mixup, clipping, validation schedule, TTA, monitor,
+    checkpoint policy, progress); the engine reads no recipe section."""
+    from framework.build import Built, LoopConfig
+
+    assert "recipe" not in Built.__dataclass_fields__ and LoopConfig.__dataclass_params__.frozen
+    sections = re.compile(r"\brecipe\.(train|eval|logging|checkpoint|model|transforms|data|tasks|task_specs)\b")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in (PACKAGE / "engine").rglob("*.py")
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if sections.search(line)]
+    assert not found, "\n".join(found)
+    assert sections.search("tr = b.recipe.train")  # what it looks for

@@ -68,14 +68,14 @@ def load_for_inference(model: torch.nn.Module, state: dict, path: Path) -> None:
 
 def training_state(built, epoch: int, best: dict) -> dict:
     """Everything needed to predict with the model (`model`) and to continue training exactly."""
-    acc, recipe = built.accelerator, built.recipe
+    acc = built.accelerator
     train_model = acc.unwrap_model(built.model)
     return {"format": 1, "epoch": epoch, "best": best,
             "classes": {t: h.classes for t, h in built.heads.items()},
             "head_state": head_states(built.heads),  # thresholds, a regression head's scaling, fitted distributions
             "image_size": list(built.image_size),
-            "backbone": recipe.model.backbone,
-            "recipe": recipe.model_dump(mode="json"),  # what resume checks the run folder's recipe against
+            "backbone": built.loop.recipe["model"]["backbone"],
+            "recipe": built.loop.recipe,  # what resume checks the run folder's recipe against
             # `model` is what predictions use (the average with train.ema); `train_model` what training resumes
             "model": (built.ema if built.ema is not None else train_model).state_dict(),
             "train_model": train_model.state_dict() if built.ema is not None else None,
@@ -110,11 +110,11 @@ def restore(built, state: dict) -> tuple[int, dict, dict | None]:
 
 def save_epoch(run, state: dict, epoch: int, improved: bool, policy) -> None:
     """In the RunFolder `run`: last.pt always; best.pt when the monitored metric improved; epoch_NNNN.pt every
-    `policy.every` epochs."""
+    `policy.save_every` epochs, the last `policy.keep_last` of them kept (`policy`: the run's LoopConfig)."""
     save(run.checkpoint("last"), state)
     if improved:
         save(run.checkpoint("best"), state)
-    if policy.every and epoch % policy.every == 0:
+    if policy.save_every and epoch % policy.save_every == 0:
         save(run.checkpoint(f"epoch_{epoch:04d}"), state)
         prune(run.checkpoints, policy.keep_last)
 

@@ -5,7 +5,6 @@ asks "am I the main process?" itself.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from framework.engine.metrics import flat_metrics, per_task, task_scores
 from framework.folders import RunFolder
 from framework.io import write_csv
+from framework.processes import main_process
 
 
 class RunLog:
@@ -20,25 +20,25 @@ class RunLog:
 
     def __init__(self, built, run_dir: Path, labels: dict, say=print):
         self.built, self.run_dir, self.labels = built, run_dir, labels
-        self.main = built.accelerator.is_main_process
+        self.main = main_process()
         self.say = say if self.main else (lambda *_: None)
         self.writer = None
 
     def start(self, start_epoch: int) -> None:
         """Open TensorBoard (purging steps a resumed run redoes), trim metrics.jsonl, start the trackers."""
-        recipe, acc = self.built.recipe, self.built.accelerator
+        loop, acc = self.built.loop, self.built.accelerator
         if self.main:
-            if "tensorboard" in recipe.logging.trackers:
+            if loop.tensorboard:
                 self.writer = _writer(self.run_dir, self.built, self.labels, start_epoch)
             RunFolder(self.run_dir).trim_metrics(start_epoch)
         if acc.log_with:
-            acc.init_trackers(self.run_dir.name, config=json.loads(recipe.model_dump_json()))
+            acc.init_trackers(self.run_dir.name, config=loop.recipe)
 
     def epoch(self, record: dict, best: dict, steps: dict | None = None) -> None:
         """The epoch's console line, metrics.jsonl line, TensorBoard scalars (and each training step's loss and
         learning rate, `steps`) and images, tracker values."""
         if self.main:
-            self.say(console_line(record, best, self.built.recipe.checkpoint.monitor, self.built.recipe.train.epochs))
+            self.say(console_line(record, best, self.built.loop.monitor, self.built.loop.epochs))
             RunFolder(self.run_dir).append_metrics(record)
             _log_tb(self.writer, record, self.labels, steps or {})
         if self.built.accelerator.log_with:
@@ -89,7 +89,7 @@ def _writer(run_dir: Path, built, labels: dict, start_epoch: int):
     writer = SummaryWriter(str(RunFolder(run_dir).file(RunFolder.TB)), purge_step=start_epoch if start_epoch > 1 else None)
     if start_epoch == 1:
         import yaml
-        text = yaml.safe_dump(json.loads(built.recipe.model_dump_json()), sort_keys=False)
+        text = yaml.safe_dump(built.loop.recipe, sort_keys=False)
         writer.add_text("recipe", "    " + text.replace("\n", "\n    "), 0)
         _sample_grid(writer, built, labels)
     return writer
@@ -102,7 +102,7 @@ def _sample_grid(writer, built, labels: dict) -> None:
     from framework.engine.tb import sample_grid
 
     ds = built.loaders.train_ds
-    n = min(built.recipe.logging.sample_grid, len(ds))
+    n = min(built.loop.sample_grid, len(ds))
     if not n:
         return
     picks = np.linspace(0, len(ds) - 1, n).astype(int)

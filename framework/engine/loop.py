@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework.models import outputs
 from framework.optim import backbone_bn_eval, ema_update
+from framework.processes import main_process
 
 
 @dataclass
@@ -42,13 +42,13 @@ def train_epoch(b, epoch: int, progress: bool, stop=None, partial: dict | None =
     early after an optimizer step (`interrupted` is then set); `partial` continues an epoch interrupted that way."""
     acc = b.accelerator
     b.model.train()
-    backbone_bn_eval(acc.unwrap_model(b.model), b.recipe.train.finetune, epoch)
+    backbone_bn_eval(acc.unwrap_model(b.model), b.loop.freeze_bn or epoch <= b.loop.freeze_epochs)
     tally, loader = _Tally.resumed(partial), b.train_loader
     if partial:
         torch.set_rng_state(partial["torch_rng"])
         loader = acc.skip_first_batches(loader, tally.batches)
     start = time.perf_counter()
-    bar = _bar(loader, f"epoch {epoch}", progress and acc.is_main_process)
+    bar = _bar(loader, f"epoch {epoch}", progress and main_process())
     interrupted = False
     steps = {"first": (epoch - 1) * len(b.train_loader) + tally.batches, "loss": [], "lr": []}  # for TensorBoard
     with _shard_log(acc) as shard_log:
@@ -96,7 +96,7 @@ def _not_finite(value: float, epoch: int, step: int):
 def _step(b, images: torch.Tensor, labels: torch.Tensor, key: tuple):
     """One forward / backward / optimizer step (with gradient accumulation, clipping, schedule and EMA).
     Returns the logits, the loss and the labels the training metrics score (mixup: each blend's larger part)."""
-    acc, model, tr = b.accelerator, b.model, b.recipe.train
+    acc, model, tr = b.accelerator, b.model, b.loop
     with acc.accumulate(model):
         if tr.mixup:
             logits, loss, labels = _mixup(b, images, labels, key + (acc.process_index,))
@@ -120,110 +120,13 @@ def _mixup(b, images: torch.Tensor, labels: torch.Tensor, key: tuple):
     loss blended the same way (any loss, any number of heads). Drawn from `key` (seed, epoch, batch, process), so a
     resumed run mixes the same pairs. Returns the logits, the loss and the labels of each blend's larger part."""
     rng = np.random.default_rng(list(key))
-    a = b.recipe.train.mixup
+    a = b.loop.mixup
     lam = float(rng.beta(a, a))
     perm = torch.from_numpy(rng.permutation(len(labels))).to(labels.device)
     mixed = lam * images.float() + (1 - lam) * images[perm].float()  # the model takes 0..255 floats as uint8
     logits = b.model(mixed)
     loss = lam * b.loss_fn(logits, labels) + (1 - lam) * b.loss_fn(logits, labels[perm])
     return logits, loss, labels if lam >= 0.5 else labels[perm]
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, loader, heads: dict, progress: bool = False, tta: str | None = None) -> dict:
-    """Loss, band predictions and probabilities over the whole loader; each sample counted exactly once; and what
-    each kind keeps besides (`extra`: anomaly scores, predicted and true numbers of regression tasks).
-
-    The loss is the sum over tasks of the task's mean validation loss on the samples that have its label. With tta
-    "hflip" the outputs are the mean of the image's and its mirror image's (as `recipe predict --tta hflip`)."""
-    model.eval()
-    targets, probs, extra, order = [], {}, {}, []
-    loss_sums: dict[str, float] = dict.fromkeys(heads, 0.0)
-    for images, labels, index in _bar(loader, "validate", progress and accelerator.is_main_process):
-        out, labels, index = accelerator.gather_for_metrics((outputs(model, images, tta), labels, index))
-        targets.append(labels.cpu())
-        order.append(index.cpu())
-        for j, (task, head) in enumerate(heads.items()):
-            v, col = out[task].float(), labels[:, j]
-            if head.has(col).any():
-                loss_sums[task] += head.summed_loss(v, col)
-            probs.setdefault(task, []).append(head.probs(v).cpu())
-            kept = head.extra_outputs(v, col)
-            if kept is not None:
-                extra.setdefault(task, []).append(kept.cpu())
-    raw = torch.cat(targets)
-    y_true = torch.stack([h.bands(raw[:, j]) for j, h in enumerate(heads.values())], 1).numpy()
-    prob = {t: torch.cat(p).numpy() for t, p in probs.items()}
-    counts = (y_true >= 0).sum(0)
-    loss = sum(loss_sums[t] / max(1, counts[j]) for j, t in enumerate(heads))
-    y_pred = np.stack([p.argmax(1) for p in prob.values()], axis=1)
-    return {"loss": float(loss), "y_true": y_true, "y_pred": y_pred, "proba": prob,
-            "extra": {t: torch.cat(v).numpy() for t, v in extra.items()},
-            "index": torch.cat(order).numpy()}  # each item's position in the loader's dataset
-
-
-def before_validation(b) -> None:
-    """Each head fits what it learns outside gradients (a one_class head: the normal training images' outputs).
-    The training images' outputs - seen as validation sees them: no augmentation, eval mode - are computed once,
-    when the first head asks."""
-    kept: dict = {}
-
-    @torch.no_grad()
-    def training_outputs(task: str):
-        if not kept:
-            import copy
-
-            from torch.utils.data import DataLoader
-
-            ds = copy.copy(b.loaders.train_ds)
-            ds.augment = None
-            model = b.eval_model.eval()
-            for images, labels, _ in DataLoader(ds, batch_size=2 * b.recipe.train.batch_size, shuffle=False):
-                out = model(images.to(b.accelerator.device))
-                for j, t in enumerate(b.heads):
-                    kept.setdefault(t, ([], []))[0].append(out[t].float().cpu())
-                    kept[t][1].append(labels[:, j])
-        outs, cols = kept[task]
-        return torch.cat(outs), torch.cat(cols)
-
-    for head in b.heads.values():
-        head.before_validation(training_outputs)
-
-
-def number_maes(b, v_stats: dict, done: dict) -> dict[str, dict]:
-    """Per task cut into bands from a number whose MAE its kind does not report itself (`done`: what
-    after_validation added): the MAE of the head's estimate of the number (`Head.estimate`: a class or ordinal
-    head's expected value), so that `recipe compare` sets it beside a regression run's MAE. Tasks whose training
-    bands lack values are left out."""
-    from framework.data.labels import numbers
-    from framework.engine.metrics import band_means
-
-    out = {}
-    val_rows = [b.loaders.val_loader.dataset.rows[i] for i in v_stats["index"]]
-    for task, spec in b.recipe.task_specs().items():
-        head = b.heads[task]
-        if spec.bins is None or not spec.column or "mae" in done.get(task, {}):
-            continue
-        means = lambda: band_means(numbers(b.loaders.train_ds.rows, spec.column), head.bins, len(head.classes))  # noqa: E731,B023
-        estimate = head.estimate(v_stats["proba"][task], None, means)
-        if estimate is None:
-            continue
-        truth = np.array(numbers(val_rows, spec.column))
-        has = ~np.isnan(truth)
-        if has.any():
-            out[task] = {"mae": float(np.abs(estimate[0] - truth)[has].mean())}
-    return out
-
-
-def after_validation(heads: dict, v_stats: dict) -> dict[str, dict]:
-    """Each kind's own validation step (a regression task's MAE; an anomaly task's threshold, chosen on these
-    predictions, which are redone with it): per task, the metrics it adds."""
-    extras = {}
-    for j, (task, head) in enumerate(heads.items()):
-        added = head.after_validation(v_stats["extra"].get(task), v_stats["y_true"][:, j], v_stats["y_pred"][:, j])
-        if added:
-            extras[task] = added
-    return extras
 
 
 def _predictions(heads: dict, logits: dict) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 
 from framework.engine import checkpoint as ckpt
 from framework.engine.logging import RunLog
-from framework.engine.loop import after_validation, before_validation, evaluate, number_maes, train_epoch
-from framework.engine.metrics import by_source, flat_metrics, summarize
+from framework.engine.loop import train_epoch
+from framework.engine.metrics import flat_metrics, summarize
+from framework.engine.validation import validate
 from framework.engine.signals import StopSignal
 from framework.errors import Interrupted, Issue
 from framework.folders import RunFolder
@@ -34,6 +35,11 @@ class EpochContext:
     v_stats: dict  # framework.engine.loop.evaluate's result
     log: RunLog
     metrics: dict = field(default_factory=dict)  # this epoch's figures by monitor name ("val/macro_f1": 0.71)
+
+    @property
+    def validations(self) -> int:
+        """How many validations the run has made, this one included (a hook acting every N validations)."""
+        return self.built.loop.validations(self.epoch)
 
 
 @dataclass
@@ -59,7 +65,7 @@ def fit(built, plan, log: RunLog, summary: dict, resume: dict | None = None, hoo
     _start(r, start)
     try:
         with StopSignal() as stop:
-            for epoch in range(start, built.recipe.train.epochs + 1):
+            for epoch in range(start, built.loop.epochs + 1):
                 _epoch(r, epoch, stop, partial if epoch == start else None)
     finally:  # also when stopped, pruned or failed: a tuning worker trains many runs in one process
         r.log.close()
@@ -99,38 +105,27 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
     """Train one epoch, validate when due, log and checkpoint, call the hooks."""
-    b, recipe = r.built, r.built.recipe
-    _seed_epoch(recipe.train.seed, epoch)
+    b, loop = r.built, r.built.loop
+    _seed_epoch(loop.seed, epoch)
     b.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
-    t_stats = train_epoch(b, epoch, recipe.logging.progress, stop, partial)
+    t_stats = train_epoch(b, epoch, loop.progress, stop, partial)
     if t_stats.get("interrupted"):
         _interrupted(r, epoch, stop, t_stats["partial"])
     groups = b.optimizer.param_groups  # with train.finetune: the backbone's, then the heads'
     record = {"epoch": epoch, "lr": groups[-1]["lr"], **({"lr_backbone": groups[0]["lr"]} if len(groups) > 1 else {}),
               "train": summarize(t_stats["y_true"], t_stats["y_pred"], r.plan.labels, t_stats["loss"])
               | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
-    v_stats = None
-    if epoch % recipe.eval.every == 0 or epoch == recipe.train.epochs:
-        before_validation(b)
-        v_stats = evaluate(b.accelerator, b.eval_model, b.val_loader, b.heads, recipe.logging.progress, recipe.eval.tta)
-        extras = after_validation(b.heads, v_stats)
-        for task, added in number_maes(b, v_stats, extras).items():  # ordinal / banded classes: expected value
-            extras.setdefault(task, {}).update(added)
-        record["val"] = summarize(v_stats["y_true"], v_stats["y_pred"], r.plan.labels, v_stats["loss"], extras)
-        rows = b.loaders.val_loader.dataset.rows  # the validated rows (unreadable ones skipped), by position
-        sources = by_source(v_stats["y_true"], v_stats["y_pred"], [rows[i]["source"] for i in v_stats["index"]],
-                            r.plan.labels)
-        if sources:
-            record["val"]["sources"] = sources
-    cp = recipe.checkpoint
-    improved = ckpt.improved(flat_metrics(record).get(cp.monitor), r.best, cp.mode)
+    v_stats = validate(b, r.plan.labels) if loop.validates(epoch) else None
+    if v_stats is not None:
+        record["val"] = v_stats["record"]
+    improved = ckpt.improved(flat_metrics(record).get(loop.monitor), r.best, loop.mode)
     if improved:
-        r.best = {"value": flat_metrics(record)[cp.monitor], "epoch": epoch}
+        r.best = {"value": flat_metrics(record)[loop.monitor], "epoch": epoch}
     if r.log.main:  # the checkpoint first: a metrics line never names an epoch that has none (a kill in between)
-        ckpt.save_epoch(RunFolder(r.run_dir), ckpt.training_state(b, epoch, r.best), epoch, improved, cp)
+        ckpt.save_epoch(RunFolder(r.run_dir), ckpt.training_state(b, epoch, r.best), epoch, improved, loop)
     r.log.epoch(record, r.best, t_stats["steps"])
     if r.log.main:
-        r.summary.update(best_metric=cp.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
+        r.summary.update(best_metric=loop.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
                          epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})
         RunFolder(r.run_dir).write_summary(r.summary)
     if v_stats is not None:

@@ -266,19 +266,17 @@ class CamHook:
     would without it; the images it follows are kept in the run folder (cam_images.json), so a resumed run follows
     the same ones."""
 
-    def __init__(self, every: int, images: int):
-        self.every, self.images = every, images
+    def __init__(self, recipe, every: int, images: int):
+        self.recipe, self.every, self.images = recipe, every, images
         self.chosen: dict | None = None  # {"paths": [...], "boxes": [...]}
 
     def after_validation(self, ctx) -> None:
-        recipe = ctx.built.recipe
-        done = sum(1 for e in range(1, ctx.epoch + 1) if e % recipe.eval.every == 0 or e == recipe.train.epochs)
-        if done % self.every or ctx.log.writer is None:
+        if ctx.validations % self.every or ctx.log.writer is None:
             return
         chosen = self._chosen(ctx)
         if not chosen["paths"]:
             return
-        items = _isolated_cams(ctx.built, chosen["paths"], chosen["boxes"])
+        items = _isolated_cams(ctx.built, self.recipe, chosen["paths"], chosen["boxes"])
         for it in items:
             it["overlay"] = overlay(it["image"], it["heat"])
         ctx.log.image("val/gradcam", contact_sheet(items), ctx.epoch)
@@ -299,7 +297,7 @@ class CamHook:
         return self.chosen
 
 
-def _isolated_cams(built, paths: list[str], boxes: list) -> list[dict]:
+def _isolated_cams(built, recipe, paths: list[str], boxes: list) -> list[dict]:
     """Grad-CAMs computed on a copy of the evaluated model, with the RNG streams restored afterwards."""
     import copy
     import random
@@ -308,7 +306,7 @@ def _isolated_cams(built, paths: list[str], boxes: list) -> list[dict]:
     from framework.data.labels import LabelSet
 
     model = copy.deepcopy(built.accelerator.unwrap_model(built.eval_model)).eval()
-    run = SimpleNamespace(model=model, resize=built.loaders.resize, recipe=built.recipe,
+    run = SimpleNamespace(model=model, resize=built.loaders.resize, recipe=recipe,
                           labels={t: LabelSet(h.classes) for t, h in built.heads.items()})
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
