@@ -131,6 +131,10 @@ def check_args(entry: Entry, args: dict, what: str, shorthands: set | frozenset 
         if first["type"] == "extra_forbidden":
             takes = ", ".join(schema.model_fields) or "nothing"
             raise ValueError(f"{what} takes no {shown!r} (it takes: {takes})") from None
+        if first["type"] == "missing":
+            field_ = schema.model_fields.get(str(first["loc"][0]))
+            about = f": {field_.description}" if field_ is not None and field_.description else ""
+            raise ValueError(f"{what} needs {shown!r}{about}") from None
         raise ValueError(f"{shown}: {first['msg']} ({what})") from None
 
 

@@ -57,7 +57,7 @@ def test_every_task_kind_gives_a_loss_bands_and_probabilities(kind):
     cls = head_class(kind)
     rare = cls.chooses_threshold  # the anomaly kinds: the rare class against the rest
     spec = {"column": "age", "kind": kind, "bins": [30, 60]} | ({"anomaly": "60+"} if rare else {})
-    assert cls.check_spec(TaskSpec.model_validate(spec)) is None
+    assert TaskSpec.model_validate(spec).kind == kind  # its registered args model takes what it needs
     classes = ["not 60+", "60+"] if rare else ["<30", "30-59", "60+"]
     head = cls("age", classes, [30, 60])
     out = torch.randn(4, head.out_dim)
@@ -70,8 +70,15 @@ def test_every_task_kind_gives_a_loss_bands_and_probabilities(kind):
 
 
 def test_a_kind_says_what_its_spec_lacks():
-    with pytest.raises(ValueError, match="needs `bins`"):
+    with pytest.raises(ValueError, match="task kind 'ordinal' needs 'bins': the cut points"):
         TaskSpec.model_validate({"column": "age", "kind": "ordinal"})
+    with pytest.raises(ValueError, match="task kind 'anomaly' needs 'anomaly': the rare class"):
+        TaskSpec.model_validate({"column": "age", "kind": "anomaly", "bins": [60]})
+    with pytest.raises(ValueError, match="task kind 'anomaly' takes no 'composite'"):
+        TaskSpec.model_validate({"kind": "anomaly", "anomaly": "60+",
+                                 "composite": {"mask": {"column": "mask"}, "age": {"column": "age"}}})
+    with pytest.raises(ValueError, match="task kind 'regression' takes no 'anomaly'"):
+        TaskSpec.model_validate({"column": "age", "kind": "regression", "bins": [30], "anomaly": "60+"})
     with pytest.raises(ValueError, match="Did you mean 'regression'"):
         TaskSpec.model_validate({"column": "age", "kind": "regresion", "bins": [30]})
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from framework.errors import DataError, FieldError, did_you_mean
+from framework.recipe.schema.data import BundledSource, CsvSource, FolderSource, MaskContestSource
 from framework.registry import READERS, RegistryError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -33,8 +34,8 @@ def read_sources(data_cfg) -> list[dict]:
         except RegistryError as e:
             raise FieldError(where + ("type",), str(e), "use folder, csv, mask_contest, bundled, or load the "
                              "plugin that provides this reader (`plugins:`).", DataError) from None
-        if entry.meta.get("schema") is not None:
-            src = _plugin_args(entry, src, where)
+        if _args_model(entry) is not None:
+            src = _own_args(entry, src, where)
         got = entry.load()(src, root, where)
         if not got:
             raise FieldError(("data", "sources", i), f"source {src.name!r} has no images.",
@@ -64,12 +65,17 @@ def _same_file_twice(rows: list[dict]) -> None:
                              "list each image once (remove one of the rows, or the second source).", DataError)
 
 
-def _plugin_args(entry, src, where: tuple):
-    """Check a plugin source's keys with the schema its reader registered (a pydantic model)."""
+def _args_model(entry):
+    """The pydantic model of a source's keys its reader registered (`args=`; `schema=` is its older name)."""
+    return entry.meta.get("args") or entry.meta.get("schema")
+
+
+def _own_args(entry, src, where: tuple):
+    """Check a source's keys with the args model its reader registered: every error, located."""
     from pydantic import ValidationError
 
     try:
-        return entry.meta["schema"].model_validate(src.model_dump())
+        return _args_model(entry).model_validate(src.model_dump())
     except ValidationError as e:
         items = [(where + tuple(x for x in err["loc"] if isinstance(x, (str, int))), err["msg"],
                   f"see the {entry.name} reader ({entry.origin}).") for err in e.errors(include_url=False)]
@@ -103,7 +109,7 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-@READERS.register("folder")
+@READERS.register("folder", args=FolderSource)
 def read_folder(src, root: Path, where: tuple) -> list[dict]:
     base = _resolve(root, src.path)
     if not base.is_dir():
@@ -123,7 +129,7 @@ def read_folder(src, root: Path, where: tuple) -> list[dict]:
     return rows
 
 
-@READERS.register("csv")
+@READERS.register("csv", args=CsvSource)
 def read_csv(src, root: Path, where: tuple) -> list[dict]:
     manifest = _resolve(root, src.manifest)
     if not manifest.is_file():
@@ -205,7 +211,7 @@ def row_box(rec: dict, cols) -> tuple[float, float, float, float] | None:
     return box if box[2] > box[0] and box[3] > box[1] else None
 
 
-@READERS.register("mask_contest")
+@READERS.register("mask_contest", args=MaskContestSource)
 def read_mask_contest(src, root: Path, where: tuple) -> list[dict]:
     base = _resolve(root, src.path)
     if not base.is_dir():
@@ -227,7 +233,7 @@ def read_mask_contest(src, root: Path, where: tuple) -> list[dict]:
     return rows
 
 
-@READERS.register("bundled")
+@READERS.register("bundled", args=BundledSource)
 def read_bundled(src, root: Path, where: tuple) -> list[dict]:
     """scikit-image's LFW subset or scikit-learn's digits, written once as PNG files (real images, shipped)."""
     cache = Path(src.cache_dir).expanduser() if src.cache_dir else Path.home() / ".cache" / "recipe" / src.dataset

@@ -6,7 +6,6 @@ target, so each class lands within one group of its share - and, with groups of 
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import random

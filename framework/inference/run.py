@@ -7,7 +7,6 @@ head (mask x gender x age = 18 classes), the parts of that label (its probabilit
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -26,17 +26,6 @@ class Head:
         self.threshold, self.pos_weight = threshold, pos_weight
 
     # ---- the recipe side
-    composite_ok = False  # a composite label (several columns in one head) is a classification task
-
-    @classmethod
-    def check_spec(cls, spec) -> str | None:
-        """What the task spec lacks or has too much of for this kind (a sentence), or None."""
-        if spec.anomaly is not None:
-            return "`anomaly` is only for kind anomaly"
-        if spec.composite is not None and not cls.composite_ok:
-            return "a composite label is a classification task"
-        return None
-
     learns = "class"  # what its loss learns: class indices, or a number (a loss registers the target it serves)
     default_loss: str | None = None  # the loss it trains with when train.loss serves another target
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from framework.errors import DataError, FieldError
 from framework.libs import lazy
@@ -14,15 +15,38 @@ from framework.tasks.head import Head
 torch, F = lazy("torch"), lazy("torch.nn.functional")  # imported when a head computes, not for `validate`
 
 
-@TASK_KINDS.register("classification")
+class ClassArgs(BaseModel):
+    """What a classification task may give besides its column."""
+
+    model_config = ConfigDict(extra="forbid")
+    bins: list[float] | None = Field(None, description="cut points that turn a number into its bands")
+    composite: dict | None = Field(None, description="several labels in one head, e.g. mask x gender x age")
+
+
+class BandArgs(BaseModel):
+    """A task over ordered bands of a number."""
+
+    model_config = ConfigDict(extra="forbid")
+    bins: list[float] = Field(description="the cut points of the bands its metrics and predictions use, e.g. "
+                                          "bins: [30, 60]")
+
+
+class RareArgs(BaseModel):
+    """A rare class against the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+    anomaly: str = Field(min_length=1, description="the rare class, e.g. anomaly: '60+'")
+    bins: list[float] | None = Field(None, description="cut points that turn a number into its bands")
+
+
+@TASK_KINDS.register("classification", args=ClassArgs)
 class Classification(Head):
     """One class per band or value."""
 
-    composite_ok = True
     class_offsets = True
 
 
-@TASK_KINDS.register("regression")
+@TASK_KINDS.register("regression", args=BandArgs)
 class Regression(Head):
     """Predict the number; its bands (`bins`) are the classes of the metrics and predictions. The head learns the
     number standardised by the training split's mean and spread (`center`, `scale`, saved in the checkpoint), so its
@@ -31,10 +55,6 @@ class Regression(Head):
 
     kind, regression, learns, default_loss = "regression", True, "number", "smooth_l1"
     center, scale = 0.0, 1.0  # checkpoints written before standardisation load with these
-
-    @classmethod
-    def check_spec(cls, spec):
-        return _needs_bins(cls, spec)
 
     @property
     def out_dim(self) -> int:
@@ -87,12 +107,6 @@ class Regression(Head):
         return {"mae": float(np.abs(extra[has, 0] - extra[has, 1]).mean()) if has.any() else float("nan")}
 
 
-def _needs_bins(cls, spec) -> str | None:
-    if spec.bins is None:
-        return f"a {cls.kind} task needs `bins` (the bands its metrics and predictions use)"
-    return Head.check_spec.__func__(cls, spec)
-
-
 class _Binary(Head):
     """Heads trained with binary cross-entropy (mean over the images): their summed loss is mean x count."""
 
@@ -100,15 +114,11 @@ class _Binary(Head):
         return float(self.loss(out, col, None)) * int(self.has(col).sum())
 
 
-@TASK_KINDS.register("ordinal")
+@TASK_KINDS.register("ordinal", args=BandArgs)
 class Ordinal(_Binary):
     """'Is the band above k' heads over ordered `bins`."""
 
     kind = "ordinal"
-
-    @classmethod
-    def check_spec(cls, spec):
-        return _needs_bins(cls, spec)
 
     @property
     def out_dim(self) -> int:
@@ -126,17 +136,11 @@ class Ordinal(_Binary):
         return (cum[:, :-1] - cum[:, 1:]).clamp(min=0)
 
 
-@TASK_KINDS.register("anomaly")
+@TASK_KINDS.register("anomaly", args=RareArgs)
 class Anomaly(_Binary):
     """The class named in `anomaly` against the rest, with a threshold chosen on the validation split."""
 
     kind, chooses_threshold = "anomaly", True
-
-    @classmethod
-    def check_spec(cls, spec):
-        if not spec.anomaly:
-            return "an anomaly task needs `anomaly: <the rare class>`, e.g. anomaly: '60+'"
-        return "a composite label is a classification task" if spec.composite is not None else None
 
     @classmethod
     def label_codes(cls, codes, labels, spec, where):
@@ -185,7 +189,7 @@ class Anomaly(_Binary):
         return {"threshold": self.threshold}
 
 
-@TASK_KINDS.register("one_class")
+@TASK_KINDS.register("one_class", args=RareArgs)
 class OneClass(Anomaly):
     """The anomaly kind trained on the normal population only: the score is the squared Mahalanobis distance of an
     image's features (a fixed random projection of the backbone's to 32 dimensions) from the normal training

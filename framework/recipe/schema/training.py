@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from framework.recipe.schema.base import _Section, _default_tag
 from framework.recipe.schema.data import TargetSpec
@@ -264,6 +264,9 @@ class TrainSection(_Section):
                                 "the recipe.")
 
 
+KIND_KEYS = ("bins", "anomaly", "composite")  # the task keys one kind takes and another refuses (its args model)
+
+
 class TaskSpec(TargetSpec):
     """One head of a multi-task model: its label, its kind, its loss and its weight in the total loss."""
 
@@ -287,10 +290,10 @@ class TaskSpec(TargetSpec):
 
     @model_validator(mode="after")
     def _kind_needs(self):
-        """What a kind needs is the kind's own business (framework.tasks: `check_spec`)."""
-        from framework.registry import TASK_KINDS
+        """What a kind takes (`bins`, `anomaly`, `composite`) is checked by the args model it registered
+        (framework/tasks/kinds.py), as a loss's and a detector's are."""
+        from framework.registry import TASK_KINDS, check_args
 
-        problem = TASK_KINDS.get(self.kind).load().check_spec(self)
-        if problem:
-            raise ValueError(problem)
+        given = {k: getattr(self, k) for k in KIND_KEYS if getattr(self, k) is not None}
+        check_args(TASK_KINDS.get(self.kind), given, f"task kind {self.kind!r}", shorthands=set(KIND_KEYS))
         return self
