@@ -143,6 +143,14 @@ def test_anomaly_task_reports_its_threshold_and_the_60plus_f1(age_runs):
     out = api.predict(runs["anomaly"], tmp / "utk.csv", out=tmp / "anom.csv")
     rows = list(csv.DictReader(open(out["out"], encoding="utf-8")))
     assert {r["age"] for r in rows} <= {"not 60+", "60+"}
+    for source in ([], ["--csv", str(tmp / "utk.csv")]):  # its own split, and a CSV of ages (read as the recipe reads)
+        result = CliRunner().invoke(main, ["evaluate", str(runs["anomaly"]), *source, "--out", str(tmp / "ev-anom")])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp / "ev-anom" / "metrics.json").read_text())
+        assert list(report["distribution"]["age"]) == ["not 60+", "60+"]
+    true = {k: v["true"] for k, v in report["distribution"]["age"].items()}
+    ages = [int(r["age"]) for r in csv.DictReader(open(tmp / "utk.csv", encoding="utf-8"))]
+    assert true == {"not 60+": sum(a < 60 for a in ages), "60+": sum(a >= 60 for a in ages)}
 
 
 @pytest.mark.slow

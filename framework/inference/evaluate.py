@@ -17,6 +17,7 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
     from framework.build import label_rows
     from framework.data.readers import read_sources
     from framework.recipe.loaded import load_recipe
+    from framework.tasks import head_class
 
     where = None
     if recipe_data is not None:
@@ -26,14 +27,8 @@ def _labelled_rows(run, recipe_data: str | Path | None, csv_file: str | Path | N
         read = lambda: read_sources(_csv_data(run, csv_file))  # noqa: E731
     else:
         read = lambda: own_split(run)  # noqa: E731
-    specs = {}
-    for task, spec in run.recipe.task_specs().items():
-        lab = run.labels[task]
-        if spec.composite:
-            parts = {p: s.model_copy(update={"classes": lab.parts[p]}) for p, s in spec.composite.items()}
-            specs[task] = spec.model_copy(update={"composite": parts})
-        else:
-            specs[task] = spec.model_copy(update={"classes": lab.classes})
+    specs = {task: head_class(spec.kind).reading_spec(spec, run.labels[task])
+             for task, spec in run.recipe.task_specs().items()}
     try:
         rows, outside = _within_classes(_with_missing_columns(read(), specs), specs)
         return (*label_rows(rows, specs, "drop", named=run.recipe.tasks is not None), outside)

@@ -50,6 +50,15 @@ class Head:
         0 for the rest)."""
         return codes, labels
 
+    @classmethod
+    def reading_spec(cls, spec, labels):
+        """The label spec that reads new labelled data (`recipe evaluate`) into a trained run's classes `labels`,
+        which may differ from the recipe's (bands moved after training)."""
+        if spec.composite:
+            parts = {p: s.model_copy(update={"classes": labels.parts[p]}) for p, s in spec.composite.items()}
+            return spec.model_copy(update={"composite": parts})
+        return spec.model_copy(update={"classes": labels.classes})
+
     # ---- the model side
     @property
     def out_dim(self) -> int:

@@ -152,6 +152,10 @@ class Anomaly(_Binary):
         k = labels.classes.index(spec.anomaly)
         return [-1 if c < 0 else int(c == k) for c in codes], LabelSet([f"not {spec.anomaly}", spec.anomaly])
 
+    @classmethod
+    def reading_spec(cls, spec, labels):
+        return spec  # its classes are the recipe's; label_codes turns them into the rare one against the rest
+
     @property
     def out_dim(self) -> int:
         return 1
