@@ -53,6 +53,16 @@ def tiny_manifest(path: Path, per_class: int = 12, dataset: str = "maskedfacenet
     return path
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """One finished tiny run (2 epochs, a checkpoint kept every epoch), trained once per session for every test that
+    only reads a run folder (its recipe is `<run>/../../tiny.yaml`). A test that changes a run copies it first."""
+    from framework import api
+
+    tmp = tmp_path_factory.mktemp("finished")
+    return api.run(tiny_recipe(tmp, checkpoint={"every": 1, "keep_last": 5}), name="tiny", log=lambda *_: None)
+
+
 def tiny_recipe(tmp_path: Path, **sections) -> Path:
     """A recipe on a tiny real manifest with timm's test_resnet at 32 px: trains in seconds."""
     tiny_manifest(tmp_path / "tiny.csv")

@@ -25,11 +25,9 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    path = tiny_recipe(tmp, checkpoint={"every": 1, "keep_last": 5})
-    return api.run(path, name="tiny", log=lambda *_: None)
+@pytest.fixture
+def trained(finished_run):
+    return finished_run  # the session's tiny run (conftest): 2 epochs, a checkpoint every epoch
 
 
 def test_run_folder_has_everything(trained):
@@ -284,7 +282,7 @@ def test_compiled_model_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
 def test_channels_last_reaches_weights_and_inputs_in_training_and_prediction(tmp_path):
     import copy
 
-    from framework.inference import predict as P, run as R
+    from framework.inference import run as R
 
     run_dir = api.run(tiny_recipe(tmp_path, model={"backbone": "test_resnet", "channels_last": True},
                                   train={"epochs": 1, "batch_size": 8, "num_workers": 0}), name="cl", log=lambda *_: None)
@@ -344,7 +342,7 @@ def test_train_only_source_trains_and_its_leaking_rows_are_left_out(tmp_path, da
 def test_ema_weights_validate_predict_and_resume_exactly(tmp_path):
     """With train.ema the checkpoint's `model` is the average (what validation scored and predictions use) and
     `train_model` the raw weights; 1 epoch + resume gives the same averages as 2 epochs straight."""
-    from framework.inference import predict as P, run as R
+    from framework.inference import run as R
 
     path = tiny_recipe(tmp_path, train={"epochs": 2, "batch_size": 8, "num_workers": 0, "ema": 0.9},
                        checkpoint={"every": 1})

@@ -48,10 +48,9 @@ def _same_predictions(run, export, photos, tmp_path, **kw):
     return ra
 
 
-@pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cnn")
-    return tmp, api.run(tiny_recipe(tmp, train=FAST), name="cnn", **QUIET)
+@pytest.fixture
+def cnn_run(finished_run):
+    return finished_run.parent.parent, finished_run  # the session's tiny run (conftest), and its folder
 
 
 @pytest.mark.slow
