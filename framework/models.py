@@ -14,6 +14,7 @@ from torch import nn
 
 from framework.backbones import backbone_defaults, fixed_input_size, plugin_backbone
 from framework.errors import FieldError, shorten
+from framework.registry import check_args
 from framework.weights import resolve_file
 
 
@@ -71,11 +72,9 @@ def build_model(model_cfg, heads: dict[str, int], mean, std,
     entry = plugin_backbone(model_cfg.backbone)
     notes: list[str] = []
     if entry is not None:
-        if model_cfg.args:
-            raise FieldError(("model", "args"), f"model.args are timm options; the plugin backbone "
-                             f"{model_cfg.backbone!r} ({entry.origin}) takes none.",
-                             "remove model.args, or build the options into the plugin.")
-        features, size = entry.load()(), entry.meta["feature_size"]
+        options = check_args(entry, model_cfg.args, f"backbone {model_cfg.backbone!r}")  # checked at validate
+        features = entry.load()(**(options.model_dump() if options is not None else {}))
+        size = entry.meta["feature_size"]
         notes.append(f"backbone {model_cfg.backbone} from {entry.origin}")
     else:
         kwargs = dict(num_classes=0, drop_rate=model_cfg.drop_rate)  # num_classes=0: features, no classifier

@@ -2,15 +2,26 @@
 recognition features. Load face-task weights from a local file with the recipe's `model.weights`.
 
     plugins: [../plugins/gem_backbone.py]
-    model: {backbone: gem_resnet18, weights: face_task.safetensors}
+    model: {backbone: gem_resnet18, weights: face_task.safetensors, args: {p: 4.0}}
+
+`model.args` are checked at `recipe validate` by the args model registered with the backbone (GemArgs).
 """
 from __future__ import annotations
 
 import timm
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from framework.registry import BACKBONES
+
+
+class GemArgs(BaseModel):
+    """What `model.args` may give a GeM backbone."""
+
+    model_config = ConfigDict(extra="forbid")
+    p: float = Field(3.0, gt=0, le=20, description="the starting GeM power (learnt): 1 = average pooling, "
+                                                    "larger = closer to max pooling")
 
 
 class GeM(nn.Module):
@@ -26,17 +37,17 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / self.p)
 
 
-def _gem(name: str) -> nn.Module:
+def _gem(name: str, p: float) -> nn.Module:
     trunk = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")  # (N, C, h, w)
-    return nn.Sequential(trunk, GeM(), nn.BatchNorm1d(trunk.num_features))  # (N, C)
+    return nn.Sequential(trunk, GeM(p), nn.BatchNorm1d(trunk.num_features))  # (N, C)
 
 
-@BACKBONES.register("gem_resnet18", feature_size=512, input_size=(112, 112))
-def gem_resnet18() -> nn.Module:
-    return _gem("resnet18")
+@BACKBONES.register("gem_resnet18", feature_size=512, input_size=(112, 112), args=GemArgs)
+def gem_resnet18(p: float = 3.0) -> nn.Module:
+    return _gem("resnet18", p)
 
 
-@BACKBONES.register("gem_test_resnet", feature_size=96, input_size=(64, 64))
-def gem_test_resnet() -> nn.Module:
+@BACKBONES.register("gem_test_resnet", feature_size=96, input_size=(64, 64), args=GemArgs)
+def gem_test_resnet(p: float = 3.0) -> nn.Module:
     """A tiny variant for tests and quick checks."""
-    return _gem("test_resnet")
+    return _gem("test_resnet", p)

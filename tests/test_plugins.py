@@ -212,3 +212,47 @@ def test_misspelt_plugin_transform_gets_a_did_you_mean(face_crop, tmp_path):
     path = tiny_recipe(tmp_path, plugins=[FACE_CROP], transforms={"train": [{"name": "FaceKepingCrop"}]})
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2 and "Did you mean 'FaceKeepingCrop'" in result.output
+
+
+@pytest.mark.parametrize("args,words", [
+    ({"p": -1}, "args.p: Input should be greater than 0 (backbone 'gem_test_resnet')"),
+    ({"q": 1}, "backbone 'gem_test_resnet' takes no 'args.q' (it takes: p)"),
+], ids=["out-of-range", "unknown-key"])
+def test_a_plugin_backbones_args_are_checked_by_its_args_model_at_validate(tmp_path, args, words):
+    gem = str(REPO / "plugins" / "gem_backbone.py")
+    path = tiny_recipe(tmp_path, plugins=[gem], model={"backbone": "gem_test_resnet", "args": args})
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2 and f"tiny.yaml:{_line_of(path, 'model:')}:1: model: {words}" in result.output, \
+        result.output
+
+
+def test_a_plugin_backbone_gets_the_args_it_registered(tmp_path):
+    from framework.models import build_model
+
+    gem = str(REPO / "plugins" / "gem_backbone.py")
+    path = tiny_recipe(tmp_path, plugins=[gem], model={"backbone": "gem_test_resnet", "args": {"p": 2.5}})
+    api.validate(path)
+    model, _ = build_model(api.load_recipe(path).recipe.model, {"label": 3}, (0.5,) * 3, (0.5,) * 3)
+    assert [float(m.p.detach()) for m in model.modules() if type(m).__name__ == "GeM"] == [2.5]
+
+
+def test_a_plugin_backbone_without_an_args_model_refuses_model_args(tmp_path):
+    plugin = tmp_path / "plain_backbone.py"
+    plugin.write_text(textwrap.dedent("""\
+        import timm
+        from framework.registry import BACKBONES
+
+        @BACKBONES.register("plain_test_resnet", feature_size=96, input_size=(32, 32))
+        def plain():
+            return timm.create_model("test_resnet", num_classes=0)
+        """))
+    path = tiny_recipe(tmp_path, plugins=[str(plugin)], model={"backbone": "plain_test_resnet",
+                                                               "args": {"output_stride": 16}})
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "the plugin backbone 'plain_test_resnet'" in result.output and "takes none" in result.output
+    assert "register the plugin with args=" in result.output
+
+
+def _line_of(path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(text))

@@ -121,7 +121,8 @@ class ModelSection(_Section):
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth, where the backbone has it.")
     args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model, "
                                                                    "e.g. {output_stride: 16} to keep twice the "
-                                                                   "spatial detail in the last stage.")
+                                                                   "spatial detail in the last stage; for a plugin "
+                                                                   "backbone, the options its args model takes.")
     channels_last: bool = Field(False, description="Weights and inputs in the channels-last memory format: faster "
                                                    "steps for most CNNs on CPU and GPU (measure yours with "
                                                    "benchmarks/channels_last.py); not bit-identical to the default.")
@@ -129,6 +130,23 @@ class ModelSection(_Section):
         False, description="torch.compile the model (faster steps on a GPU after a slow first one): true = the "
                            "default inductor backend (builds C++/Triton kernels), or a backend name; aot_eager "
                            "traces and runs without building anything.")
+
+
+    @model_validator(mode="after")
+    def _plugin_args(self):
+        """A plugin backbone's `args` are checked by the model it registered (`@BACKBONES.register(name,
+        args=Model)`), as a loss's are; timm's own keyword arguments are timm's to check when it builds the model."""
+        from framework.registry import BACKBONES, check_args
+
+        if self.backbone not in BACKBONES:
+            return self
+        entry = BACKBONES.get(self.backbone)
+        if entry.meta.get("args") is None and self.args:
+            raise ValueError(f"args: the plugin backbone {self.backbone!r} ({entry.origin}) takes none (model.args "
+                             "are timm options); remove model.args, or register the plugin with args=<a pydantic "
+                             "model of its options>")
+        check_args(entry, self.args, f"backbone {self.backbone!r}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------- train
