@@ -63,6 +63,9 @@ def test_the_18_class_label_codec_by_hand():
     assert m["gender"].tolist() == [[0.2, 0.8]]
     assert np.allclose(m["age"], [[0.7, 0.3, 0.0]])
     assert LabelSet.from_json(labels.to_json()) == labels
+    assert labels.part_names("incorrect/male/60+") == {"mask": "incorrect", "gender": "male", "age": "60+"}
+    slashed = LabelSet.composite({"mask": ["wear", "n/a"], "side": ["l/r", "top"]})  # class names with a '/'
+    assert slashed.part_names(slashed.classes[3]) == {"mask": "n/a", "side": "top"}
 
 
 def _mixed_manifest(path, per_class=8):

@@ -20,8 +20,19 @@ class LabelSet:
         """The label set whose classes are every combination of the parts' classes ('wear/male/<30', ...)."""
         names = [""]
         for classes in parts.values():
-            names = [f"{a}/{b}" if a else b for a in names for b in classes]
+            names = [cls.joined([a, b]) if a else b for a in names for b in classes]
         return cls(names, {p: list(c) for p, c in parts.items()})
+
+    @staticmethod
+    def joined(names) -> str:
+        """One name for several classes: a composite class's name from its parts' ('wear/male/<30'), or a caption
+        of one image's classes over several tasks."""
+        return "/".join(names)
+
+    def part_names(self, name: str) -> dict[str, str]:
+        """A composite class's part classes, by part (looked up, so a class name may itself hold a '/')."""
+        code = self.classes.index(name)
+        return {part: self.parts[part][int(k)] for part, k in self.decode(code).items()}
 
     @property
     def sizes(self) -> list[int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.data.labels import LabelSet
 from framework.engine.metrics import flat_metrics, per_task, task_scores
 from framework.folders import RunFolder
 from framework.io import write_csv
@@ -111,7 +112,7 @@ def _sample_grid(writer, built, labels: dict) -> None:
     names = []
     for _, y, _ in items:
         bands = [int(h.bands(torch.as_tensor(y, dtype=torch.float32)[None, j])[0]) for j, h in enumerate(heads)]
-        names.append("/".join(lab.classes[k] for lab, k in zip(labels.values(), bands) if k >= 0))
+        names.append(LabelSet.joined(lab.classes[k] for lab, k in zip(labels.values(), bands) if k >= 0))
     writer.add_image("train/augmented_samples", sample_grid([im for im, _, _ in items], names), 0, dataformats="HWC")
 
 

@@ -136,7 +136,8 @@ def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]
     header = ["path"] + list(probs)
     if order:
         header += ["composite", "composite_index"]
-        comp = composite_of(order, classes).encode([picks[q] for q in order])
+        composite = composite_of(order, classes)
+        comp = composite.encode([picks[q] for q in order])
     header += [f"{q}_value" for q in values] + [f"{q}_true" for q in pred.truth]
     if with_proba:
         header += [f"{'marginal:' if q in pred.marginal else ''}{q}:{c}" for q in probs for c in classes[q]]
@@ -147,7 +148,7 @@ def write_predictions(out: Path, pred: Predictions, classes: dict[str, list[str]
         for k, i in enumerate(pred.ok):
             row = [pred.paths[i]] + [classes[q][picks[q][k]] for q in probs]
             if order:
-                row += ["/".join(classes[q][picks[q][k]] for q in order), int(comp[k])]
+                row += [composite.classes[int(comp[k])], int(comp[k])]
             row += [f"{values[q][k]:.3f}" for q in values] + [pred.truth[q][k] for q in pred.truth]
             if with_proba:
                 row += [f"{v:.6f}" for q in probs for v in probs[q][k]]

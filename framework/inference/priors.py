@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from framework.data.labels import LabelSet
 from framework.errors import Issue, RunError
 
 
@@ -187,7 +188,8 @@ def composite_counts(run, order: list[str]) -> dict[str, int]:
 
     if run.composite_counts is not None:
         return run.composite_counts
-    values = Counter("/".join(r[q] for q in order) for r in split_rows(run, "train") if all(r.get(q) for q in order))
+    values = Counter(LabelSet.joined(r[q] for q in order) for r in split_rows(run, "train")
+                     if all(r.get(q) for q in order))
     return {n: values.get(n, 0) for n in composite_of(order, run.questions()).classes}
 
 

@@ -220,9 +220,9 @@ def split_rows(run: LoadedRun, side: str) -> list[dict]:
                              file=str(folder.file(folder.SPLIT)),
                              fix="restore split.csv from a copy of the run folder (it must not be edited)."))
     for task, lab in run.labels.items():
-        for k, part in enumerate(lab.parts or ()):
+        if lab.parts:
             for r in rows:
-                r[part] = r[task].split("/")[k] if r.get(task) else ""
+                r.update(lab.part_names(r[task]) if r.get(task) else dict.fromkeys(lab.parts, ""))
     return rows
 
 

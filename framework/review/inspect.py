@@ -2,7 +2,6 @@
 odd and unreadable files, image sizes, and a preview of what the resize and the augmentations do."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from framework.data.dataset import ImageError, decode
+from framework.data.labels import LabelSet
 from framework.io import atomic_write_text, write_json
 
 _FORMAT_EXT = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "WEBP": {".webp"}, "BMP": {".bmp"}, "GIF": {".gif"},
@@ -147,7 +147,7 @@ def _unreadable(rows, facts, decode_all: bool) -> list[tuple[str, str]]:
 
 
 def _label(labels, ys, i) -> str:
-    return "/".join(lab.classes[ys[t][i]] for t, lab in labels.items() if ys[t][i] >= 0)
+    return LabelSet.joined(lab.classes[ys[t][i]] for t, lab in labels.items() if ys[t][i] >= 0)
 
 
 def _size_summary(sizes: np.ndarray) -> dict:
