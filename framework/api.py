@@ -293,8 +293,8 @@ def predict(run: str | Path, images, out: str | Path = "predictions.csv", tta: s
             proba: bool = False, prior_shift: str | None = None) -> dict:
     """Predict `images` (a folder, a CSV with a `path` column, a list of paths, or an `image_list`) with a run's
     best checkpoint; also the class shares, and a prior shift when asked
-    (framework.inference.priors.predict_images)."""
-    from framework.inference.priors import predict_images
+    (framework.inference.answer.predict_images)."""
+    from framework.inference.answer import predict_images
 
     return predict_images(run, _images(images), out, tta, proba, prior_shift)
 
@@ -304,7 +304,7 @@ def submit(run: str | Path, info_csv: str | Path, out: str | Path = "submission.
     """The contest's submission file: `info_csv` (its images in `image_column`, relative to `root`) written to
     `out` with `answer` set to each image's class index, mask*6 + gender*3 + age (framework.inference.submission);
     the predictions beside it. A run that does not answer the contest's 18 classes is refused."""
-    from framework.inference.priors import submit_images
+    from framework.inference.answer import submit_images
 
     return submit_images(run, image_list(info_csv, image_column, root), out, answer)
 
