@@ -104,34 +104,47 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 def _epoch(r: _Run, epoch: int, stop: StopSignal, partial: dict | None) -> None:
-    """Train one epoch, validate when due, log and checkpoint, call the hooks."""
+    """Train one epoch, validate when due, keep what it gave (checkpoint, metrics line, summary), call the hooks."""
     b, loop = r.built, r.built.loop
     _seed_epoch(loop.seed, epoch)
     b.train_loader.set_epoch(epoch)  # Accelerate's loader passes it on to the sampler (and would else count)
     t_stats = train_epoch(b, epoch, loop.progress, stop, partial)
     if t_stats.get("interrupted"):
         _interrupted(r, epoch, stop, t_stats["partial"])
-    groups = b.optimizer.param_groups  # with train.finetune: the backbone's, then the heads'
-    record = {"epoch": epoch, "lr": groups[-1]["lr"], **({"lr_backbone": groups[0]["lr"]} if len(groups) > 1 else {}),
-              "train": summarize(t_stats["y_true"], t_stats["y_pred"], r.plan.labels, t_stats["loss"])
-              | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
     v_stats = validate(b, r.plan.labels) if loop.validates(epoch) else None
-    if v_stats is not None:
-        record["val"] = v_stats["record"]
-    improved = ckpt.improved(flat_metrics(record).get(loop.monitor), r.best, loop.mode)
-    if improved:
-        r.best = {"value": flat_metrics(record)[loop.monitor], "epoch": epoch}
-    if r.log.main:  # the checkpoint first: a metrics line never names an epoch that has none (a kill in between)
-        ckpt.save_epoch(RunFolder(r.run_dir), ckpt.training_state(b, epoch, r.best), epoch, improved, loop)
-    r.log.epoch(record, r.best, t_stats["steps"])
-    if r.log.main:
-        r.summary.update(best_metric=loop.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
-                         epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})
-        RunFolder(r.run_dir).write_summary(r.summary)
+    record = _record(r, epoch, t_stats, v_stats)
+    _keep(r, epoch, record, t_stats["steps"])
     if v_stats is not None:
         for hook in r.hooks:
             hook.after_validation(EpochContext(epoch, b, v_stats, r.log, flat_metrics(record)))
     b.accelerator.wait_for_everyone()
+
+
+def _record(r: _Run, epoch: int, t_stats: dict, v_stats: dict | None) -> dict:
+    """The epoch's metrics line: learning rates, the training figures and, when it validated, the validation's."""
+    groups = r.built.optimizer.param_groups  # with train.finetune: the backbone's, then the heads'
+    record = {"epoch": epoch, "lr": groups[-1]["lr"], **({"lr_backbone": groups[0]["lr"]} if len(groups) > 1 else {}),
+              "train": summarize(t_stats["y_true"], t_stats["y_pred"], r.plan.labels, t_stats["loss"])
+              | {"images_per_sec": t_stats["images_per_sec"], "seconds": t_stats["seconds"]}}
+    if v_stats is not None:
+        record["val"] = v_stats["record"]
+    return record
+
+
+def _keep(r: _Run, epoch: int, record: dict, steps) -> None:
+    """The best so far, the checkpoints, the metrics line and the summary, in that order: a metrics line never names
+    an epoch that has no checkpoint (a kill in between)."""
+    loop = r.built.loop
+    improved = ckpt.improved(flat_metrics(record).get(loop.monitor), r.best, loop.mode)
+    if improved:
+        r.best = {"value": flat_metrics(record)[loop.monitor], "epoch": epoch}
+    if r.log.main:
+        ckpt.save_epoch(RunFolder(r.run_dir), ckpt.training_state(r.built, epoch, r.best), epoch, improved, loop)
+    r.log.epoch(record, r.best, steps)
+    if r.log.main:
+        r.summary.update(best_metric=loop.monitor, best_value=r.best["value"], best_epoch=r.best["epoch"],
+                         epochs_done=epoch, last=flat_metrics(record) | {"epoch": epoch})
+        RunFolder(r.run_dir).write_summary(r.summary)
 
 
 def _interrupted(r: _Run, epoch: int, stop: StopSignal, partial: dict) -> None:
