@@ -55,14 +55,14 @@ def test_every_task_kind_gives_a_loss_bands_and_probabilities(kind):
     from framework.tasks import head_class
 
     cls = head_class(kind)
-    rare = cls.chooses_threshold  # the anomaly kinds: the rare class against the rest
+    rare = kind in ("anomaly", "one_class")  # the rare class against the rest
     spec = {"column": "age", "kind": kind, "bins": [30, 60]} | ({"anomaly": "60+"} if rare else {})
     assert TaskSpec.model_validate(spec).kind == kind  # its registered args model takes what it needs
     classes = ["not 60+", "60+"] if rare else ["<30", "30-59", "60+"]
     head = cls("age", classes, [30, 60])
     out = torch.randn(4, head.out_dim)
-    labels = torch.tensor([25.0, 45.0, float("nan"), 70.0]) if head.regression else torch.tensor([0.0, 1.0, -1.0, 1.0])
-    loss = head.loss(out, labels, torch.nn.SmoothL1Loss() if head.regression else torch.nn.CrossEntropyLoss())
+    labels = torch.tensor([25.0, 45.0, float("nan"), 70.0]) if head.learns == "number" else torch.tensor([0.0, 1.0, -1.0, 1.0])
+    loss = head.loss(out, labels, torch.nn.SmoothL1Loss() if head.learns == "number" else torch.nn.CrossEntropyLoss())
     assert torch.isfinite(loss)
     probs = head.probs(out)
     assert probs.shape == (4, len(classes)) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)

@@ -20,20 +20,12 @@ __all__ = ["Head", "best_threshold", "build_heads", "head_class", "head_states",
            "standardize_targets"]
 
 
-def standardize_targets(heads: dict, train_labels: list) -> dict[str, list[float]]:
-    """Each regression head's `center` and `scale`: the mean and standard deviation of its training values
-    (`train_labels`: one label vector per training image, in task order; NaN = no label). Returns them by task."""
-    out = {}
-    for j, (task, head) in enumerate(heads.items()):
-        if not head.regression:
-            continue
-        values = np.array([float(y[j]) for y in train_labels], dtype=float)
-        values = values[~np.isnan(values)]
-        if len(values):
-            spread = float(values.std())
-            head.center, head.scale = float(values.mean()), spread if spread > 0 else 1.0
-        out[task] = [head.center, head.scale]
-    return out
+def standardize_targets(heads: dict, train_labels: list) -> None:
+    """Each head fits what it learns from its training labels before training (`Head.fit_targets`; a regression
+    head: the mean and spread its number is standardised by). `train_labels`: one label vector per training image,
+    in task order (NaN or -1 = no label)."""
+    for j, head in enumerate(heads.values()):
+        head.fit_targets(np.array([float(y[j]) for y in train_labels], dtype=float))
 
 
 def head_states(heads: dict) -> dict[str, dict]:
@@ -65,11 +57,8 @@ def build_heads(recipe, labels: dict, train_codes: dict | None = None) -> dict[s
     heads = {}
     for task, spec in recipe.task_specs().items():
         classes = labels[task].classes if hasattr(labels[task], "classes") else labels[task]["classes"]
-        pos_weight = None
         loss = spec.loss or recipe.train.loss
-        if head_class(spec.kind).chooses_threshold and train_codes is not None and loss.class_weights == "auto":
-            codes = [c for c in train_codes[task] if c >= 0]
-            positives = max(1, sum(codes))
-            pos_weight = (len(codes) - positives) / positives
-        heads[task] = head_class(spec.kind)(task, classes, spec.bins, 0.5, pos_weight)
+        cls = head_class(spec.kind)
+        pos_weight = None if train_codes is None else cls.positive_weight(train_codes[task], loss.class_weights)
+        heads[task] = cls(task, classes, spec.bins, 0.5, pos_weight)
     return heads

@@ -15,8 +15,6 @@ class Head:
     The other kinds subclass it and change what differs."""
 
     kind = "classification"
-    regression = False  # predicts a number (its bands are `bins` applied to it)
-    chooses_threshold = False  # a decision threshold is chosen on each validation and saved with the model
     class_offsets = False  # the macro-F1 decision rule (per-class offsets on the log-probabilities) applies
 
     def __init__(self, name: str, classes: list[str], bins=None, threshold: float = 0.5,
@@ -49,6 +47,14 @@ class Head:
         """Class indices (-1 = no label) and the label set as this kind learns them (anomaly: 1 for the rare class,
         0 for the rest)."""
         return codes, labels
+
+    @classmethod
+    def positive_weight(cls, train_codes: list[int], class_weights: str) -> float | None:
+        """The weight of the positive class in a binary loss, from the training split's labels (None: no weight)."""
+        return None
+
+    def fit_targets(self, values) -> None:
+        """Fit what it learns from its training labels before training (values: numpy, NaN or -1 = no label)."""
 
     @classmethod
     def reading_spec(cls, spec, labels):

@@ -53,8 +53,15 @@ class Regression(Head):
     loss starts near 1 like a class head's instead of at tens of years, and does not drown the other heads of a
     shared backbone; `value` undoes the scaling."""
 
-    kind, regression, learns, default_loss = "regression", True, "number", "smooth_l1"
+    kind, learns, default_loss = "regression", "number", "smooth_l1"
     center, scale = 0.0, 1.0  # checkpoints written before standardisation load with these
+
+    def fit_targets(self, values) -> None:
+        """The mean and spread of the training values: the head learns the number standardised by them."""
+        values = values[~np.isnan(values)]
+        if len(values):
+            spread = float(values.std())
+            self.center, self.scale = float(values.mean()), spread if spread > 0 else 1.0
 
     @property
     def out_dim(self) -> int:
@@ -140,7 +147,16 @@ class Ordinal(_Binary):
 class Anomaly(_Binary):
     """The class named in `anomaly` against the rest, with a threshold chosen on the validation split."""
 
-    kind, chooses_threshold = "anomaly", True
+    kind = "anomaly"
+
+    @classmethod
+    def positive_weight(cls, train_codes, class_weights):
+        """With class_weights auto: negatives per positive of the training split (the rare class weighs more)."""
+        if class_weights != "auto":
+            return None
+        codes = [c for c in train_codes if c >= 0]
+        positives = max(1, sum(codes))
+        return (len(codes) - positives) / positives
 
     @classmethod
     def label_codes(cls, codes, labels, spec, where):
