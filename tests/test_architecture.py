@@ -3,6 +3,7 @@ the layer order of docs/architecture.md; modules and functions stay small enough
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
+@functools.cache  # read once per session; the tests only read it
 def _graph() -> dict[str, set[str]]:
     files = {_module(p): p for p in PACKAGE.rglob("*.py")}
     return {m: {i for i in _imports(p, set(files)) if i in files and i != m} for m, p in files.items()}
