@@ -74,8 +74,11 @@ def _own_args(entry, src, where: tuple):
     """Check a source's keys with the args model its reader registered: every error, located."""
     from pydantic import ValidationError
 
+    model = _args_model(entry)
+    if isinstance(src, model):
+        return src  # a built-in source: the recipe's schema parsed it with this very model
     try:
-        return _args_model(entry).model_validate(src.model_dump())
+        return model.model_validate(src.model_dump())
     except ValidationError as e:
         items = [(where + tuple(x for x in err["loc"] if isinstance(x, (str, int))), err["msg"],
                   f"see the {entry.name} reader ({entry.origin}).") for err in e.errors(include_url=False)]
